@@ -1,0 +1,5 @@
+import sys
+
+from greg.cli import main
+
+sys.exit(main())
