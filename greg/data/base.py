@@ -1,0 +1,288 @@
+"""Dataset specs, the registry, the image transform and the torch ``Dataset`` every loader returns.
+
+A dataset is described once by a :class:`DatasetSpec` (what it is, where it comes from, how it is laid out on
+disk) and read by its ``loader`` into :class:`RawImages` (a uint8 ``N x H x W x 3`` array or a list of image
+files, plus labels). :func:`load` wraps the raw images into an :class:`ImageDataset` whose transform comes from
+the **ID** dataset's spec: resize/center-crop to the ID image size and normalize with the ID mean/std.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from greg.registry import Registry
+
+ROLES = ("id", "aux", "ood")
+#: OOD test sets are subsampled to this many images (the paper's protocol); pass ``n_max=N_OOD`` to ``load``.
+N_OOD = 10000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One downloadable file. ``checksum`` is ``"md5:<hex>"`` / ``"sha256:<hex>"``, or ``None`` when no
+    published checksum is known: the first download then records its sha256 in ``<root>/checksums.lock.json``
+    and every later download is verified against that lock entry."""
+
+    url: str
+    filename: str
+    checksum: str | None = None
+    extract: bool | None = None  # None: decide from the file name (.tar, .tar.gz, .tgz, .zip)
+
+    def __post_init__(self) -> None:
+        if self.checksum is not None:
+            algo, _, digest = self.checksum.partition(":")
+            want = {"md5": 32, "sha256": 64}
+            if algo not in want or len(digest) != want[algo] or not all(c in "0123456789abcdef" for c in digest):
+                raise ValueError(
+                    f"resource {self.filename}: checksum must be 'md5:<32 hex>' or 'sha256:<64 hex>', "
+                    f"got {self.checksum!r}"
+                )
+
+    @property
+    def algorithm(self) -> str | None:
+        return None if self.checksum is None else self.checksum.split(":", 1)[0]
+
+    @property
+    def digest(self) -> str | None:
+        return None if self.checksum is None else self.checksum.split(":", 1)[1]
+
+    @property
+    def is_archive(self) -> bool:
+        if self.extract is not None:
+            return self.extract
+        return self.filename.endswith((".tar", ".tar.gz", ".tgz", ".zip"))
+
+
+@dataclass
+class RawImages:
+    """What a loader returns: either ``images`` (uint8 ``N x H x W x 3``, array-like, may be a memory map)
+    or ``files`` (image paths), and ``labels`` (int64, ``-1`` for unlabelled)."""
+
+    labels: np.ndarray
+    images: Any = None
+    files: list[Path] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+Loader = Callable[["DatasetSpec", str, Path], RawImages]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything known about one dataset.
+
+    ``mean``/``std``/``image_size``/``eval_resize``/``train_aug`` matter when the dataset is the ID set of a
+    run; aux/OOD specs carry the values of their benchmark's ID set so ``load(name)`` alone is sensible.
+    ``layout`` lists paths (relative to ``<root>/<data_dir>``) that must exist once the resources are
+    extracted. ``manual`` holds instructions for licensed data that is never downloaded (ImageNet).
+    """
+
+    name: str
+    role: str
+    num_classes: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    loader: Loader
+    splits: tuple[str, ...]
+    resources: tuple[Resource, ...] = ()
+    layout: tuple[str, ...] = ()
+    data_dir: str | None = None
+    eval_resize: int | None = None  # shorter side before the center crop; None = image_size
+    train_aug: str = "crop_flip"  # "crop_flip" (pad 4 + random crop + flip) or "rrc_flip" (RandomResizedCrop)
+    benchmark: str | None = None  # the ID dataset this aux/OOD set belongs to
+    manual: str | None = None
+    source: str = ""
+    sizes: dict[str, int] = field(default_factory=dict)  # expected number of images per split
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"dataset {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+        if self.train_aug not in ("crop_flip", "rrc_flip"):
+            raise ValueError(f"dataset {self.name!r}: unknown train_aug {self.train_aug!r}")
+
+    @property
+    def directory(self) -> str:
+        return self.data_dir or self.name
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def add(s: DatasetSpec) -> DatasetSpec:
+    """Register a spec (the registry stores factories; a spec is its own constant factory)."""
+    DATASETS.register(s.name)(lambda: s)
+    return s
+
+
+def spec(name: str) -> DatasetSpec:
+    """The :class:`DatasetSpec` of ``name``; ``KeyError`` lists the known names."""
+    return DATASETS.create(name)
+
+
+def names(role: str | None = None) -> list[str]:
+    """Registered dataset names, optionally only those with ``role`` (``id``/``aux``/``ood``)."""
+    if role is not None and role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES} or None, got {role!r}")
+    return [n for n in DATASETS.names() if role is None or spec(n).role == role]
+
+
+class ImageTransform:
+    """PIL image or uint8 ``C x H x W`` tensor -> normalized float32 ``C x S x S``.
+
+    Eval: resize the shorter side to ``eval_resize`` (skipped when the image already has that size) and
+    center-crop ``S``. Train: ``crop_flip`` = eval geometry, then zero-pad 4 + random ``S`` crop + horizontal
+    flip; ``rrc_flip`` = RandomResizedCrop(S) + flip. The random transforms draw from torch's global RNG,
+    so a seeded trainer (and DataLoader workers, which torch seeds from it) reproduces them.
+    """
+
+    def __init__(self, id_spec: DatasetSpec, train: bool = False):
+        self.size = id_spec.image_size
+        self.resize = id_spec.eval_resize or id_spec.image_size
+        self.train = train
+        self.mode = id_spec.train_aug
+        self.mean = torch.tensor(id_spec.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(id_spec.std, dtype=torch.float32).view(3, 1, 1)
+        if train and self.mode == "rrc_flip":
+            self.random = T.Compose([T.RandomResizedCrop(self.size, antialias=True), T.RandomHorizontalFlip()])
+        elif train:
+            self.random = T.Compose([T.RandomCrop(self.size, padding=4), T.RandomHorizontalFlip()])
+        else:
+            self.random = None
+
+    def _geometry(self, img: Any) -> Any:
+        h, w = (img.height, img.width) if not isinstance(img, torch.Tensor) else img.shape[-2:]
+        if min(h, w) != self.resize:
+            img = TF.resize(img, self.resize, antialias=True)
+            h, w = (img.height, img.width) if not isinstance(img, torch.Tensor) else img.shape[-2:]
+        if (h, w) != (self.size, self.size):
+            img = TF.center_crop(img, [self.size, self.size])
+        return img
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        if self.random is not None and self.mode == "rrc_flip":
+            img = self.random(img)
+        else:
+            img = self._geometry(img)
+            if self.random is not None:
+                img = self.random(img)
+        if not isinstance(img, torch.Tensor):
+            img = TF.pil_to_tensor(img)
+        x = img.to(torch.float32).div_(255.0)
+        return (x - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(size={self.size}, resize={self.resize}, train={self.train}, mode={self.mode})"
+
+
+class ImageDataset(Dataset):
+    """``(x, y)`` pairs: ``x`` float32 ``3 x S x S`` from :class:`ImageTransform`, ``y`` int (``-1`` = OOD/aux).
+
+    ``raw`` keeps the untransformed images (``raw.images`` uint8 NHWC or ``raw.files``)."""
+
+    def __init__(self, raw: RawImages, transform: ImageTransform, *, name: str, split: str):
+        self.raw = raw
+        self.transform = transform
+        self.name = name
+        self.split = split
+        self.labels = np.asarray(raw.labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.raw.images is not None:
+            img = torch.from_numpy(np.array(self.raw.images[i], dtype=np.uint8)).permute(2, 0, 1)
+        else:
+            from PIL import Image
+
+            with Image.open(self.raw.files[i]) as im:
+                img = im.convert("RGB")
+        return self.transform(img), int(self.labels[i])
+
+    def __repr__(self) -> str:
+        return f"ImageDataset({self.name}/{self.split}, n={len(self)}, {self.transform})"
+
+
+def subsample(dataset: Dataset, n: int, seed: int = 0) -> Subset:
+    """``n`` distinct items drawn uniformly without replacement (``numpy.random.default_rng(seed)``), kept in
+    increasing index order. Returns the dataset itself wrapped in a ``Subset`` with all indices when
+    ``len(dataset) <= n``. The returned ``Subset`` records ``indices``, ``seed`` and ``n_total``."""
+    if n <= 0:
+        raise ValueError(f"subsample size must be positive, got {n}")
+    total = len(dataset)
+    if total <= n:
+        idx = list(range(total))
+    else:
+        idx = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False)).tolist()
+    sub = Subset(dataset, idx)
+    sub.seed = seed
+    sub.n_total = total
+    return sub
+
+
+def load(
+    name: str,
+    split: str,
+    root: str | Path,
+    *,
+    id_dataset: str | None = None,
+    train: bool = False,
+    n_max: int | None = None,
+    subsample_seed: int = 0,
+) -> Dataset:
+    """``name``/``split`` as a torch ``Dataset`` of ``(x, y)``, transformed for the ID set ``id_dataset``
+    (default ``name``): resized/center-cropped to its image size and normalized with its mean/std.
+    ``y`` is the class for the ID set itself and ``-1`` otherwise. ``train=True`` adds the ID training
+    augmentation. ``n_max`` (e.g. :data:`N_OOD`) subsamples with :func:`subsample` and ``subsample_seed``.
+    """
+    s = spec(name)
+    id_spec = spec(id_dataset or name)
+    if id_spec.role != "id":
+        raise ValueError(
+            f"id_dataset {id_spec.name!r} has role {id_spec.role!r}; normalization must come from an ID dataset "
+            f"({', '.join(names('id'))})"
+        )
+    if split not in s.splits:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(s.splits)}")
+    raw = s.loader(s, split, Path(root))
+    if not (s.role == "id" and s.name == id_spec.name):
+        raw = RawImages(labels=np.full(len(raw), -1, dtype=np.int64), images=raw.images, files=raw.files)
+    ds: Dataset = ImageDataset(raw, ImageTransform(id_spec, train=train), name=name, split=split)
+    if n_max is not None:
+        ds = subsample(ds, n_max, subsample_seed)
+    return ds
+
+
+def list_images(directory: Path) -> list[Path]:
+    """Every image file under ``directory`` (recursively), sorted by relative path for a stable order."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image directory not found: {directory}")
+    files = [p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {directory}")
+    return sorted(files, key=lambda p: p.relative_to(directory).as_posix())
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 NHWC images scaled to [0, 1]."""
+    x = np.asarray(images, dtype=np.float64) / 255.0
+    mean = x.mean(axis=(0, 1, 2))
+    std = np.sqrt(((x - mean) ** 2).mean(axis=(0, 1, 2)))
+    return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+
+
+def check_finite(values: Sequence[float]) -> bool:
+    return all(math.isfinite(v) for v in values)

@@ -1,0 +1,325 @@
+"""Checksummed, resumable downloads; extraction; the ``.complete`` marker; the checksum lock file.
+
+Flow of :func:`download` for one dataset (all under ``<root>/<data_dir>/``):
+
+1. ``.complete`` exists -> nothing to do (no network).
+2. per resource: fetch ``URL`` into ``<file>.part`` (HTTP Range resumes a previous partial file), check the
+   length the server announced, verify the checksum (published md5/sha256, else the sha256 in
+   ``<root>/checksums.lock.json``, else record one there and say so), only then rename to ``<file>``.
+   A mismatch renames the file to ``<file>.corrupt`` and raises :class:`ChecksumError` with both digests.
+3. extract archives (tar/tar.gz with tarfile's ``data`` filter; zip with a path check),
+4. check the expected layout, write ``.complete`` (JSON with the verified digests) last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import http.client
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+from urllib.error import HTTPError, URLError
+from urllib.request import Request, urlopen
+
+from tqdm import tqdm
+
+from greg.data.base import DatasetSpec, Resource, spec
+from greg.io import atomic_write_json
+
+URL_BASE_ENV = "GREG_DATA_URL_BASE"
+LOCK_NAME = "checksums.lock.json"
+MARKER = ".complete"
+CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """Network failure or truncated transfer."""
+
+
+class ChecksumError(RuntimeError):
+    """A file's digest differs from the expected one."""
+
+
+class ManualDownloadRequired(RuntimeError):
+    """Licensed data (ImageNet) that must be placed by hand; the message says where."""
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_url(resource: Resource, url_base: str | None = None) -> str:
+    """``url_base`` (argument, else ``$GREG_DATA_URL_BASE``) + ``/`` + file name replaces the public URL:
+    a mirror, or a local server in tests."""
+    base = url_base or os.environ.get(URL_BASE_ENV)
+    return f"{base.rstrip('/')}/{resource.filename}" if base else resource.url
+
+
+# ---------------------------------------------------------------------------------------------- lock file
+def lock_path(root: Path) -> Path:
+    return Path(root) / LOCK_NAME
+
+
+def read_lock(root: Path) -> dict:
+    p = lock_path(root)
+    if not p.exists():
+        return {"version": 1, "files": {}}
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f"checksum lock file {p} is not valid JSON ({e}); fix or delete it") from e
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise RuntimeError(f"checksum lock file {p} has no 'files' mapping")
+    return data
+
+
+def _lock_key(s: DatasetSpec, resource: Resource) -> str:
+    return f"{s.directory}/{resource.filename}"
+
+
+def expected_checksum(s: DatasetSpec, resource: Resource, root: Path) -> tuple[str, str, str] | None:
+    """``(algorithm, digest, origin)`` to verify against, or ``None`` when nothing is known yet."""
+    if resource.checksum is not None:
+        return resource.algorithm, resource.digest, "published"
+    entry = read_lock(root)["files"].get(_lock_key(s, resource))
+    if entry is None:
+        return None
+    return "sha256", entry["sha256"], f"lock file {lock_path(root)}"
+
+
+def verify_file(path: Path, s: DatasetSpec, resource: Resource, root: Path, *, record: bool = True) -> str:
+    """Check ``path`` (the downloaded content of ``resource``); return ``"algo:digest"``.
+
+    With no published checksum and no lock entry, record the file's sha256 in the lock (if ``record``)."""
+    want = expected_checksum(s, resource, root)
+    if want is None:
+        digest = file_digest(path, "sha256")
+        if not record:
+            raise ChecksumError(f"{resource.filename}: no published checksum and no entry in {lock_path(root)}")
+        lock = read_lock(root)
+        lock["files"][_lock_key(s, resource)] = {
+            "sha256": digest,
+            "size": path.stat().st_size,
+            "url": resource.url,
+            "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_json(lock_path(root), lock)
+        print(
+            f"{resource.filename}: no published checksum; recorded sha256 {digest} in {lock_path(root)} "
+            f"(later downloads are verified against it)"
+        )
+        return f"sha256:{digest}"
+    algo, expected, origin = want
+    actual = file_digest(path, algo)
+    if actual != expected:
+        raise ChecksumError(
+            f"checksum mismatch for {resource.filename} ({path}): expected {algo} {expected} ({origin}), "
+            f"got {algo} {actual}"
+        )
+    return f"{algo}:{actual}"
+
+
+# ------------------------------------------------------------------------------------------------- fetch
+def fetch(url: str, dest: Path, *, progress: bool = True, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest.part`` (resuming it with an HTTP Range request when the server allows);
+    raise :class:`DownloadError` if fewer bytes arrive than announced. Returns the ``.part`` path."""
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    pos = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "greg-data/0.1"}
+    if pos:
+        headers["Range"] = f"bytes={pos}-"
+    try:
+        resp = urlopen(Request(url, headers=headers), timeout=timeout)
+    except HTTPError as e:
+        if e.code == 416 and pos:  # nothing left past our partial file: it is complete (checksum decides)
+            return part
+        raise DownloadError(f"downloading {dest.name} from {url} failed: HTTP {e.code} {e.reason}") from e
+    except (URLError, OSError) as e:
+        raise DownloadError(f"downloading {dest.name} from {url} failed: {e}") from e
+    with resp:
+        length = resp.headers.get("Content-Length")
+        if pos and resp.status == 206:
+            mode, total = "ab", (pos + int(length)) if length is not None else None
+        else:  # no resume support (200): start over
+            mode, pos, total = "wb", 0, int(length) if length is not None else None
+        got = pos
+        with open(part, mode) as f, tqdm(
+            total=total, initial=pos, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+        ) as bar:
+            while True:
+                try:
+                    chunk = resp.read(CHUNK)
+                except (http.client.IncompleteRead, OSError) as e:
+                    raise DownloadError(
+                        f"download of {dest.name} from {url} was cut off after {got} of {total} bytes ({e}); "
+                        f"the partial file {part} is kept and the next run resumes it"
+                    ) from e
+                if not chunk:
+                    break
+                f.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and got != total:
+        raise DownloadError(
+            f"download of {dest.name} from {url} is truncated: received {got} of {total} bytes; "
+            f"the partial file {part} is kept and the next run resumes it"
+        )
+    return part
+
+
+# ------------------------------------------------------------------------------------------------ extract
+def extract(archive: Path, to: Path) -> None:
+    """Unpack a tar (any compression) or zip archive into ``to``, refusing paths that leave ``to``."""
+    to.mkdir(parents=True, exist_ok=True)
+    name = archive.name
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                base = to.resolve()
+                for member in z.namelist():
+                    target = (to / member).resolve()
+                    if base != target and base not in target.parents:
+                        raise RuntimeError(f"{archive}: member {member!r} would be written outside {to}")
+                z.extractall(to)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(to, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+        raise RuntimeError(f"cannot extract {archive}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+def _as_spec(name_or_spec: str | DatasetSpec) -> DatasetSpec:
+    return name_or_spec if isinstance(name_or_spec, DatasetSpec) else spec(name_or_spec)
+
+
+def missing_layout(s: DatasetSpec, root: Path) -> list[str]:
+    d = Path(root) / s.directory
+    return [p for p in s.layout if not (d / p).exists()]
+
+
+def is_complete(s: DatasetSpec, root: Path) -> bool:
+    return (Path(root) / s.directory / MARKER).is_file()
+
+
+def download(
+    name_or_spec: str | DatasetSpec,
+    root: str | Path,
+    *,
+    url_base: str | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> Path:
+    """Download, verify and extract a dataset into ``<root>/<data_dir>``; idempotent (see module doc).
+
+    ImageNet-based sets are never downloaded: their placement is checked, and
+    :class:`ManualDownloadRequired` explains where the licensed files go."""
+    s = _as_spec(name_or_spec)
+    root = Path(root)
+    d = root / s.directory
+    if s.manual is not None:
+        from greg.data.catalog import check_manual
+
+        check_manual(s, root)
+        return d
+    if not s.resources:
+        print(f"{s.name}: generated locally (no download needed)")
+        return d
+    marker = d / MARKER
+    if marker.is_file() and not force:
+        print(f"{s.name}: already downloaded and verified ({marker})")
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    verified: dict[str, str] = {}
+    for res in s.resources:
+        dest = d / res.filename
+        if dest.exists():  # a verified earlier download, or a file placed by hand: check it all the same
+            try:
+                verified[res.filename] = verify_file(dest, s, res, root)
+            except ChecksumError:
+                os.replace(dest, dest.with_name(dest.name + ".corrupt"))
+                raise
+        else:
+            url = resolve_url(res, url_base)
+            print(f"{s.name}: downloading {url}")
+            part = fetch(url, dest, progress=progress)
+            try:
+                verified[res.filename] = verify_file(part, s, res, root)
+            except ChecksumError:
+                os.replace(part, dest.with_name(dest.name + ".corrupt"))
+                raise
+            os.replace(part, dest)
+        if res.is_archive:
+            print(f"{s.name}: extracting {dest.name}")
+            extract(dest, d)
+    missing = missing_layout(s, root)
+    if missing:
+        raise RuntimeError(
+            f"{s.name}: after extraction these expected paths are missing under {d}: {', '.join(missing)}"
+        )
+    atomic_write_json(
+        marker,
+        {
+            "dataset": s.name,
+            "files": verified,
+            "completed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    print(f"{s.name}: ready in {d}")
+    return d
+
+
+def verify(name_or_spec: str | DatasetSpec, root: str | Path) -> list[str]:
+    """Re-check a downloaded dataset: marker, digests of the kept files, layout. Returns a list of lines
+    describing what was checked; raises (``ChecksumError``/``FileNotFoundError``/...) on any problem."""
+    s = _as_spec(name_or_spec)
+    root = Path(root)
+    d = root / s.directory
+    if s.manual is not None:
+        from greg.data.catalog import check_manual
+
+        return check_manual(s, root)
+    if not s.resources:
+        return [f"{s.name}: generated locally, nothing to verify"]
+    if not is_complete(s, root):
+        raise FileNotFoundError(
+            f"{s.name}: {d / MARKER} not found; run `greg data download {s.name} --root {root}`"
+        )
+    lines = []
+    for res in s.resources:
+        f = d / res.filename
+        if f.exists():
+            lines.append(f"{res.filename}: {verify_file(f, s, res, root, record=False)} OK")
+        elif res.is_archive:
+            lines.append(f"{res.filename}: archive removed after extraction; digest not re-checked")
+        else:
+            raise FileNotFoundError(f"{s.name}: {f} is missing; run `greg data download {s.name} --force`")
+    missing = missing_layout(s, root)
+    if missing:
+        raise FileNotFoundError(f"{s.name}: missing under {d}: {', '.join(missing)}")
+    lines.append(f"layout OK ({', '.join(s.layout) or 'no layout paths'})")
+    return lines
+
+
+def require(s: DatasetSpec, root: Path) -> Path:
+    """The data directory of ``s``, or a clear error telling how to get it."""
+    d = Path(root) / s.directory
+    if not is_complete(s, root):
+        raise FileNotFoundError(
+            f"dataset {s.name!r} is not downloaded under {root} (no {d / MARKER}); "
+            f"run `greg data download {s.name} --root {root}`"
+        )
+    return d
+
+
+with contextlib.suppress(Exception):  # keep the module importable in odd environments
+    pass

@@ -1,0 +1,78 @@
+"""The ``Method`` base class: a training objective the method-agnostic trainer calls once per step."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+class Method:
+    """A training objective. Subclasses set the class attributes and implement :meth:`compute_loss`.
+
+    - ``defaults``: every hparam with its default; :meth:`__init__` merges and rejects unknown keys.
+    - ``needs_aux``: the trainer must put auxiliary outliers in ``batch["x_aux"]``.
+    - ``extra_classes``: classes the network needs beyond the ID ones (1 for (K+1)-class methods).
+    - ``detector``: the detector that evaluates models trained with this method.
+
+    ``compute_loss(model, batch)`` gets ``batch = {"x_id", "y_id", "x_aux" (optional)}`` with the model in
+    train mode and returns ``{"total": differentiable loss, <term>: detached value, ...}``.
+    """
+
+    name: ClassVar[str] = "method"
+    defaults: ClassVar[dict[str, Any]] = {}
+    needs_aux: ClassVar[bool] = False
+    extra_classes: ClassVar[int] = 0
+    detector: ClassVar[str] = "msp"
+
+    def __init__(self, **hparams: Any):
+        self.hparams: dict[str, Any] = self.resolve_hparams(hparams)
+        self.validate()
+
+    @classmethod
+    def resolve_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """``defaults`` updated with ``hparams``; an unknown key raises ``ValueError`` naming the known ones."""
+        unknown = sorted(set(hparams) - set(cls.defaults))
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, cls.defaults, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(
+                f"method {cls.name!r}: unknown hparam(s) {', '.join(hints)}. "
+                f"Known: {', '.join(sorted(cls.defaults)) or '(none)'}"
+            )
+        return {**cls.defaults, **hparams}
+
+    def validate(self) -> None:
+        """Check hparam values; subclasses raise ``ValueError`` with the key and what was expected."""
+
+    def compute_loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} has no state, got keys {sorted(state)}")
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """Hook called by the trainer before each epoch; no-op by default."""
+
+    def _require_aux(self, batch: Batch) -> torch.Tensor:
+        x_aux = batch.get("x_aux")
+        if x_aux is None or len(x_aux) == 0:
+            raise ValueError(
+                f"method {self.name!r} needs auxiliary outliers: batch['x_aux'] is missing or empty "
+                "(set data.aux in the run config)"
+            )
+        return x_aux
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"{type(self).__name__}({args})"

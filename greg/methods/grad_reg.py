@@ -1,0 +1,192 @@
+"""Gradient regularization of an outlier score w.r.t. the input (GReg, Sharifi et al., ECCV 2024).
+
+Generic over the score ``S`` of the logits (``greg.scores``: energy, msp, ...; higher = more OOD), so that
+"X + Grad" (paper Table 4) is one hparam (``lambda_grad``) on any method with a single training forward.
+
+Official value (``reduction="official"``, the scaling for which ``lambda_grad = 1`` holds; REFERENCE.md §2),
+on ONE train-mode forward of ``x = [x_id; x_aux]`` (N = n_id + n_aux rows, the same forward that gives the
+CE / energy terms)::
+
+    J      = -mean_ID relu(m_in - S) + mean_aux relu(S - m_out)
+    G      = dJ/dx                              (create_graph=True: double backprop)
+    L_grad = (1/N) * sum_i ||G_i||_2
+
+``reduction="paper"`` (paper Eq. 3)::
+
+    L_grad = mean_ID 1{S < m_in} ||grad_x S|| + mean_aux 1{S > m_out} ||grad_x S||
+
+computed as per-group means of the row norms of ``G' = d J'/dx`` with the unscaled
+``J' = -sum_ID relu(m_in - S) + sum_aux relu(S - m_out)``.
+How the two differ: in eval mode rows are independent, ``G_i = 1{active} grad S_i / n_group`` and
+``official = paper / N`` exactly. In train mode batch norm couples the rows: ``G_i`` (and ``G'_i``) also holds
+the derivatives of the *other* rows' hinges through the batch statistics, and those cross terms are weighted
+``1/n_id`` vs ``1/n_aux`` in ``J`` but ``1`` in ``J'``, so then the two differ by more than the factor N
+(and an inactive row can have a non-zero ``G_i``).
+
+The norm is ``torch.linalg.vector_norm`` whose backward is 0 (not NaN, as ``sqrt(sum(g**2))``) at a zero
+row, e.g. when every sample is on the flat side of the hinge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+from greg import scores
+
+REDUCTIONS = ("official", "paper")
+
+# Hinge margins per score when a method gives none. energy: GReg's (REFERENCE.md §2). msp (S = -max softmax,
+# in [-1, -1/K]): not known from the paper (Table 4 "OE + Grad" gives no margins); our choice penalizes ID
+# samples with max softmax > 0.9 and auxiliary samples with max softmax < 0.5.
+DEFAULT_MARGINS: dict[str, tuple[float, float]] = {"energy": (-25.0, -7.0), "msp": (-0.9, -0.5)}
+
+
+def grad_defaults(score: str) -> dict[str, Any]:
+    """The "X + Grad" hparams: off by default (``lambda_grad = 0``), gradient of the method's own score.
+
+    ``grad_m_in`` / ``grad_m_out`` = None take the method's own margins if it has energy margins and
+    ``grad_score == "energy"``, else :data:`DEFAULT_MARGINS`.
+    """
+    return {
+        "lambda_grad": 0.0,
+        "grad_score": score,
+        "grad_m_in": None,
+        "grad_m_out": None,
+        "grad_reduction": "official",
+    }
+
+
+def resolve_margins(
+    score: str, m_in: float | None, m_out: float | None, fallback: tuple[float, float] | None = None
+) -> tuple[float, float]:
+    """Margins for ``score``: explicit values, else ``fallback``, else :data:`DEFAULT_MARGINS`."""
+    base = fallback if fallback is not None else DEFAULT_MARGINS.get(score)
+    if (m_in is None or m_out is None) and base is None:
+        raise ValueError(
+            f"gradient regularizer: no default margins for score {score!r} "
+            f"(known: {sorted(DEFAULT_MARGINS)}); set grad_m_in and grad_m_out"
+        )
+    return (
+        float(base[0] if m_in is None else m_in),  # type: ignore[index]
+        float(base[1] if m_out is None else m_out),  # type: ignore[index]
+    )
+
+
+def validate_grad_hparams(method_name: str, hp: dict[str, Any]) -> None:
+    if hp["grad_reduction"] not in REDUCTIONS:
+        raise ValueError(
+            f"method {method_name!r}: grad_reduction must be one of {REDUCTIONS}, got {hp['grad_reduction']!r}"
+        )
+    if hp["grad_score"] not in scores.SCORES:
+        raise ValueError(
+            f"method {method_name!r}: unknown grad_score {hp['grad_score']!r}; known: {scores.SCORES.names()}"
+        )
+    if float(hp["lambda_grad"]) < 0:
+        raise ValueError(f"method {method_name!r}: lambda_grad must be >= 0, got {hp['lambda_grad']!r}")
+
+
+def _mean0(t: torch.Tensor) -> torch.Tensor:
+    """Mean that is 0 (not NaN) for an empty group."""
+    return t.mean() if t.numel() else t.sum()
+
+
+def hinge_objective(
+    s: torch.Tensor, n_id: int, m_in: float, m_out: float, reduction: str = "official"
+) -> torch.Tensor:
+    """``J`` whose input gradient is penalized: rows ``[:n_id]`` are ID, the rest auxiliary outliers."""
+    hinge_id = torch.relu(m_in - s[:n_id])
+    hinge_aux = torch.relu(s[n_id:] - m_out)
+    if reduction == "official":
+        return -_mean0(hinge_id) + _mean0(hinge_aux)
+    if reduction == "paper":
+        return -hinge_id.sum() + hinge_aux.sum()
+    raise ValueError(f"unknown grad_reduction {reduction!r}; expected one of {REDUCTIONS}")
+
+
+class GradPenalty(NamedTuple):
+    loss: torch.Tensor  # differentiable w.r.t. the parameters (double backprop)
+    row_norms: torch.Tensor  # detached ||G_i||_2, shape (N,)
+
+
+def gradient_penalty(
+    x: torch.Tensor, s: torch.Tensor, n_id: int, m_in: float, m_out: float, reduction: str = "official"
+) -> GradPenalty:
+    """``L_grad`` of the scores ``s`` (computed from ``x`` by one forward) w.r.t. the input leaf ``x``."""
+    if not x.requires_grad:
+        raise ValueError("gradient_penalty: x must require grad (the leaf the forward was run on)")
+    j = hinge_objective(s, n_id, m_in, m_out, reduction)
+    if j.requires_grad:
+        (g,) = torch.autograd.grad(j, x, create_graph=True, allow_unused=True)
+    else:  # s does not depend on anything differentiable
+        g = None
+    if g is None:
+        g = torch.zeros_like(x)
+    norms = torch.linalg.vector_norm(g.flatten(1), ord=2, dim=1)
+    if reduction == "official":
+        loss = _mean0(norms)
+    else:
+        loss = _mean0(norms[:n_id]) + _mean0(norms[n_id:])
+    return GradPenalty(loss, norms.detach())
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode, then restore each one's own flag (frozen BN stays frozen)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def score_input_grad_norm(model: nn.Module, x: torch.Tensor, score: str = "energy") -> float:
+    """Mean over rows of ``||d S(x_i) / d x_i||_2`` in eval mode (paper Fig. 3 diagnostic).
+
+    Eval mode makes the rows independent, so one backward of ``sum_i S(x_i)`` gives every per-row gradient.
+    Only the input gradient is computed: no parameter ``.grad`` is touched. The model's modes are restored.
+    """
+    score_fn = scores.get(score)
+    with eval_mode(model), torch.enable_grad():
+        xl = x.detach().clone().requires_grad_(True)
+        s = score_fn(model(xl))
+        (g,) = torch.autograd.grad(s.sum(), xl, allow_unused=True)
+    if g is None:
+        return 0.0
+    return torch.linalg.vector_norm(g.flatten(1), ord=2, dim=1).mean().item()
+
+
+def forward_concat(
+    model: nn.Module, x_id: torch.Tensor, x_aux: torch.Tensor | None, input_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of ``[x_id; x_aux]``; returns ``(x, logits)`` with ``x`` a grad-requiring leaf if asked."""
+    x = x_id if x_aux is None else torch.cat([x_id, x_aux], dim=0)
+    if input_grad:
+        x = x.detach().clone().requires_grad_(True)
+    return x, model(x)
+
+
+def add_grad_terms(
+    terms: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    n_id: int,
+    hp: dict[str, Any],
+    fallback_margins: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Adds ``"grad"`` (L_grad) and ``"grad_row_norm"`` (mean ||G_i||) to ``terms``; returns the
+    differentiable ``lambda_grad * L_grad`` (0 without any work when ``lambda_grad == 0``)."""
+    lam = float(hp["lambda_grad"])
+    if lam == 0.0:
+        return logits.new_zeros(())
+    m_in, m_out = resolve_margins(hp["grad_score"], hp["grad_m_in"], hp["grad_m_out"], fallback_margins)
+    s = scores.get(hp["grad_score"])(logits)
+    pen = gradient_penalty(x, s, n_id, m_in, m_out, hp["grad_reduction"])
+    terms["grad"] = pen.loss.detach()
+    terms["grad_row_norm"] = pen.row_norms.mean()
+    return lam * pen.loss

@@ -1,0 +1,105 @@
+"""Trainer pieces that need no model: config merging/validation, LR schedules, the data stream."""
+
+import math
+
+import pytest
+
+from greg import train
+from greg.train import ConfigError, StreamSampler, deep_merge, lr_multiplier, parse_set
+
+
+def test_parse_set_nested_and_yaml_values():
+    assert parse_set(["a.b=1", "a.c=[1, 2]", "d=null", "e=cosine", "f=1e-4"]) == {
+        "a": {"b": 1, "c": [1, 2]},
+        "d": None,
+        "e": "cosine",
+        "f": 1e-4,
+    }
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["novalue"])
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"'optim\.lrr'.*known here: .*lr"):
+        deep_merge(train.DEFAULTS, {"optim": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match=r"'sed'"):
+        deep_merge(train.DEFAULTS, {"sed": 1})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"'optim\.lr' must be float, got str"):
+        deep_merge(train.DEFAULTS, {"optim": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match=r"'train\.epochs' must be int, got bool"):
+        deep_merge(train.DEFAULTS, {"train": {"epochs": True}})
+    with pytest.raises(ConfigError, match=r"'data' must be a mapping"):
+        deep_merge(train.DEFAULTS, {"data": 3})
+    # ints are fine where floats are expected; free-form kwargs mappings accept any key
+    cfg = deep_merge(train.DEFAULTS, {"optim": {"lr": 1}, "model": {"kwargs": {"stem": "imagenet"}}})
+    assert cfg["optim"]["lr"] == 1 and cfg["model"]["kwargs"] == {"stem": "imagenet"}
+    assert train.DEFAULTS["model"]["kwargs"] == {}  # defaults are not mutated
+
+
+def test_load_config_files_then_sets(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text("seed: 3\noptim: {lr: 0.5}\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("optim: {lr: 0.25, name: adam}\n")
+    cfg = train.load_config([a, b], ["seed=7"])
+    assert (cfg["seed"], cfg["optim"]["lr"], cfg["optim"]["name"]) == (7, 0.25, "adam")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {momentun: 0.9}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'optim\.momentun'"):
+        train.load_config([bad])
+    with pytest.raises(ConfigError, match="not found"):
+        train.load_config([tmp_path / "missing.yaml"])
+
+
+def test_cosine_multiplier_matches_energy_code():
+    # Energy-OOD: lr_min + (lr_max - lr_min) * 0.5 * (1 + cos(step / total * pi)), lr_max = 1.
+    s = {"name": "cosine", "lr_min_ratio": 0.001}
+    assert lr_multiplier(0, 100, 10, s) == pytest.approx(1.0)
+    assert lr_multiplier(50, 100, 10, s) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert lr_multiplier(25, 100, 10, s) == pytest.approx(0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_multiplier(100, 100, 10, s) == pytest.approx(0.001)
+
+
+def test_multistep_multiplier_by_epoch():
+    # GReg+: 50 epochs at 0.1 then 10 at 0.01 -> milestones [50], gamma 0.1
+    s = {"name": "multistep", "milestones": [50], "gamma": 0.1}
+    assert lr_multiplier(499, 600, 10, s) == 1.0  # epoch 49
+    assert lr_multiplier(500, 600, 10, s) == pytest.approx(0.1)  # epoch 50
+    s2 = {"name": "multistep", "milestones": [2, 4], "gamma": 0.5}
+    assert [lr_multiplier(e * 3, 18, 3, s2) for e in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+def _take(sampler, n):
+    out = []
+    for item in sampler:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_stream_is_a_function_of_position():
+    full = list(StreamSampler(10, 8, seed=1, stream=1, start=0, stop=24))
+    assert len(full) == 24
+    # each pass of 8 is a prefix of a permutation of 10: no repeats inside a pass
+    for p in range(3):
+        idx = [i for _, i in full[8 * p : 8 * p + 8]]
+        assert len(set(idx)) == 8
+    # passes differ, and resuming at any position gives the same tail
+    assert [i for _, i in full[:8]] != [i for _, i in full[8:16]]
+    for start in (0, 5, 8, 13):
+        assert list(StreamSampler(10, 8, 1, 1, start, 24)) == full[start:]
+    # a different stream or seed gives a different order
+    assert list(StreamSampler(10, 8, 1, 2, 0, 24)) != full
+    assert list(StreamSampler(10, 8, 2, 1, 0, 24)) != full
+
+
+def test_stream_longer_than_data_cycles_through_all():
+    # a pass of 12 over 5 items concatenates permutations: every item appears at least twice
+    items = [i for _, i in StreamSampler(5, 12, 0, 2, 0, 12)]
+    assert sorted(set(items)) == [0, 1, 2, 3, 4]
+    assert all(items.count(i) >= 2 for i in range(5))
+    assert len(_take(StreamSampler(5, 12, 0, 2, 0, None), 30)) == 30
