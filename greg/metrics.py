@@ -117,7 +117,7 @@ def auroc(scores_id: Any, scores_ood: Any) -> float:
     s_id = _as_scores(scores_id, "scores_id")
     s_ood = _as_scores(scores_ood, "scores_ood")
     allv = np.concatenate([s_id, s_ood])
-    uniq, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
     first_rank = np.cumsum(counts) - counts + 1  # 1-based rank of the first member of each tie group
     ranks = (first_rank + (counts - 1) / 2.0)[inv]
     n_id, n_ood = s_id.size, s_ood.size

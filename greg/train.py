@@ -17,8 +17,9 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -179,10 +180,12 @@ def load_config(paths: list[str | os.PathLike], sets: list[str] | None = None) -
 
 
 def validate(cfg: dict) -> None:
-    from greg import data, methods, models
+    from greg import data, models
 
     if cfg["model"]["name"] not in models.MODELS:
-        raise ConfigError(f"model.name: unknown model {cfg['model']['name']!r}; known: {models.MODELS.names()}")
+        raise ConfigError(
+            f"model.name: unknown model {cfg['model']['name']!r}; known: {models.MODELS.names()}"
+        )
     for key in ("id", "aux"):
         name = cfg["data"][key]
         if name is not None and name not in data.DATASETS:
@@ -190,7 +193,9 @@ def validate(cfg: dict) -> None:
     if cfg["optim"]["name"] not in ("sgd", "adam"):
         raise ConfigError(f"optim.name must be sgd or adam, got {cfg['optim']['name']!r}")
     if cfg["schedule"]["name"] not in ("cosine", "multistep", "constant"):
-        raise ConfigError(f"schedule.name must be cosine, multistep or constant, got {cfg['schedule']['name']!r}")
+        raise ConfigError(
+            f"schedule.name must be cosine, multistep or constant, got {cfg['schedule']['name']!r}"
+        )
     abs_ = cfg["data"]["aux_batch_size"]
     if isinstance(abs_, str) and abs_ != "ratio":
         raise ConfigError(f"data.aux_batch_size must be an integer or 'ratio', got {abs_!r}")
@@ -200,11 +205,21 @@ def validate(cfg: dict) -> None:
     if cfg["train"]["epochs"] <= 0 and not cfg["train"]["max_steps"]:
         raise ConfigError("train.epochs must be positive")
     try:
-        method = methods.create(cfg["method"]["name"], **cfg["method"]["hparams"])
+        method = make_method(cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"method: {e}") from None
     if method.needs_aux and cfg["data"]["aux"] is None:
         raise ConfigError(f"method {cfg['method']['name']!r} needs auxiliary data: set data.aux")
+
+
+def make_method(cfg: dict):
+    """The configured method; a method with a ``seed`` hparam left unset gets one derived from the run seed."""
+    from greg import methods
+
+    name, hparams = cfg["method"]["name"], dict(cfg["method"]["hparams"])
+    if "seed" in methods.METHODS.get(name).defaults and "seed" not in hparams:
+        hparams["seed"] = _mix(cfg["seed"], 3) % 2**31
+    return methods.create(name, **hparams)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -212,7 +227,9 @@ def validate(cfg: dict) -> None:
 
 def _mix(*ints: int) -> int:
     """A well-mixed 63-bit seed from a tuple of ints (no Python hash randomization)."""
-    return int(np.random.SeedSequence([int(i) & 0xFFFFFFFF for i in ints]).generate_state(2, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(i) & 0xFFFFFFFF for i in ints]).generate_state(2, np.uint64)[0] >> 1
+    )
 
 
 def _perm(n: int, *key: int) -> torch.Tensor:
@@ -353,13 +370,13 @@ def _config_text(cfg: dict) -> str:
 
 class Trainer:
     def __init__(self, cfg: dict, out: str | os.PathLike, device: str = "auto"):
-        from greg import data, methods, models
+        from greg import data, models
 
         self.cfg = cfg
         self.out = Path(out)
         self.device = resolve_device(device)
         c_data, c_train = cfg["data"], cfg["train"]
-        self.method = methods.create(cfg["method"]["name"], **cfg["method"]["hparams"])
+        self.method = make_method(cfg)
         spec = data.spec(c_data["id"])
         self.num_classes = spec.num_classes + getattr(self.method, "extra_classes", 0)
 
@@ -404,17 +421,23 @@ class Trainer:
 
         raw = io.safe_torch_load(path)
         is_run = isinstance(raw, dict) and raw.get("format") == "greg-model-v1"
+        # (K+1)-class methods (DOS, OpenMix) start from a K-class model with a fresh head.
+        extra = getattr(self.method, "extra_classes", 0)
         if kind == "run" or (kind == "auto" and is_run):
             if not is_run:
                 raise ConfigError(f"init.checkpoint {path} is not a greg run checkpoint (final.pt)")
-            if raw["arch"] != self.cfg["model"]["name"] or raw["num_classes"] != self.num_classes:
+            k = raw["num_classes"]
+            if raw["arch"] != self.cfg["model"]["name"] or k not in (
+                self.num_classes,
+                self.num_classes - extra,
+            ):
                 raise ConfigError(
-                    f"init.checkpoint {path} holds {raw['arch']} with {raw['num_classes']} classes, but this run "
+                    f"init.checkpoint {path} holds {raw['arch']} with {k} classes, but this run "
                     f"trains {self.cfg['model']['name']} with {self.num_classes} classes"
                 )
-            self.model.load_state_dict(raw["state_dict"], strict=True)
+            models.load_pretrained(self.model, path, skip_head=k != self.num_classes)
         else:
-            models.load_pretrained(self.model, path)
+            models.load_pretrained(self.model, path, skip_head=extra > 0)
 
     @property
     def state_path(self) -> Path:
@@ -478,12 +501,30 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------------
 
+    def _train_step(self, batch: dict) -> dict:
+        # Methods with their own update rule (SAM: two forward/backward passes) define train_step.
+        custom = getattr(self.method, "train_step", None)
+        if custom is not None:
+            terms = custom(self.model, batch, self.optimizer)
+        else:
+            terms = self.method.compute_loss(self.model, batch)
+        total = terms["total"]
+        if not torch.isfinite(total):
+            raise NonFiniteError(
+                f"loss is {float(total)} at step {self.step} "
+                f"({', '.join(f'{k}={float(v):.4g}' for k, v in terms.items())})"
+            )
+        if custom is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+        return terms
+
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
     def run(self) -> int:
         from greg import models
-        from greg.methods.grad_reg import score_input_grad_norm
 
         if self.final_path.exists():
             print(f"{self.final_path} exists: run already complete", file=sys.stderr)
@@ -502,9 +543,17 @@ class Trainer:
         id_iter = iter(
             _loader(
                 self.id_train,
-                StreamSampler(len(self.id_train), self.steps_per_epoch * bs, seed, 1, self.step * bs,
-                              self.total_steps * bs),
-                bs, c_data["num_workers"], self.device,
+                StreamSampler(
+                    len(self.id_train),
+                    self.steps_per_epoch * bs,
+                    seed,
+                    1,
+                    self.step * bs,
+                    self.total_steps * bs,
+                ),
+                bs,
+                c_data["num_workers"],
+                self.device,
             )
         )
         aux_iter = None
@@ -513,9 +562,17 @@ class Trainer:
             aux_iter = iter(
                 _loader(
                     self.aux,
-                    StreamSampler(len(self.aux), per_pass, seed, 2, self.step * self.aux_bs,
-                                  self.total_steps * self.aux_bs),
-                    self.aux_bs, c_data["num_workers"], self.device,
+                    StreamSampler(
+                        len(self.aux),
+                        per_pass,
+                        seed,
+                        2,
+                        self.step * self.aux_bs,
+                        self.total_steps * self.aux_bs,
+                    ),
+                    self.aux_bs,
+                    c_data["num_workers"],
+                    self.device,
                 )
             )
 
@@ -523,93 +580,99 @@ class Trainer:
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(
-                total=self.total_steps,
-                initial=self.step,
-                desc=f"train {self.cfg['method']['name']}",
-                disable=not c_train["progress"],
-                mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                dynamic_ncols=True,
-            )
-            log = open(self.log_path, "a", encoding="utf-8")
-            t0 = time.perf_counter()
-            while self.step < self.total_steps:
-                if self.step % self.steps_per_epoch == 0:
-                    self.method.on_epoch_start(self.model, self.step // self.steps_per_epoch)
-                x_id, y_id = next(id_iter)
-                batch = {"x_id": x_id.to(self.device, non_blocking=True),
-                         "y_id": y_id.to(self.device, non_blocking=True)}
-                if aux_iter is not None:
-                    batch["x_aux"] = next(aux_iter)[0].to(self.device, non_blocking=True)
-                lr = self.cfg["optim"]["lr"] * lr_multiplier(
-                    self.step, self.total_steps, self.steps_per_epoch, self.cfg["schedule"]
-                )
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-
-                self.model.train()
-                terms = self.method.compute_loss(self.model, batch)
-                total = terms["total"]
-                if not torch.isfinite(total):
-                    raise NonFiniteError(
-                        f"loss is {total.item()} at step {self.step} "
-                        f"({', '.join(f'{k}={float(v):.4g}' for k, v in terms.items())})"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                self.optimizer.step()
-
-                rec = {"step": self.step, "epoch": self.step // self.steps_per_epoch, "lr": lr}
-                rec.update({k: float(v) for k, v in terms.items()})
-                gne = c_train["grad_norm_every"]
-                if gne and self.step % gne == 0:
-                    score = c_train["grad_norm_score"]
-                    rec["grad_norm_id"] = score_input_grad_norm(self.model, batch["x_id"], score)
-                    if "x_aux" in batch:
-                        rec["grad_norm_aux"] = score_input_grad_norm(self.model, batch["x_aux"], score)
-                        rec["score_grad_norm"] = 0.5 * (rec["grad_norm_id"] + rec["grad_norm_aux"])
-                    else:
-                        rec["score_grad_norm"] = rec["grad_norm_id"]
-                rec["time"] = time.perf_counter() - t0
-                self.step += 1
-                if c_train["log_every"] and (self.step - 1) % c_train["log_every"] == 0:
-                    log.write(json.dumps(rec, sort_keys=True) + "\n")
-                    log.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2g}", refresh=False)
-
-                at_epoch_end = self.step % self.steps_per_epoch == 0
-                if self._stop_signal is not None or at_epoch_end or self.step % c_train["checkpoint_every"] == 0:
-                    self.save_state()
-                if self._stop_signal is not None:
+            with (
+                open(self.log_path, "a", encoding="utf-8") as log,
+                tqdm(
+                    total=self.total_steps,
+                    initial=self.step,
+                    desc=f"train {self.cfg['method']['name']}",
+                    disable=not c_train["progress"],
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                    dynamic_ncols=True,
+                ) as bar,
+            ):
+                if not self._loop(id_iter, aux_iter, log, bar):
                     print(
                         f"signal {self._stop_signal}: checkpointed at step {self.step}; rerun to resume",
                         file=sys.stderr,
                     )
                     return EXIT_PREEMPTED
-            bar.close()
-            log.close()
-            self.save_state()
-            self.model.eval()
-            models.save_checkpoint(
-                self.final_path,
-                self.model,
-                arch=self.cfg["model"]["name"],
-                num_classes=self.num_classes,
-                model_kwargs=self.cfg["model"]["kwargs"],
-                meta={
-                    "method": self.cfg["method"]["name"],
-                    "detector": getattr(self.method, "detector", "energy"),
-                    "id_dataset": c_data["id"],
-                    "seed": seed,
-                    "steps": self.step,
-                    "config": _config_text(self.cfg),
-                },
-            )
-            return 0
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+        self.save_state()
+        self.model.eval()
+        models.save_checkpoint(
+            self.final_path,
+            self.model,
+            arch=self.cfg["model"]["name"],
+            num_classes=self.num_classes,
+            model_kwargs=self.cfg["model"]["kwargs"],
+            meta={
+                "method": self.cfg["method"]["name"],
+                "detector": getattr(self.method, "detector", "energy"),
+                "id_dataset": c_data["id"],
+                "seed": self.cfg["seed"],
+                "steps": self.step,
+                "config": _config_text(self.cfg),
+            },
+        )
+        return 0
+
+    def _loop(self, id_iter, aux_iter, log, bar) -> bool:
+        """Train until the last step (True) or until a stop signal, after checkpointing (False)."""
+        c_train = self.cfg["train"]
+        t0 = time.perf_counter()
+        while self.step < self.total_steps:
+            if self.step % self.steps_per_epoch == 0:
+                self.method.on_epoch_start(self.model, self.step // self.steps_per_epoch)
+            x_id, y_id = next(id_iter)
+            batch = {
+                "x_id": x_id.to(self.device, non_blocking=True),
+                "y_id": y_id.to(self.device, non_blocking=True),
+            }
+            if aux_iter is not None:
+                batch["x_aux"] = next(aux_iter)[0].to(self.device, non_blocking=True)
+            lr = self.cfg["optim"]["lr"] * lr_multiplier(
+                self.step, self.total_steps, self.steps_per_epoch, self.cfg["schedule"]
+            )
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+
+            self.model.train()
+            terms = self._train_step(batch)
+
+            rec = {"step": self.step, "epoch": self.step // self.steps_per_epoch, "lr": lr}
+            rec.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
+            gne = c_train["grad_norm_every"]
+            if gne and self.step % gne == 0:
+                rec.update(self._grad_norms(batch, c_train["grad_norm_score"]))
+            rec["time"] = time.perf_counter() - t0
+            self.step += 1
+            if c_train["log_every"] and (self.step - 1) % c_train["log_every"] == 0:
+                log.write(json.dumps(rec, sort_keys=True) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2g}", refresh=False)
+
+            at_epoch_end = self.step % self.steps_per_epoch == 0
+            if self._stop_signal is not None or at_epoch_end or self.step % c_train["checkpoint_every"] == 0:
+                self.save_state()
+            if self._stop_signal is not None:
+                return False
+        return True
+
+    def _grad_norms(self, batch: dict, score: str) -> dict[str, float]:
+        """Mean input-gradient norm of the score (paper Fig. 3), on the ID and auxiliary batches."""
+        from greg.methods.grad_reg import score_input_grad_norm
+
+        rec = {"grad_norm_id": score_input_grad_norm(self.model, batch["x_id"], score)}
+        if "x_aux" in batch:
+            rec["grad_norm_aux"] = score_input_grad_norm(self.model, batch["x_aux"], score)
+            rec["score_grad_norm"] = 0.5 * (rec["grad_norm_id"] + rec["grad_norm_aux"])
+        else:
+            rec["score_grad_norm"] = rec["grad_norm_id"]
+        return rec
 
     def _trim_log_all(self) -> None:
         if self.log_path.exists():
@@ -620,11 +683,23 @@ class Trainer:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", action="append", required=True, metavar="YAML",
-                   help="run config; repeat to merge several, later files override earlier ones")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (dotted path; VALUE parsed as YAML), e.g. --set seed=2")
-    p.add_argument("--out", required=True, help="run directory (final.pt, state.pt, metrics.jsonl, config.yaml)")
+    p.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        metavar="YAML",
+        help="run config; repeat to merge several, later files override earlier ones",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (dotted path; VALUE parsed as YAML), e.g. --set seed=2",
+    )
+    p.add_argument(
+        "--out", required=True, help="run directory (final.pt, state.pt, metrics.jsonl, config.yaml)"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -644,6 +719,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"greg train: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
-        print(f"greg train: stopped: {e}. The last good checkpoint is kept in {args.out}/state.pt.",
-              file=sys.stderr)
+        state = Path(args.out) / "state.pt"
+        kept = (
+            f"the last good checkpoint is kept in {state}"
+            if state.exists()
+            else "no checkpoint had been written"
+        )
+        print(f"greg train: stopped: {e}; {kept}", file=sys.stderr)
         return EXIT_NONFINITE

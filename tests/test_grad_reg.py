@@ -11,7 +11,7 @@ from torch import nn
 from torch.autograd.functional import jacobian
 from torch.func import functional_call
 
-import greg.methods as methods
+from greg import methods
 from greg.methods import grad_reg
 
 
@@ -128,18 +128,19 @@ def test_paper_reduction_train_mode_matches_jacobian(setup):
 
 
 def test_paper_reduction_eval_mode_formula_and_official_relation(setup):
-    model, x_id, _, x_aux, m_in, m_out = setup
+    model, x_id, _, x_aux, _, _ = setup
     model.eval()
     x = torch.cat([x_id, x_aux])
     n, n_id = len(x), 3
+    with torch.no_grad():
+        s = energy(model(x))
+    m_in, m_out = float(s[:n_id].median()), float(s[n_id:].median())
     # per-sample gradients of S from the full Jacobian dS_i/dx_j (eval mode: block diagonal)
     jac = jacobian(lambda xx: energy(model(xx)), x)  # N x N x C x H x W
     off_diag = jac.clone()
     off_diag[torch.arange(n), torch.arange(n)] = 0
     assert off_diag.abs().max().item() == 0.0
     grad_norms = jac[torch.arange(n), torch.arange(n)].flatten(1).norm(dim=1)
-    with torch.no_grad():
-        s = energy(model(x))
     ind_id = (s[:n_id] < m_in).double()
     ind_aux = (s[n_id:] > m_out).double()
     assert ind_id.sum() > 0 and ind_aux.sum() > 0 and ind_id.sum() < n_id
@@ -208,9 +209,10 @@ def test_score_input_grad_norm_hand_and_mode_restored():
     x = torch.tensor([[0.0, 0.0], [a, 0.0]])
     expected = (math.sqrt(0.5) + math.sqrt(0.625)) / 2
     assert grad_reg.score_input_grad_norm(model, x, "energy") == pytest.approx(expected, rel=1e-6)
-    # msp: S = -max softmax; for [0,0]: d/dx (-p_0) = -p_0 (e_0 - p) = [-.25, .25] ... norm sqrt(2)/4
-    # for [ln3, 0]: p = (.75, .25), -p_0 (e_0 - p) = -.75 * (.25, -.25): norm .75*.25*sqrt(2)
-    expected_msp = (math.sqrt(2) / 4 + 0.75 * 0.25 * math.sqrt(2)) / 2
+    # msp, S = -max softmax = -p_0 off ties: grad = -p_0 (e_0 - p), norm p_0 p_1 sqrt(2) for K = 2.
+    # [ln3, 0]: p = (.75, .25); [ln4, 0]: p = (.8, .2). (At the tie [0, 0] amax splits the gradient: 0.)
+    x = torch.tensor([[a, 0.0], [math.log(4.0), 0.0], [0.0, 0.0]])
+    expected_msp = (0.75 * 0.25 * math.sqrt(2) + 0.8 * 0.2 * math.sqrt(2) + 0.0) / 3
     assert grad_reg.score_input_grad_norm(model, x, "msp") == pytest.approx(expected_msp, rel=1e-6)
 
 

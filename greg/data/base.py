@@ -9,15 +9,15 @@ the **ID** dataset's spec: resize/center-crop to the ID image size and normalize
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
-from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 
 from greg.registry import Registry
 
@@ -42,7 +42,11 @@ class Resource:
         if self.checksum is not None:
             algo, _, digest = self.checksum.partition(":")
             want = {"md5": 32, "sha256": 64}
-            if algo not in want or len(digest) != want[algo] or not all(c in "0123456789abcdef" for c in digest):
+            if (
+                algo not in want
+                or len(digest) != want[algo]
+                or not all(c in "0123456789abcdef" for c in digest)
+            ):
                 raise ValueError(
                     f"resource {self.filename}: checksum must be 'md5:<32 hex>' or 'sha256:<64 hex>', "
                     f"got {self.checksum!r}"
@@ -139,13 +143,77 @@ def names(role: str | None = None) -> list[str]:
     return [n for n in DATASETS.names() if role is None or spec(n).role == role]
 
 
-class ImageTransform:
-    """PIL image or uint8 ``C x H x W`` tensor -> normalized float32 ``C x S x S``.
+def resize_shorter(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Float ``C x H x W`` -> shorter side ``size`` (aspect kept; bilinear, antialiased as torchvision)."""
+    h, w = x.shape[-2:]
+    if min(h, w) == size:
+        return x
+    if h <= w:
+        nh, nw = size, int(size * w / h)
+    else:
+        nh, nw = int(size * h / w), size
+    return F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
 
-    Eval: resize the shorter side to ``eval_resize`` (skipped when the image already has that size) and
-    center-crop ``S``. Train: ``crop_flip`` = eval geometry, then zero-pad 4 + random ``S`` crop + horizontal
-    flip; ``rrc_flip`` = RandomResizedCrop(S) + flip. The random transforms draw from torch's global RNG,
-    so a seeded trainer (and DataLoader workers, which torch seeds from it) reproduces them.
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
+    return x[..., top : top + size, left : left + size]
+
+
+def _randint(high: int) -> int:
+    """Uniform integer in ``[0, high)`` from torch's global generator."""
+    return int(torch.randint(0, high, (1,)).item())
+
+
+def random_crop_flip(x: torch.Tensor, size: int, padding: int = 4) -> torch.Tensor:
+    """Zero-pad ``padding``, take a random ``size`` crop, flip horizontally with probability 1/2."""
+    x = F.pad(x, (padding, padding, padding, padding))
+    h, w = x.shape[-2:]
+    i, j = _randint(h - size + 1), _randint(w - size + 1)
+    x = x[..., i : i + size, j : j + size]
+    return x.flip(-1) if torch.rand(1).item() < 0.5 else x
+
+
+def random_resized_crop_flip(
+    x: torch.Tensor,
+    size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """torchvision's RandomResizedCrop (10 tries, then a ratio-clamped center crop) + horizontal flip."""
+    h, w = x.shape[-2:]
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_r[0], log_r[1]).item())
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            i, j = _randint(h - ch + 1), _randint(w - cw + 1)
+            break
+    else:
+        in_ratio = w / h
+        if in_ratio < ratio[0]:
+            cw, ch = w, round(w / ratio[0])
+        elif in_ratio > ratio[1]:
+            ch, cw = h, round(h * ratio[1])
+        else:
+            cw, ch = w, h
+        i, j = (h - ch) // 2, (w - cw) // 2
+    x = x[..., i : i + ch, j : j + cw]
+    x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return x.flip(-1) if torch.rand(1).item() < 0.5 else x
+
+
+class ImageTransform:
+    """uint8 ``H x W x 3`` array (or PIL image) -> normalized float32 ``3 x S x S``.
+
+    Eval: resize the shorter side to ``eval_resize`` (skipped when it already has that size), center-crop
+    ``S``. Train: ``crop_flip`` = eval geometry, then zero-pad 4 + random ``S`` crop + horizontal flip;
+    ``rrc_flip`` = RandomResizedCrop(S) + flip. Random draws come from torch's global generator, so a
+    seeded trainer (and DataLoader workers, which torch seeds from it) reproduces them. Pure torch: no
+    torchvision import (it is slow) and the same arithmetic for arrays and image files.
     """
 
     def __init__(self, id_spec: DatasetSpec, train: bool = False):
@@ -155,33 +223,16 @@ class ImageTransform:
         self.mode = id_spec.train_aug
         self.mean = torch.tensor(id_spec.mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(id_spec.std, dtype=torch.float32).view(3, 1, 1)
-        if train and self.mode == "rrc_flip":
-            self.random = T.Compose([T.RandomResizedCrop(self.size, antialias=True), T.RandomHorizontalFlip()])
-        elif train:
-            self.random = T.Compose([T.RandomCrop(self.size, padding=4), T.RandomHorizontalFlip()])
-        else:
-            self.random = None
-
-    def _geometry(self, img: Any) -> Any:
-        h, w = (img.height, img.width) if not isinstance(img, torch.Tensor) else img.shape[-2:]
-        if min(h, w) != self.resize:
-            img = TF.resize(img, self.resize, antialias=True)
-            h, w = (img.height, img.width) if not isinstance(img, torch.Tensor) else img.shape[-2:]
-        if (h, w) != (self.size, self.size):
-            img = TF.center_crop(img, [self.size, self.size])
-        return img
 
     def __call__(self, img: Any) -> torch.Tensor:
-        if self.random is not None and self.mode == "rrc_flip":
-            img = self.random(img)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        if self.train and self.mode == "rrc_flip":
+            x = random_resized_crop_flip(x, self.size)
         else:
-            img = self._geometry(img)
-            if self.random is not None:
-                img = self.random(img)
-        if not isinstance(img, torch.Tensor):
-            img = TF.pil_to_tensor(img)
-        x = img.to(torch.float32).div_(255.0)
-        return (x - self.mean) / self.std
+            x = center_crop(resize_shorter(x, self.resize), self.size)
+            if self.train:
+                x = random_crop_flip(x, self.size)
+        return ((x - self.mean) / self.std).contiguous()
 
     def __repr__(self) -> str:
         return f"ImageTransform(size={self.size}, resize={self.resize}, train={self.train}, mode={self.mode})"
@@ -204,7 +255,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self.raw.images is not None:
-            img = torch.from_numpy(np.array(self.raw.images[i], dtype=np.uint8)).permute(2, 0, 1)
+            img = self.raw.images[i]
         else:
             from PIL import Image
 
@@ -244,12 +295,13 @@ def load(
     subsample_seed: int = 0,
 ) -> Dataset:
     """``name``/``split`` as a torch ``Dataset`` of ``(x, y)``, transformed for the ID set ``id_dataset``
-    (default ``name``): resized/center-cropped to its image size and normalized with its mean/std.
+    (default: ``name`` itself for an ID set, else the spec's ``benchmark`` ID set, whose statistics the spec
+    carries): resized/center-cropped to its image size and normalized with its mean/std.
     ``y`` is the class for the ID set itself and ``-1`` otherwise. ``train=True`` adds the ID training
     augmentation. ``n_max`` (e.g. :data:`N_OOD`) subsamples with :func:`subsample` and ``subsample_seed``.
     """
     s = spec(name)
-    id_spec = spec(id_dataset or name)
+    id_spec = spec(id_dataset or (name if s.role == "id" or s.benchmark is None else s.benchmark))
     if id_spec.role != "id":
         raise ValueError(
             f"id_dataset {id_spec.name!r} has role {id_spec.role!r}; normalization must come from an ID dataset "
@@ -282,7 +334,3 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     mean = x.mean(axis=(0, 1, 2))
     std = np.sqrt(((x - mean) ** 2).mean(axis=(0, 1, 2)))
     return tuple(float(m) for m in mean), tuple(float(v) for v in std)
-
-
-def check_finite(values: Sequence[float]) -> bool:
-    return all(math.isfinite(v) for v in values)

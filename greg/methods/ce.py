@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +21,7 @@ class CrossEntropy(Method):
     """
 
     name = "ce"
-    defaults = {"label_smoothing": 0.0}
+    defaults: ClassVar[dict[str, Any]] = {"label_smoothing": 0.0}
     detector = "msp"
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,17 +34,17 @@ class EnergyLoss(Method):
     """
 
     name = "energy"
-    defaults = {"lambda_S": 0.1, "m_in": -25.0, "m_out": -7.0, **grad_reg.grad_defaults("energy")}
+    defaults: ClassVar[dict[str, Any]] = {
+        "lambda_S": 0.1,
+        "m_in": -25.0,
+        "m_out": -7.0,
+        **grad_reg.grad_defaults("energy"),
+    }
     needs_aux = True
     detector = "energy"
 
     def validate(self) -> None:
         grad_reg.validate_grad_hparams(self.name, self.hparams)
-        if float(self.hparams["m_in"]) > float(self.hparams["m_out"]):
-            raise ValueError(
-                f"method {self.name!r}: expected m_in <= m_out (ID energies low), got "
-                f"m_in={self.hparams['m_in']}, m_out={self.hparams['m_out']}"
-            )
 
     def _grad_fallback_margins(self) -> tuple[float, float] | None:
         if self.hparams["grad_score"] == "energy":

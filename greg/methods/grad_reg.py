@@ -30,7 +30,8 @@ row, e.g. when every sample is on the flat side of the hinge.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from greg.methods._registry import METHODS
 from greg.methods.energy import EnergyLoss
 
@@ -19,4 +21,4 @@ class GReg(EnergyLoss):
     """
 
     name = "greg"
-    defaults = {**EnergyLoss.defaults, "lambda_grad": 1.0}
+    defaults: ClassVar[dict[str, Any]] = {**EnergyLoss.defaults, "lambda_grad": 1.0}

@@ -3,7 +3,7 @@ auxiliary candidates at every step; and "energy-only clustering" (paper Table 5,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ class GRegPlus(GReg):
     """
 
     name = "greg_plus"
-    defaults = {
+    defaults: ClassVar[dict[str, Any]] = {
         **GReg.defaults,
         "n_clusters": 64,
         "n_selected": 128,
@@ -106,4 +106,4 @@ class EnergyClustering(GRegPlus):
     """GReg+ without the gradient loss (``lambda_grad = 0``): "energy-only clustering", paper Table 5."""
 
     name = "energy_clustering"
-    defaults = {**GRegPlus.defaults, "lambda_grad": 0.0}
+    defaults: ClassVar[dict[str, Any]] = {**GRegPlus.defaults, "lambda_grad": 0.0}

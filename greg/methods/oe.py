@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +31,7 @@ class OutlierExposure(Method):
     """
 
     name = "oe"
-    defaults = {"lambda_oe": 0.5, **grad_reg.grad_defaults("msp")}
+    defaults: ClassVar[dict[str, Any]] = {"lambda_oe": 0.5, **grad_reg.grad_defaults("msp")}
     needs_aux = True
     detector = "msp"
 

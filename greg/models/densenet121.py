@@ -18,7 +18,8 @@ from greg.models.base import FeatureModel
 
 # torchvision.models.densenet._load_state_dict: "denselayer1.norm.1.weight" -> "denselayer1.norm1.weight"
 _LEGACY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
 
 

@@ -13,7 +13,6 @@ Flow of :func:`download` for one dataset (all under ``<root>/<data_dir>/``):
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import http.client
@@ -77,7 +76,7 @@ def read_lock(root: Path) -> dict:
     except json.JSONDecodeError as e:
         raise RuntimeError(f"checksum lock file {p} is not valid JSON ({e}); fix or delete it") from e
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        raise RuntimeError(f"checksum lock file {p} has no 'files' mapping")
+        raise RuntimeError(f"checksum lock file {p} has no 'files' mapping; fix or delete it")  # noqa: TRY004
     return data
 
 
@@ -103,13 +102,15 @@ def verify_file(path: Path, s: DatasetSpec, resource: Resource, root: Path, *, r
     if want is None:
         digest = file_digest(path, "sha256")
         if not record:
-            raise ChecksumError(f"{resource.filename}: no published checksum and no entry in {lock_path(root)}")
+            raise ChecksumError(
+                f"{resource.filename}: no published checksum and no entry in {lock_path(root)}"
+            )
         lock = read_lock(root)
         lock["files"][_lock_key(s, resource)] = {
             "sha256": digest,
             "size": path.stat().st_size,
             "url": resource.url,
-            "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "recorded": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         atomic_write_json(lock_path(root), lock)
         print(
@@ -152,9 +153,12 @@ def fetch(url: str, dest: Path, *, progress: bool = True, timeout: float = 60.0)
         else:  # no resume support (200): start over
             mode, pos, total = "wb", 0, int(length) if length is not None else None
         got = pos
-        with open(part, mode) as f, tqdm(
-            total=total, initial=pos, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-        ) as bar:
+        with (
+            open(part, mode) as f,
+            tqdm(
+                total=total, initial=pos, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+            ) as bar,
+        ):
             while True:
                 try:
                     chunk = resp.read(CHUNK)
@@ -271,7 +275,7 @@ def download(
         {
             "dataset": s.name,
             "files": verified,
-            "completed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "completed": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         },
     )
     print(f"{s.name}: ready in {d}")
@@ -319,7 +323,3 @@ def require(s: DatasetSpec, root: Path) -> Path:
             f"run `greg data download {s.name} --root {root}`"
         )
     return d
-
-
-with contextlib.suppress(Exception):  # keep the module importable in odd environments
-    pass

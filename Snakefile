@@ -1,0 +1,31 @@
+# GReg / GReg+ reproduction: download -> CE pretraining -> post-hoc evaluation -> fine-tuning and from-scratch
+# methods -> evaluation on every OOD set -> tables (LaTeX + CSV) and figures. See docs/WORKFLOW.md.
+#
+#   snakemake --profile slurm all_tables              # the paper's tables on a SLURM cluster
+#   snakemake --configfile config/smoke.yaml all -c2  # the same DAG on the tiny benchmark, CPU, minutes
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+rule all:
+    """Every table, every figure and every run of the grid."""
+    input:
+        rules_inputs_all_tables(),
+        rules_inputs_all_figures(),
+        rules_inputs_all_runs(),
+    default_target: True
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"

@@ -1,0 +1,40 @@
+"""Datasets: the ``DATASETS`` registry of :class:`DatasetSpec`, :func:`load`, :func:`download`, the tiny benchmark.
+
+See docs/DATASETS.md for every dataset (source URL, checksum, layout) and the OOD subsampling protocol.
+"""
+
+from greg.data import catalog as _catalog  # noqa: F401  (registers the real datasets)
+from greg.data import tiny as _tiny  # noqa: F401  (registers the tiny benchmark)
+from greg.data.base import (
+    DATASETS,
+    N_OOD,
+    DatasetSpec,
+    ImageDataset,
+    ImageTransform,
+    RawImages,
+    Resource,
+    load,
+    names,
+    spec,
+    subsample,
+)
+from greg.data.downloader import ChecksumError, DownloadError, ManualDownloadRequired, download, verify
+
+__all__ = [
+    "DATASETS",
+    "N_OOD",
+    "ChecksumError",
+    "DatasetSpec",
+    "DownloadError",
+    "ImageDataset",
+    "ImageTransform",
+    "ManualDownloadRequired",
+    "RawImages",
+    "Resource",
+    "download",
+    "load",
+    "names",
+    "spec",
+    "subsample",
+    "verify",
+]

@@ -1,0 +1,278 @@
+"""The real datasets: CIFAR-10/100 (ID), 300K Random Images (aux), the six CIFAR OOD sets, ImageNet-10 (ID,
+licensed, placed by hand), ImageNet-990 (aux) and the four ImageNet OOD sets of MOS (Huang & Li, 2021).
+
+URLs and checksums (see docs/DATASETS.md for the table and their sources):
+- CIFAR, SVHN, Places365 ``val_256.tar``, DTD: torchvision's dataset classes (md5).
+- LSUN-Crop, LSUN-Resize, iSUN: the tarballs linked from the ODIN code (facebookresearch/odin); md5 as recorded
+  by pytorch-ood (``dataset/img/odin.py``) and edadaltocg/detectors (``data/lsun_r_c.py``, ``data/isun.py``).
+- 300K Random Images: Outlier-Exposure authors' file; md5 as recorded by pytorch-ood (``tinyimages.py``).
+- iNaturalist/SUN/Places (MOS): URLs from the MOS README; md5 as recorded by edadaltocg/detectors (``mos_*.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from greg.data.base import DatasetSpec, RawImages, Resource, add, list_images
+from greg.data.downloader import ManualDownloadRequired, require
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+#: ImageNet-10 (wnid -> label) as in the released GReg code.
+IMAGENET10_WNIDS: dict[str, int] = {
+    "n02396427": 0, "n04141975": 1, "n02834397": 2, "n02111277": 3, "n03534580": 4,
+    "n01877812": 5, "n02837789": 6, "n01443537": 7, "n02114367": 8, "n03857828": 9,
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+class LazyNpy:
+    """Memory-mapped ``.npy`` opened on first access (and again after pickling into a worker)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._arr = None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._arr is None:
+            self._arr = np.load(self.path, mmap_mode="r")
+        return self._arr
+
+    def __getitem__(self, i):
+        return self.array[i]
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_arr": None}
+
+
+def _cifar(s: DatasetSpec, split: str, root: Path) -> RawImages:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if s.name == "cifar10" else CIFAR100
+    ds = cls(str(require(s, root)), train=split == "train", download=False)
+    return RawImages(labels=np.asarray(ds.targets, dtype=np.int64), images=ds.data)
+
+
+@functools.lru_cache(maxsize=2)
+def _svhn_array(path: str) -> np.ndarray:
+    from scipy.io import loadmat
+
+    x = loadmat(path)["X"]  # 32 x 32 x 3 x N
+    return np.ascontiguousarray(np.transpose(x, (3, 0, 1, 2)))
+
+
+def _svhn(s: DatasetSpec, split: str, root: Path) -> RawImages:
+    x = _svhn_array(str(require(s, root) / "test_32x32.mat"))
+    return RawImages(labels=np.full(len(x), -1, dtype=np.int64), images=x)
+
+
+def _random300k(s: DatasetSpec, split: str, root: Path) -> RawImages:
+    arr = LazyNpy(require(s, root) / "300K_random_images.npy")
+    a = arr.array
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1:] != (32, 32, 3):
+        raise ValueError(f"{arr.path}: expected uint8 N x 32 x 32 x 3, got {a.dtype} {a.shape}")
+    return RawImages(labels=np.full(len(a), -1, dtype=np.int64), images=arr)
+
+
+def _folder(subdir: str):
+    def loader(s: DatasetSpec, split: str, root: Path) -> RawImages:
+        files = list_images(require(s, root) / subdir)
+        return RawImages(labels=np.full(len(files), -1, dtype=np.int64), files=files)
+
+    loader.__name__ = f"folder[{subdir}]"
+    return loader
+
+
+def _class_files(d: Path) -> list[Path]:
+    return sorted(Path(e.path) for e in os.scandir(d) if e.is_file() and not e.name.startswith("."))
+
+
+def _imagenet10(s: DatasetSpec, split: str, root: Path) -> RawImages:
+    check_manual(s, root)
+    base = Path(root) / s.directory / ("train" if split == "train" else "val")
+    files, labels = [], []
+    for wnid, label in sorted(IMAGENET10_WNIDS.items(), key=lambda kv: kv[1]):
+        f = _class_files(base / wnid)
+        files += f
+        labels += [label] * len(f)
+    return RawImages(labels=np.asarray(labels, dtype=np.int64), files=files)
+
+
+def _imagenet990(s: DatasetSpec, split: str, root: Path) -> RawImages:
+    check_manual(s, root)
+    base = Path(root) / s.directory / "train"
+    files: list[Path] = []
+    for wnid in sorted(e.name for e in os.scandir(base) if e.is_dir()):
+        if wnid not in IMAGENET10_WNIDS:
+            files += _class_files(base / wnid)
+    return RawImages(labels=np.full(len(files), -1, dtype=np.int64), files=files)
+
+
+IMAGENET_INSTRUCTIONS = """\
+ImageNet (ILSVRC-2012) is licensed and is never downloaded by greg. Get it from https://image-net.org/
+(ILSVRC2012_img_train.tar, md5 1d675b47d978889d74fa0da5fadfb00e; ILSVRC2012_img_val.tar,
+md5 29b22e2961454d5413ddabcf34fc5622) and place it as
+  {base}/train/<wnid>/*.JPEG   (the 1000 class tars inside the train tar, each extracted into its wnid folder)
+  {base}/val/<wnid>/*.JPEG     (the 50000 val images sorted into wnid folders, e.g. with the widely used
+                                valprep.sh, or torchvision.datasets.ImageNet(root, split='val') once)
+imagenet10 uses the 10 wnids {wnids} (train and val);
+imagenet990 uses the train images of the other 990 classes.
+Then run `greg data verify {name} --root {root}`."""
+
+
+def check_manual(s: DatasetSpec, root: Path) -> list[str]:
+    """Check that the licensed ImageNet files are in place; raise ``ManualDownloadRequired`` otherwise."""
+    base = Path(root) / s.directory
+    msg = IMAGENET_INSTRUCTIONS.format(base=base, wnids=" ".join(IMAGENET10_WNIDS), name=s.name, root=root)
+    problems: list[str] = []
+    lines: list[str] = []
+    if s.name == "imagenet10":
+        for split in ("train", "val"):
+            counts = {}
+            for wnid in IMAGENET10_WNIDS:
+                d = base / split / wnid
+                n = len(_class_files(d)) if d.is_dir() else 0
+                counts[wnid] = n
+                if n == 0:
+                    problems.append(f"{d} is missing or empty")
+            lines.append(
+                f"{split}: {sum(counts.values())} images in {sum(v > 0 for v in counts.values())}/10 classes"
+            )
+    else:
+        train = base / "train"
+        others = (
+            [e.name for e in os.scandir(train) if e.is_dir() and e.name not in IMAGENET10_WNIDS]
+            if train.is_dir()
+            else []
+        )
+        if len(others) < 990:
+            problems.append(f"{train} has {len(others)} non-ImageNet-10 class folders, expected 990")
+        lines.append(f"train: {len(others)} auxiliary class folders")
+    if problems:
+        shown = "\n  ".join(problems[:5]) + (
+            f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise ManualDownloadRequired(f"{s.name}: ImageNet files not in place:\n  {shown}\n\n{msg}")
+    return [f"{s.name}: {line}" for line in lines]
+
+
+# ------------------------------------------------------------------------------------------------ entries
+_CIFAR_OOD = {
+    "role": "ood", "num_classes": 0, "image_size": 32, "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
+    "splits": ("test",), "benchmark": "cifar10",
+}  # fmt: skip
+_IMAGENET_OOD = {
+    "role": "ood", "num_classes": 0, "image_size": 224, "eval_resize": 256, "train_aug": "rrc_flip",
+    "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "splits": ("test",), "benchmark": "imagenet10",
+}  # fmt: skip
+_DTD = Resource(
+    "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
+    "dtd-r1.0.1.tar.gz",
+    "md5:fff73e5086ae6bdbea199a49dfb8a4c1",
+)
+
+add(DatasetSpec(
+    name="cifar10", role="id", num_classes=10, image_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+    loader=_cifar, splits=("train", "test"),
+    resources=(Resource("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
+                        "md5:c58f30108f718f92721af3b95e74349a"),),
+    layout=("cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch"),
+    source="CIFAR-10 (Krizhevsky 2009), via torchvision's URL/md5", sizes={"train": 50000, "test": 10000},
+))  # fmt: skip
+add(DatasetSpec(
+    name="cifar100", role="id", num_classes=100, image_size=32, mean=CIFAR100_MEAN, std=CIFAR100_STD,
+    loader=_cifar, splits=("train", "test"),
+    resources=(Resource("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
+                        "md5:eb9058c3a382ffc7106e4002c42a8d85"),),
+    layout=("cifar-100-python/train", "cifar-100-python/test"),
+    source="CIFAR-100 (Krizhevsky 2009), via torchvision's URL/md5", sizes={"train": 50000, "test": 10000},
+))  # fmt: skip
+add(DatasetSpec(
+    name="random300k", role="aux", num_classes=0, image_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+    loader=_random300k, splits=("train",), benchmark="cifar10",
+    resources=(Resource("https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy",
+                        "300K_random_images.npy", "md5:64ca64357de98351f28454274a112dc3"),),
+    layout=("300K_random_images.npy",),
+    source="300K Random Images (Hendrycks et al., Outlier Exposure), uint8 300000x32x32x3, memory-mapped",
+    sizes={"train": 300000},
+))  # fmt: skip
+add(DatasetSpec(
+    name="textures", loader=_folder("dtd/images"), resources=(_DTD,), layout=("dtd/images",),
+    source="Describable Textures Dataset (Cimpoi et al. 2014), all 5640 images", sizes={"test": 5640},
+    **_CIFAR_OOD,
+))  # fmt: skip
+add(DatasetSpec(
+    name="svhn", loader=_svhn,
+    resources=(Resource("http://ufldl.stanford.edu/housenumbers/test_32x32.mat", "test_32x32.mat",
+                        "md5:eb5a983be6a315427106f1b164d9cef3"),),
+    layout=("test_32x32.mat",), source="SVHN test split (Netzer et al. 2011), via torchvision's URL/md5",
+    sizes={"test": 26032}, **_CIFAR_OOD,
+))  # fmt: skip
+add(DatasetSpec(
+    name="places365", loader=_folder("val_256"),
+    resources=(Resource("http://data.csail.mit.edu/places/places365/val_256.tar", "val_256.tar",
+                        "md5:e27b17d8d44f4af9a78502beb927f808"),),
+    layout=("val_256",), source="Places365-Standard validation images, 256x256 (Zhou et al. 2017)",
+    sizes={"test": 36500}, **_CIFAR_OOD,
+))  # fmt: skip
+add(DatasetSpec(
+    name="lsun_crop", loader=_folder("LSUN"),
+    resources=(Resource("https://www.dropbox.com/s/fhtsw1m3qxlwj6h/LSUN.tar.gz?dl=1", "LSUN.tar.gz",
+                        "md5:458a0a0ab8e5f1cb4516d7400568e460"),),
+    layout=("LSUN",), source="LSUN crop, as distributed with the ODIN code (Liang et al. 2018)",
+    sizes={"test": 10000}, **_CIFAR_OOD,
+))  # fmt: skip
+add(DatasetSpec(
+    name="lsun_resize", loader=_folder("LSUN_resize"),
+    resources=(Resource("https://www.dropbox.com/s/moqh2wh8696c3yl/LSUN_resize.tar.gz?dl=1", "LSUN_resize.tar.gz",
+                        "md5:278b7b31c8cb7e804a1465a8ce03a2dc"),),
+    layout=("LSUN_resize",), source="LSUN resize, as distributed with the ODIN code (Liang et al. 2018)",
+    sizes={"test": 10000}, **_CIFAR_OOD,
+))  # fmt: skip
+add(DatasetSpec(
+    name="isun", loader=_folder("iSUN"),
+    resources=(Resource("https://www.dropbox.com/s/ssz7qxfqae0cca5/iSUN.tar.gz?dl=1", "iSUN.tar.gz",
+                        "md5:be77b0f2c26fda898afac5f99645ee70"),),
+    layout=("iSUN",), source="iSUN, as distributed with the ODIN code (Liang et al. 2018)",
+    sizes={"test": 8925}, **_CIFAR_OOD,
+))  # fmt: skip
+
+add(DatasetSpec(
+    name="imagenet10", role="id", num_classes=10, image_size=224, eval_resize=256, train_aug="rrc_flip",
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, loader=_imagenet10, splits=("train", "test"), data_dir="imagenet",
+    manual=IMAGENET_INSTRUCTIONS,
+    source="ILSVRC-2012, 10 classes of the released GReg code (test = the official val images)",
+    sizes={"test": 500},
+))  # fmt: skip
+add(DatasetSpec(
+    name="imagenet990", role="aux", num_classes=0, image_size=224, eval_resize=256, train_aug="rrc_flip",
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, loader=_imagenet990, splits=("train",), data_dir="imagenet",
+    manual=IMAGENET_INSTRUCTIONS, benchmark="imagenet10",
+    source="ILSVRC-2012 train images of the 990 classes not in ImageNet-10 (auxiliary outliers)",
+))  # fmt: skip
+_MOS = "http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset/"
+for _name, _file, _md5, _dir in (
+    ("inaturalist", "iNaturalist.tar.gz", "5be6ea8aa027d7b631916427b32cb335", "iNaturalist"),
+    ("sun", "SUN.tar.gz", "8469c3ada62211477954ec1be53b12d0", "SUN"),
+    ("places", "Places.tar.gz", "b5cb5eba2754ae2a28beea8718db699a", "Places"),
+):
+    add(DatasetSpec(
+        name=_name, loader=_folder(f"{_dir}/images"), resources=(Resource(_MOS + _file, _file, f"md5:{_md5}"),),
+        layout=(f"{_dir}/images",), source=f"{_dir} OOD subset for ImageNet of MOS (Huang & Li 2021)",
+        sizes={"test": 10000}, **_IMAGENET_OOD,
+    ))  # fmt: skip
+add(DatasetSpec(
+    name="textures_imagenet", loader=_folder("dtd/images"), resources=(_DTD,), layout=("dtd/images",),
+    data_dir="textures", source="DTD, all 5640 images, at ImageNet resolution (as in MOS)", sizes={"test": 5640},
+    **_IMAGENET_OOD,
+))  # fmt: skip

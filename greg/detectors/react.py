@@ -1,0 +1,49 @@
+"""ReAct: rectified activations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from greg import scores
+from greg.detectors.base import DETECTORS, Detector, collect_features, percentile
+
+
+@DETECTORS.register("react")
+class ReAct(Detector):
+    """Energy of the logits of clipped penultimate features:
+    ``S(x) = -logsumexp(W min(h(x), c) + b)``, ``c`` = ``percentile``-th percentile (p = 90) of all
+    entries of the ID training features (flattened, linear interpolation as ``np.percentile``).
+    ``percentile=100`` clips at the ID maximum (energy on the ID training data). A fixed ``threshold``
+    overrides the fitted one.
+
+    Source: Sun et al., "ReAct: Out-of-distribution Detection With Rectified Activations", NeurIPS 2021
+    (code: deeplearning-wisc/react, ``np.percentile(activation_log.flatten(), 90)``).
+    """
+
+    needs_fit = True
+
+    def __init__(
+        self, percentile: float = 90.0, threshold: float | None = None, max_fit_samples: int | None = None
+    ):
+        if not 0.0 <= percentile <= 100.0:
+            raise ValueError(f"react: percentile must be in [0, 100], got {percentile}")
+        self.percentile = float(percentile)
+        self.threshold = None if threshold is None else float(threshold)
+        self.max_fit_samples = max_fit_samples
+
+    def hparams(self) -> dict[str, Any]:
+        return {"percentile": self.percentile, "threshold": self.threshold}
+
+    def fit(self, model: nn.Module, id_loader: Iterable, device: torch.device | str) -> ReAct:
+        h, _ = collect_features(model, id_loader, device, max_samples=self.max_fit_samples)
+        self.threshold = float(percentile(h.reshape(-1), self.percentile))
+        return self
+
+    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        self._check_fitted("threshold")
+        h = model.features(x).clamp(max=self.threshold)
+        return scores.energy(model.head(h))

@@ -1,0 +1,234 @@
+"""``greg dg run`` (train restarts, resumable) and ``greg dg table`` (LaTeX + CSV of test accuracy).
+
+    greg dg run --dataset colored_digits --algorithm hgp --restarts 10 --out DIR [--steps N]
+                [--device auto|cpu|cuda] [--seed S] [--hparams-seed K] [--set key=value ...]
+    greg dg table --inputs DIR1 DIR2 ... --out results/tables/dg_colored_digits.tex
+
+``run`` writes ``DIR/config.json`` (first), ``DIR/results.csv`` (one row per restart, rewritten after
+each restart) and ``DIR/summary.json`` (mean / std / stderr; ``complete`` once all restarts are in).
+Re-running skips the restarts already in ``results.csv``; a changed config is refused.
+``table`` groups the input runs by (dataset, algorithm), picks per group the run with the highest mean
+training-domain validation accuracy (DomainBed's training-domain validation over hparam draws), and
+renders mean ± std over restarts, the best non-oracle test accuracy in bold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from greg.io import atomic_write_json, atomic_write_text
+
+RESULT_FIELDS = ["restart", "seed", "train_acc", "val_acc", "test_acc", "seconds"]
+METRICS = ["train_acc", "val_acc", "test_acc"]
+DISPLAY = {
+    "erm": "ERM", "irm": "IRM", "vrex": "V-REx", "fishr": "Fishr", "coral": "CORAL",
+    "hgp": "HGP", "hutchinson": "Hutchinson", "oracle": "Oracle (grayscale ERM)",
+}
+ORDER = list(DISPLAY)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="dg_command", metavar="SUBCOMMAND")
+    sub.required = True
+    r = sub.add_parser("run", help="train an algorithm for several restarts (resumable)")
+    r.add_argument("--dataset", required=True)
+    r.add_argument("--algorithm", required=True)
+    r.add_argument("--restarts", type=int, default=10)
+    r.add_argument("--out", required=True, type=Path)
+    r.add_argument("--steps", type=int, default=None, help="default: the dataset's protocol (501)")
+    r.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    r.add_argument("--seed", type=int, default=0, help="restart r uses seed + r (data, init, draws)")
+    r.add_argument("--hparams-seed", type=int, default=0, help="0 = defaults, k > 0 = random draw k")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an hparam")
+    r.add_argument("--data-root", default="data", help="where MNIST is downloaded (colored_mnist)")
+    r.add_argument("--progress", action="store_true", help="tqdm bar per restart")
+    t = sub.add_parser("table", help="LaTeX + CSV table of several runs")
+    t.add_argument("--inputs", nargs="+", required=True, type=Path)
+    t.add_argument("--out", required=True, type=Path, help=".tex path; the .csv goes next to it")
+    t.add_argument("--caption", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_command(args) if args.dg_command == "run" else table_command(args)
+
+
+# ------------------------------------------------------------------------------------------------ run
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    return name
+
+
+def _parse_set(items: list[str], hparams: dict[str, Any]) -> dict[str, Any]:
+    out = dict(hparams)
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        if key not in out:
+            raise SystemExit(f"--set {key}: unknown hparam; known: {', '.join(sorted(out))}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        missing = [k for k in RESULT_FIELDS if k not in row]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing}; expected {RESULT_FIELDS}")
+    return [{k: (int(v) if k in ("restart", "seed") else float(v)) for k, v in r.items()} for r in rows]
+
+
+def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in sorted(rows, key=lambda r: r["restart"]):
+        w.writerow({k: (f"{row[k]:.4f}" if isinstance(row[k], float) else row[k]) for k in RESULT_FIELDS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def summarize(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "dataset": config["dataset"], "algorithm": config["algorithm"], "hparams": config["hparams"],
+        "steps": config["steps"], "n_restarts": len(rows), "complete": len(rows) >= config["restarts"],
+    }
+    for m in METRICS:
+        v = np.array([r[m] for r in rows], dtype=float)
+        out[m] = {
+            "mean": float(v.mean()) if len(v) else math.nan,
+            "std": float(v.std(ddof=0)) if len(v) else math.nan,  # IRM script: np.std over restarts
+            "stderr": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan,
+        }
+    return out
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from greg.dg import datasets, hparams_registry
+    from greg.dg.algorithms import DG_ALGORITHMS
+    from greg.dg.train import train_restart
+
+    DG_ALGORITHMS.get(args.algorithm)  # fail early with the list of names
+    datasets.DG_DATASETS.get(args.dataset)
+    hparams = _parse_set(args.set, hparams_registry.get_hparams(args.algorithm, args.dataset, args.hparams_seed))
+    steps = args.steps if args.steps is not None else datasets.DEFAULT_STEPS.get(args.dataset, 501)
+    config = {
+        "dataset": args.dataset, "algorithm": args.algorithm, "hparams": hparams, "hparams_seed": args.hparams_seed,
+        "steps": steps, "seed": args.seed, "restarts": args.restarts,
+    }
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        same = {k: v for k, v in old.items() if k != "restarts"} == {k: v for k, v in config.items() if k != "restarts"}
+        if not same:
+            raise SystemExit(f"{cfg_path}: existing run has a different config; use another --out.\n"
+                             f"  existing: {old}\n  new:      {config}")
+    atomic_write_json(cfg_path, config)
+
+    device = resolve_device(args.device)
+    rows = [r for r in read_results(out / "results.csv") if r["restart"] < args.restarts]
+    done = {r["restart"] for r in rows}
+    for restart in range(args.restarts):
+        if restart in done:
+            continue
+        seed = args.seed + restart
+        envs = datasets.load(args.dataset, seed, args.data_root)
+        row = train_restart(args.algorithm, envs, hparams, steps, seed, device=device, progress=args.progress)
+        row.update({"restart": restart, "seed": seed})
+        rows.append(row)
+        write_results(out / "results.csv", rows)
+        print(f"[dg] {args.algorithm} restart {restart}: train {row['train_acc']:.2f} "
+              f"val {row['val_acc']:.2f} test {row['test_acc']:.2f} ({row['seconds']:.1f}s)", flush=True)
+    write_results(out / "results.csv", rows)
+    summary = summarize(rows, config)
+    atomic_write_json(out / "summary.json", summary)
+    print(f"[dg] {args.algorithm} on {args.dataset}: test {summary['test_acc']['mean']:.2f} "
+          f"± {summary['test_acc']['std']:.2f} over {len(rows)} restarts -> {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- table
+def load_run(path: Path) -> dict[str, Any]:
+    summ, res = path / "summary.json", path / "results.csv"
+    if not summ.is_file():
+        raise FileNotFoundError(f"{summ} not found: run `greg dg run ... --out {path}` first")
+    s = json.loads(summ.read_text(encoding="utf-8"))
+    for k in ("dataset", "algorithm", *METRICS):
+        if k not in s:
+            raise KeyError(f"{summ}: missing key {k!r}")
+    s["path"] = str(path)
+    s["rows"] = read_results(res)
+    return s
+
+
+def select_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per (dataset, algorithm): the highest mean training-domain validation accuracy."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in runs:
+        key = (r["dataset"], r["algorithm"])
+        if key not in best or r["val_acc"]["mean"] > best[key]["val_acc"]["mean"]:
+            best[key] = r
+    rank = lambda a: ORDER.index(a) if a in ORDER else len(ORDER)  # noqa: E731
+    return sorted(best.values(), key=lambda r: (r["dataset"], rank(r["algorithm"]), r["algorithm"]))
+
+
+def render_table(runs: list[dict[str, Any]], caption: str | None = None) -> tuple[str, str]:
+    """Return ``(latex, csv)``; bold = best mean test accuracy among non-oracle rows of each dataset."""
+    best_test: dict[str, float] = {}
+    for r in runs:
+        if r["algorithm"] != "oracle":
+            best_test[r["dataset"]] = max(best_test.get(r["dataset"], -math.inf), r["test_acc"]["mean"])
+    cols = ["Train acc.", "Val. acc.", "Test acc."]
+    caption = caption or "Domain generalization: test-environment accuracy (\\%), mean $\\pm$ std over restarts."
+    lines = [
+        "\\begin{table}[t]", "\\centering", "\\caption{" + caption + "}",
+        "\\begin{tabular}{ll" + "c" * len(cols) + "}", "\\toprule",
+        "Dataset & Algorithm & " + " & ".join(cols) + " \\\\", "\\midrule",
+    ]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["dataset", "algorithm", "n_restarts"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+               + ["path"])
+    for r in runs:
+        cells = []
+        for m in METRICS:
+            mean, std = r[m]["mean"], r[m]["std"]
+            cell = f"{mean:.1f} $\\pm$ {std:.1f}"
+            if m == "test_acc" and r["algorithm"] != "oracle" and mean == best_test.get(r["dataset"]):
+                cell = f"\\textbf{{{mean:.1f}}} $\\pm$ {std:.1f}"
+            cells.append(cell)
+        name = DISPLAY.get(r["algorithm"], r["algorithm"])
+        dataset = r["dataset"].replace("_", "\\_")
+        lines.append(f"{dataset} & {name} & " + " & ".join(cells) + " \\\\")
+        w.writerow([r["dataset"], r["algorithm"], r["n_restarts"]]
+                   + [f"{r[m][s]:.4f}" for m in METRICS for s in ("mean", "std")] + [r["path"]])
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def table_command(args: argparse.Namespace) -> int:
+    runs = select_runs([load_run(p) for p in args.inputs])
+    tex, csv_text = render_table(runs, args.caption)
+    atomic_write_text(args.out, tex)
+    atomic_write_text(args.out.with_suffix(".csv"), csv_text)
+    print(f"[dg] table with {len(runs)} rows -> {args.out} (+ .csv)")
+    return 0

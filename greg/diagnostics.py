@@ -1,0 +1,246 @@
+"""The SAM appendix's diagnostics (REFERENCE.md section 6): per-sample classifier-layer gradient norm and
+maximum logit, ID vs each OOD set, and score distributions before/after fine-tuning.
+
+Per-sample head gradient norm: for a sample with penultimate features ``h`` and logits ``f = W h + b``, the
+cross-entropy against the *predicted* label ``y_hat = argmax f`` (no ground truth needed, so it applies to
+OOD data) has ``dL/dW = (p - e_yhat) h^T`` with ``p = softmax(f)``, hence
+
+    ||dL/dW||_F = ||p - e_yhat||_2 * ||h||_2        (closed form, ``nn.Linear`` heads)
+
+and ``||dL/db|| = ||p - e_yhat||``. Any other head falls back to ``torch.func.vmap(grad(...))`` (``mode =
+"autograd"``); tests check both agree. These are raw diagnostics, not outlier scores: no orientation flip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from greg import io, scores
+
+DIAGNOSTICS = ("head_grad_norm", "max_logit", "energy", "msp")
+
+
+def _head_params(head: nn.Module, include_bias: bool) -> dict[str, torch.Tensor]:
+    params = {k: v.detach() for k, v in head.named_parameters()}
+    if not include_bias:
+        params = {k: v for k, v in params.items() if not k.endswith("bias")}
+    if not params:
+        raise ValueError(f"head {type(head).__name__} has no parameters to take the gradient of")
+    return params
+
+
+def head_grad_norm_closed_form(head: nn.Linear, h: torch.Tensor, include_bias: bool = False) -> torch.Tensor:
+    """``||p - e_yhat|| * ||h||`` (``* sqrt(||h||^2 + 1)`` with the bias) per row of ``h``."""
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"the closed form needs an nn.Linear head, got {type(head).__name__}")
+    with torch.no_grad():
+        return _closed_form(head, h, include_bias)
+
+
+def _closed_form(head: nn.Linear, h: torch.Tensor, include_bias: bool) -> torch.Tensor:
+    logits = head(h)
+    p = torch.softmax(logits, dim=1)
+    r = p - F.one_hot(logits.argmax(dim=1), logits.shape[1]).to(p.dtype)
+    hn2 = h.pow(2).sum(dim=1)
+    if include_bias and head.bias is not None:
+        hn2 = hn2 + 1.0
+    return torch.linalg.vector_norm(r, dim=1) * hn2.sqrt()
+
+
+def head_grad_norm_autograd(head: nn.Module, h: torch.Tensor, include_bias: bool = False) -> torch.Tensor:
+    """Per-sample ``||d CE(head(h_i), argmax head(h_i)) / d theta_head||`` by ``torch.func.vmap(grad)``."""
+    from torch.func import functional_call, grad, vmap
+
+    params = _head_params(head, include_bias)
+    frozen = {k: v.detach() for k, v in head.named_parameters() if k not in params}
+
+    def loss(p: dict[str, torch.Tensor], hi: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(head, {**frozen, **p}, (hi[None],))
+        return F.cross_entropy(logits, logits.detach().argmax(dim=1))
+
+    g = vmap(grad(loss), in_dims=(None, 0))(params, h.detach())
+    return torch.sqrt(sum(v.flatten(1).pow(2).sum(dim=1) for v in g.values()))
+
+
+def head_grad_norm(
+    model: nn.Module, h: torch.Tensor, mode: str = "auto", include_bias: bool = False
+) -> torch.Tensor:
+    """Per-sample head gradient norm from features ``h``; ``mode``: auto | closed_form | autograd."""
+    if mode == "auto":
+        mode = "closed_form" if isinstance(model.head, nn.Linear) else "autograd"
+    if mode == "closed_form":
+        return head_grad_norm_closed_form(model.head, h, include_bias)
+    if mode == "autograd":
+        return head_grad_norm_autograd(model.head, h, include_bias)
+    raise ValueError(f"head_grad_norm mode must be auto, closed_form or autograd, got {mode!r}")
+
+
+@torch.no_grad()
+def _batch_diagnostics(
+    model: nn.Module, x: torch.Tensor, mode: str, include_bias: bool
+) -> dict[str, torch.Tensor]:
+    h = model.features(x)
+    logits = model.head(h)
+    with torch.enable_grad():
+        gn = head_grad_norm(model, h, mode, include_bias)
+    return {
+        "head_grad_norm": gn.detach(),
+        "max_logit": logits.amax(dim=1),
+        "energy": scores.energy(logits),
+        "msp": torch.softmax(logits, dim=1).amax(dim=1),
+    }
+
+
+def collect(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    *,
+    mode: str = "auto",
+    include_bias: bool = False,
+    max_batches: int | None = None,
+    progress: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-sample diagnostics over ``loader`` (batches ``x`` or ``(x, y, ...)``), model in eval mode.
+
+    Returns ``{"head_grad_norm", "max_logit" (raw, higher = more confident), "energy" (``-logsumexp``),
+    "msp" (raw max softmax)}``, each a float64 array with one entry per sample.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {k: [] for k in DIAGNOSTICS}
+    try:
+        for i, batch in enumerate(tqdm(loader, desc=progress or "diagnostics", disable=progress is None)):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            for k, v in _batch_diagnostics(model, x.to(device), mode, include_bias).items():
+                out[k].append(v.double().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+
+
+def collect_sets(
+    model: nn.Module, loaders: Mapping[str, Iterable], device: torch.device | str, **kwargs
+) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`collect` for each named set (``{"id": loader, "textures": loader, ...}``)."""
+    return {name: collect(model, loader, device, **kwargs) for name, loader in loaders.items()}
+
+
+def collect_checkpoint(
+    checkpoint: str | os.PathLike,
+    id_dataset: str,
+    ood_sets: Iterable[str],
+    root: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    *,
+    batch_size: int = 256,
+    max_samples: int | None = 10000,
+    seed: int = 0,
+    num_workers: int = 0,
+    **kwargs,
+) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`collect_sets` for a run checkpoint on the ID test split (key ``"id"``) and each OOD set's test
+    split, each subsampled to ``max_samples`` with ``greg.data.subsample(seed)`` (the evaluation protocol)."""
+    from torch.utils.data import DataLoader
+
+    from greg import data, models
+
+    model, _ = models.load_checkpoint(checkpoint, device)
+    sets = {"id": data.load(id_dataset, "test", root)}
+    for name in ood_sets:
+        sets[name] = data.load(name, "test", root, id_dataset=id_dataset)
+    loaders = {}
+    for name, ds in sets.items():
+        if max_samples is not None:
+            ds = data.subsample(ds, max_samples, seed)
+        loaders[name] = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return {name: collect(model, ld, device, progress=name, **kwargs) for name, ld in loaders.items()}
+
+
+def save_npz(path: str | os.PathLike, diagnostics: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """One ``.npz`` with arrays named ``<set>/<diagnostic>`` (atomic)."""
+    arrays = {f"{s}/{k}": np.asarray(v) for s, d in diagnostics.items() for k, v in d.items()}
+    with io.atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _save_figure(fig, path: Path) -> list[Path]:
+    written = []
+    for ext in ("pdf", "png"):
+        target = path.with_suffix(f".{ext}")
+        with io.atomic_path(target) as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+        written.append(target)
+    return written
+
+
+def plot_distributions(
+    panels: Mapping[str, Mapping[str, np.ndarray]],
+    path: str | os.PathLike,
+    *,
+    xlabel: str = "score",
+    bins: int = 50,
+) -> list[Path]:
+    """One histogram panel per key of ``panels`` (e.g. ``"before"``, ``"after"`` or one per diagnostic),
+    each overlaying its sets (``{"id": scores, "textures": scores, ...}``), shared bins per panel.
+
+    Writes ``path`` with suffix ``.pdf`` and ``.png`` (atomically, via ``greg.io.atomic_path``) and returns
+    both paths. Uses ``matplotlib.figure.Figure`` directly: no pyplot state, no backend selection.
+    """
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("plot_distributions: no panels given")
+    fig = Figure(figsize=(4.0 * len(panels), 3.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, sets) in zip(axes, panels.items()):
+        finite = [np.asarray(v, dtype=float)[np.isfinite(v)] for v in sets.values()]
+        allv = np.concatenate(finite) if finite else np.zeros(0)
+        edges = np.histogram_bin_edges(allv, bins=bins) if allv.size else bins
+        for (name, _), v in zip(sets.items(), finite):
+            ax.hist(
+                v, bins=edges, density=True, histtype="stepfilled", alpha=0.4, label=f"{name} (n={v.size})"
+            )
+        ax.set_title(str(title))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save_figure(fig, Path(path))
+
+
+def plot_before_after(
+    before: Mapping[str, np.ndarray],
+    after: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    *,
+    score_name: str = "energy",
+    bins: int = 50,
+) -> list[Path]:
+    """Score distributions (ID and each OOD set) before and after fine-tuning, side by side (PDF + PNG)."""
+    return plot_distributions(
+        {"before fine-tuning": before, "after fine-tuning": after}, path, xlabel=score_name, bins=bins
+    )
+
+
+def plot_diagnostics(
+    diagnostics: Mapping[str, Mapping[str, np.ndarray]],
+    path: str | os.PathLike,
+    keys: tuple[str, ...] = ("head_grad_norm", "max_logit"),
+    bins: int = 50,
+) -> list[Path]:
+    """The appendix's figure: one panel per diagnostic in ``keys``, ID vs each OOD set."""
+    panels = {k: {s: d[k] for s, d in diagnostics.items()} for k in keys}
+    return plot_distributions(panels, path, xlabel="value", bins=bins)

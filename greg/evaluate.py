@@ -1,0 +1,455 @@
+"""``greg evaluate``: score the ID test set and OOD test sets with a detector; write scores and metrics.
+
+Outputs in ``--out DIR`` (each written atomically):
+
+- ``scores/<set>.npz`` per set (``id.npz`` for the ID test set): ``scores`` (float32, higher = more OOD),
+  ``index`` (indices into the full dataset after OOD subsampling); ``id.npz`` adds ``labels`` and ``pred``.
+- ``metrics.csv``: one row per OOD set plus ``mean`` (mean over OOD sets; its ``n_ood`` is the total),
+  columns :data:`COLUMNS`, metric values in **percent** with :data:`FLOAT_FORMAT`, so re-evaluating the
+  same scores gives a byte-identical file (:func:`metrics_from_scores_dir`).
+- ``meta.json``: detector and its arguments, metric conventions, seeds, checkpoint, data sets.
+- with ``--robustness`` (first ``--robustness-n`` samples of each set; :mod:`greg.robustness`):
+  ``robustness.csv`` (metrics under PGD, percent), ``certified.json`` (Eq. 4 summary, ``gamma`` from the
+  whole ID test set) and ``scores/certified_radius.npz``.
+
+The core is :func:`evaluate`, usable without files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from greg import io as gio
+from greg.detectors import DETECTORS, Detector, eval_mode
+from greg.detectors import create as create_detector
+from greg.metrics import ood_metrics
+
+COLUMNS = [
+    "ood_set",
+    "n_id",
+    "n_ood",
+    "id_acc",
+    "fpr95_idpos",
+    "fpr95_oodpos",
+    "auroc",
+    "aupr_in",
+    "aupr_out",
+]
+METRIC_COLUMNS = ["fpr95_idpos", "fpr95_oodpos", "auroc", "aupr_in", "aupr_out"]
+FLOAT_FORMAT = "%.4f"
+CONVENTIONS = {
+    "orientation": "scores: higher = more OOD",
+    "units": "metrics.csv and robustness.csv in percent",
+    "fpr95_idpos": "paper convention: ID positive; threshold accepting the ID recall closest to 95% "
+    "(Outlier-Exposure/energy_ood fpr_and_fdr_at_recall); fraction of OOD accepted as ID",
+    "fpr95_oodpos": "OpenOOD v1.5 / pytorch-ood: OOD positive; first threshold with >= 95% OOD recall; "
+    "fraction of ID flagged as OOD",
+    "auroc": "Mann-Whitney, ties count 1/2",
+    "aupr_in": "average precision, ID positive",
+    "aupr_out": "average precision, OOD positive",
+    "mean_row": "unweighted mean over OOD sets; n_ood is the total",
+}
+
+
+# ----------------------------------------------------------------------------------------------- core
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    return dev
+
+
+def score_loader(
+    model: nn.Module,
+    loader: Iterable,
+    detector: Detector,
+    device: torch.device | str,
+    *,
+    with_predictions: bool = False,
+    num_classes: int | None = None,
+    desc: str = "score",
+) -> dict[str, np.ndarray]:
+    """Detector scores of every batch ``(x, y)``; with ``with_predictions`` also ``labels`` and ``pred``
+    (argmax over the first ``num_classes`` logits: (K+1)-class models never predict the extra class).
+
+    Runs under ``torch.inference_mode()`` unless the detector needs input gradients (then ``no_grad``
+    outside the detector's own gradient step)."""
+    ctx = torch.no_grad if detector.requires_grad else torch.inference_mode
+    scores, labels, preds = [], [], []
+    with eval_mode(model):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+            x, y = batch[0], batch[1]
+            x = x.to(device, non_blocking=True)
+            with ctx():
+                s = detector.score(model, x)
+                if with_predictions:
+                    logits = model(x)
+                    if num_classes is not None:
+                        logits = logits[:, :num_classes]
+                    preds.append(logits.argmax(dim=1).cpu())
+            if s.dim() != 1 or s.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    f"{type(detector).__name__}.score returned shape {tuple(s.shape)} "
+                    f"for a batch of {x.shape[0]}"
+                )
+            scores.append(s.detach().float().cpu())
+            labels.append(torch.as_tensor(y).reshape(-1).long().cpu())
+    if not scores:
+        raise ValueError(f"{desc}: the loader yielded no batches")
+    out = {"scores": torch.cat(scores).numpy()}
+    if with_predictions:
+        out["labels"] = torch.cat(labels).numpy()
+        out["pred"] = torch.cat(preds).numpy()
+    return out
+
+
+def metrics_table(
+    scores_id: np.ndarray, ood_scores: Mapping[str, np.ndarray], id_acc: float | None = None
+) -> pd.DataFrame:
+    """One row per OOD set plus ``mean``; metric columns and ``id_acc`` (fractions in) in percent."""
+    rows = []
+    for name, s_ood in ood_scores.items():
+        try:
+            m = ood_metrics(scores_id, s_ood)
+        except ValueError as e:
+            raise ValueError(f"metrics for OOD set {name!r}: {e}") from e
+        rows.append(
+            {
+                "ood_set": name,
+                "n_id": int(np.size(scores_id)),
+                "n_ood": int(np.size(s_ood)),
+                "id_acc": math.nan if id_acc is None else 100.0 * id_acc,
+                **{c: 100.0 * m[c] for c in METRIC_COLUMNS},
+            }
+        )
+    if not rows:
+        raise ValueError("no OOD sets to evaluate")
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    mean = {
+        "ood_set": "mean",
+        "n_id": int(np.size(scores_id)),
+        "n_ood": int(df["n_ood"].sum()),
+        "id_acc": rows[0]["id_acc"],
+        **{c: float(df[c].mean()) for c in METRIC_COLUMNS},
+    }
+    return pd.concat([df, pd.DataFrame([mean], columns=COLUMNS)], ignore_index=True)
+
+
+def format_csv(df: pd.DataFrame) -> str:
+    """The fixed CSV text of a metrics table (``\\n`` line ends, :data:`FLOAT_FORMAT`)."""
+    return df.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n", na_rep="nan")
+
+
+def evaluate(
+    model: nn.Module,
+    id_loader: Iterable,
+    ood_loaders: Mapping[str, Iterable],
+    detector: Detector | str,
+    device: torch.device | str,
+    *,
+    fit_loader: Iterable | None = None,
+    num_classes: int | None = None,
+) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Score the ID loader and each OOD loader; returns ``(scores, metrics_df)``.
+
+    ``scores`` maps ``"id"`` and each OOD name to float32 score arrays; ``metrics_df`` is
+    :func:`metrics_table` (percent). ``detector`` may be a registered name. Detectors with ``needs_fit``
+    are fitted on ``fit_loader`` (ID training data) when it is given; otherwise they must be fitted."""
+    if isinstance(detector, str):
+        detector = create_detector(detector)
+    if "id" in ood_loaders:
+        raise ValueError("an OOD set cannot be named 'id' (reserved for the ID test set)")
+    model = model.to(device)
+    if fit_loader is not None and detector.needs_fit:
+        detector.fit(model, fit_loader, device)
+    id_out = score_loader(
+        model, id_loader, detector, device, with_predictions=True, num_classes=num_classes, desc="id"
+    )
+    scores = {"id": id_out["scores"]}
+    for name, loader in ood_loaders.items():
+        scores[name] = score_loader(model, loader, detector, device, desc=name)["scores"]
+    acc = _id_accuracy(id_out)
+    df = metrics_table(scores["id"], {k: v for k, v in scores.items() if k != "id"}, acc)
+    return scores, df
+
+
+def _id_accuracy(id_out: Mapping[str, np.ndarray]) -> float | None:
+    labels, pred = id_out["labels"], id_out["pred"]
+    known = labels >= 0
+    if not known.any():
+        return None
+    return float(np.mean(pred[known] == labels[known]))
+
+
+def metrics_from_scores_dir(scores_dir: str | Path, ood_sets: list[str]) -> pd.DataFrame:
+    """Recompute :func:`metrics_table` from ``scores/<set>.npz`` files written by ``greg evaluate``."""
+    scores_dir = Path(scores_dir)
+
+    def read(name: str) -> dict[str, np.ndarray]:
+        path = scores_dir / f"{name}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"score file not found: {path}")
+        with np.load(path) as z:
+            if "scores" not in z:
+                raise KeyError(f"{path}: no 'scores' array (found {sorted(z.files)})")
+            return {k: z[k] for k in z.files}
+
+    id_z = read("id")
+    acc = _id_accuracy(id_z) if "labels" in id_z and "pred" in id_z else None
+    return metrics_table(id_z["scores"], {n: read(n)["scores"] for n in ood_sets}, acc)
+
+
+def save_scores(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    with gio.atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint", required=True, help="greg run checkpoint (final.pt) or, with --arch, external weights"
+    )
+    p.add_argument("--id", required=True, help="ID dataset name (e.g. cifar10, tiny)")
+    p.add_argument("--ood", required=True, help="comma-separated OOD dataset names")
+    p.add_argument("--detector", required=True, help=f"one of: {', '.join(DETECTORS.names())}")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--root", default="data", help="data root (default: data)")
+    p.add_argument("--n-ood", type=int, default=10000, help="subsample each OOD set to at most N (0 = all)")
+    p.add_argument("--subsample-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--arch", default=None, help="external checkpoint: architecture name (greg.models)")
+    p.add_argument("--num-classes", type=int, default=None, help="external checkpoint: number of outputs")
+    p.add_argument("--model-kwargs", default="{}", help="external checkpoint: JSON object of model arguments")
+    p.add_argument(
+        "--detector-kwargs",
+        default="{}",
+        help="JSON object of detector arguments, e.g. '{\"percentile\": 90}'",
+    )
+    p.add_argument(
+        "--fit-max-samples", type=int, default=None, help="use at most N ID training images to fit"
+    )
+    p.add_argument("--robustness", action="store_true", help="also certified radii (Eq. 4) and PGD attack")
+    p.add_argument(
+        "--robustness-n", type=int, default=1000, help="first N samples of each set for robustness"
+    )
+    p.add_argument("--attack-norm", choices=("linf", "l2"), default="linf")
+    p.add_argument("--attack-eps", type=float, default=0.01, help="PGD radius on the normalized input")
+    p.add_argument("--attack-alpha", type=float, default=0.0025, help="PGD step size")
+    p.add_argument("--attack-steps", type=int, default=10)
+    p.add_argument("--cert-norm", choices=("l2", "linf"), default="l2")
+    p.add_argument("--cert-eps", type=float, default=0.5, help="cap of the certified radius")
+
+
+def _parse_kwargs(text: str, flag: str = "--detector-kwargs") -> dict[str, Any]:
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{flag} is not valid JSON ({e}): {text!r}") from e
+    if not isinstance(kw, dict):
+        raise SystemExit(f"{flag} must be a JSON object, got {text!r}")
+    return kw
+
+
+def _build_detector(name: str, kwargs: dict[str, Any], id_std: Any) -> Detector:
+    # Input-perturbation detectors step in pixel units: default their std to the ID normalization.
+    params = inspect.signature(DETECTORS.get(name)).parameters
+    if "std" in params and "std" not in kwargs:
+        kwargs = {**kwargs, "std": list(id_std)}
+    return create_detector(name, **kwargs)
+
+
+def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    import greg.models as gm
+
+    if args.arch is not None:
+        if args.num_classes is None:
+            raise SystemExit("--arch needs --num-classes for an external checkpoint")
+        kwargs = _parse_kwargs(args.model_kwargs, "--model-kwargs")
+        model = gm.create(args.arch, args.num_classes, **kwargs)
+        gm.load_pretrained(model, args.checkpoint)
+        meta = {"external": True, "arch": args.arch, "num_classes": args.num_classes, "model_kwargs": kwargs}
+        return model.to(device), meta
+    return gm.load_checkpoint(args.checkpoint, device)
+
+
+def _loader(ds: Any, args: argparse.Namespace, device: torch.device) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _indices(ds: Any) -> np.ndarray:
+    idx = getattr(ds, "indices", None)
+    return np.asarray(idx if idx is not None else range(len(ds)), dtype=np.int64)
+
+
+def _first_n(ds: Any, n: int) -> Any:
+    return ds if len(ds) <= n else torch.utils.data.Subset(ds, list(range(n)))
+
+
+def run(args: argparse.Namespace) -> int:
+    import greg.data as gd
+
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    ood_names = [s.strip() for s in args.ood.split(",") if s.strip()]
+    if not ood_names:
+        raise SystemExit("--ood needs at least one dataset name")
+    if "id" in ood_names or len(set(ood_names)) != len(ood_names):
+        raise SystemExit(f"--ood names must be unique and not 'id': {ood_names}")
+    id_spec = gd.spec(args.id)
+    det_kwargs = _parse_kwargs(args.detector_kwargs)
+    if "max_fit_samples" in inspect.signature(DETECTORS.get(args.detector)).parameters:
+        det_kwargs.setdefault("max_fit_samples", args.fit_max_samples)
+    detector = _build_detector(args.detector, det_kwargs, id_spec.std)
+    if args.robustness and detector.requires_grad:
+        raise SystemExit(f"--robustness needs a differentiable detector; {args.detector} perturbs its input")
+
+    model, ckpt_meta = _load_model(args, device)
+    model.eval()
+    n_out = int(model.head.out_features)
+    if args.detector == "absent_class" and n_out != id_spec.num_classes + 1:
+        raise SystemExit(
+            f"absent_class needs a (K+1)-class model: {args.checkpoint} has {n_out} outputs, "
+            f"{args.id} has K={id_spec.num_classes} classes"
+        )
+    if n_out < id_spec.num_classes:
+        raise SystemExit(
+            f"{args.checkpoint}: model has {n_out} outputs but {args.id} has {id_spec.num_classes} classes"
+        )
+
+    id_ds = gd.load(args.id, "test", args.root)
+    n_max = args.n_ood if args.n_ood and args.n_ood > 0 else None
+    ood_ds = {}
+    for name in ood_names:
+        s = gd.spec(name)
+        split = "test" if "test" in s.splits else s.splits[0]
+        ood_ds[name] = gd.load(
+            name, split, args.root, id_dataset=args.id, n_max=n_max, subsample_seed=args.subsample_seed
+        )
+    if detector.needs_fit:
+        fit_ds = gd.load(args.id, "train", args.root)
+        detector.fit(model, _loader(fit_ds, args, device), device)
+
+    id_out = score_loader(
+        model,
+        _loader(id_ds, args, device),
+        detector,
+        device,
+        with_predictions=True,
+        num_classes=id_spec.num_classes,
+        desc=f"{args.id} (id)",
+    )
+    save_scores(out / "scores" / "id.npz", {**id_out, "index": _indices(id_ds)})
+    ood_scores = {}
+    for name, ds in ood_ds.items():
+        scored = score_loader(model, _loader(ds, args, device), detector, device, desc=name)
+        ood_scores[name] = scored["scores"]
+        save_scores(out / "scores" / f"{name}.npz", {"scores": ood_scores[name], "index": _indices(ds)})
+    df = metrics_table(id_out["scores"], ood_scores, _id_accuracy(id_out))
+
+    meta = {
+        "detector": args.detector,
+        "detector_hparams": detector.hparams(),
+        "conventions": CONVENTIONS,
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_meta": ckpt_meta if _json_ok(ckpt_meta) else str(ckpt_meta),
+        "arch": args.arch,
+        "id": args.id,
+        "ood": ood_names,
+        "n_ood": args.n_ood,
+        "subsample_seed": args.subsample_seed,
+        "fit_max_samples": args.fit_max_samples if detector.needs_fit else None,
+        "device": str(device),
+        "files": {"metrics": "metrics.csv", "scores": "scores/<set>.npz"},
+    }
+    if args.robustness:
+        meta["robustness"] = _run_robustness(args, model, detector, device, id_ds, ood_ds, id_out, out)
+    gio.atomic_write_json(out / "meta.json", meta)
+    # metrics.csv last: its presence means the evaluation finished.
+    gio.atomic_write_text(out / "metrics.csv", format_csv(df))
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"), file=sys.stderr)
+    return 0
+
+
+def _json_ok(obj: Any) -> bool:
+    try:
+        json.dumps(obj)
+        return True
+    except TypeError:
+        return False
+
+
+def _run_robustness(
+    args: argparse.Namespace,
+    model: nn.Module,
+    detector: Detector,
+    device: torch.device,
+    id_ds: Any,
+    ood_ds: Mapping[str, Any],
+    id_out: Mapping[str, np.ndarray],
+    out: Path,
+) -> dict[str, Any]:
+    from greg import robustness as rb
+
+    score_fn = rb.detector_score_fn(detector, model)
+    n = args.robustness_n
+    id_loader = _loader(_first_n(id_ds, n), args, device)
+    radii, summary = rb.certify(
+        score_fn,
+        id_loader,
+        device,
+        eps=args.cert_eps,
+        norm=args.cert_norm,
+        scores_id=id_out["scores"],  # gamma: 95 % TPR threshold of the whole ID test set
+    )
+    save_scores(out / "scores" / "certified_radius.npz", {"radius": radii})
+    gio.atomic_write_json(out / "certified.json", summary)
+    _, df = rb.attack_metrics(
+        score_fn,
+        id_loader,
+        {k: _loader(_first_n(v, n), args, device) for k, v in ood_ds.items()},
+        device,
+        eps=args.attack_eps,
+        alpha=args.attack_alpha,
+        steps=args.attack_steps,
+        norm=args.attack_norm,
+    )
+    for c in METRIC_COLUMNS:
+        df[c] = 100.0 * df[c]
+    gio.atomic_write_text(out / "robustness.csv", format_csv(df))
+    return {
+        "certified": summary,
+        "attack": {
+            "norm": args.attack_norm,
+            "eps": args.attack_eps,
+            "alpha": args.attack_alpha,
+            "steps": args.attack_steps,
+            "n": n,
+        },
+    }

@@ -1,0 +1,266 @@
+"""Dataset registry, transforms, subsampling and the no-network ``tiny`` benchmark."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import greg.data as gd
+from greg.data import base, catalog, tiny
+
+TINY_SETS = [
+    "tiny",
+    "tiny_aux",
+    "tiny_textures",
+    "tiny_faces",
+    "tiny_photos",
+    "tiny_gaussian",
+    "tiny_uniform",
+]
+
+
+def _split(name: str) -> str:
+    return gd.spec(name).splits[0] if name != "tiny" else "test"
+
+
+def _raw01(name: str, split: str) -> np.ndarray:
+    s = gd.spec(name)
+    return np.asarray(s.loader(s, split, None).images, dtype=np.float64) / 255.0
+
+
+def test_all_tiny_sets_generate_quickly_from_scratch():
+    tiny._digits.cache_clear()
+    tiny.tiny_images.cache_clear()
+    t0 = time.perf_counter()
+    for name in TINY_SETS:
+        for split in gd.spec(name).splits:
+            gd.load(name, split, "unused-root")
+    elapsed = time.perf_counter() - t0
+    # < 2 s on an idle core (about 1 s measured); generous here because CI cores are shared.
+    assert elapsed < 8.0, f"generating the tiny benchmark took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("name", TINY_SETS)
+def test_tiny_set_shapes_dtypes_labels(name):
+    s = gd.spec(name)
+    for split in s.splits:
+        ds = gd.load(name, split, "unused-root")
+        assert len(ds) == s.sizes[split]
+        for i in (0, len(ds) - 1):
+            x, y = ds[i]
+            assert x.dtype == torch.float32 and x.shape == (3, 32, 32)
+            assert isinstance(y, int)
+        labels = np.array([ds[i][1] for i in range(0, len(ds), 7)])
+        if s.role == "id":
+            assert labels.min() >= 0 and labels.max() < s.num_classes
+        else:
+            assert (labels == -1).all()
+
+
+@pytest.mark.parametrize("name", TINY_SETS)
+def test_normalization_uses_the_id_statistics(name):
+    split = _split(name)
+    raw = _raw01(name, split)
+    for id_name in ("tiny", "cifar10"):  # cifar10 only lends its mean/std here: no file is read
+        ds = gd.load(name, split, "unused-root", id_dataset=id_name)
+        mean = np.array(gd.spec(id_name).mean)
+        std = np.array(gd.spec(id_name).std)
+        for i in (0, 3, len(ds) - 1):
+            x = ds[i][0].numpy().transpose(1, 2, 0)
+            np.testing.assert_allclose(x, (raw[i] - mean) / std, atol=2e-6)
+    # without id_dataset a tiny OOD set uses its benchmark's (tiny's) statistics
+    x = gd.load(name, split, "unused-root")[0][0].numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(x, (raw[0] - np.array(tiny.TINY_MEAN)) / np.array(tiny.TINY_STD), atol=2e-6)
+
+
+def test_id_set_used_as_ood_has_no_labels():
+    ds = gd.load("tiny", "test", "unused-root", id_dataset="cifar10")
+    assert {ds[i][1] for i in range(20)} == {-1}
+
+
+def test_tiny_mean_std_are_those_of_the_train_split():
+    s = gd.spec("tiny")
+    x = np.asarray(s.loader(s, "train", None).images, dtype=np.float64).reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(x.mean(axis=0), tiny.TINY_MEAN, atol=1e-5)
+    np.testing.assert_allclose(x.std(axis=0), tiny.TINY_STD, atol=1e-5)
+
+
+def test_tiny_split_is_fixed_disjoint_and_stratified():
+    s = gd.spec("tiny")
+    tr, te = s.loader(s, "train", None), s.loader(s, "test", None)
+    assert len(tr) == 1297 and len(te) == 500
+    _, digits_y = tiny._load_digits()
+    assert len(digits_y) == 1797
+    np.testing.assert_array_equal(np.bincount(tr.labels) + np.bincount(te.labels), np.bincount(digits_y))
+    per_class = np.bincount(te.labels, minlength=10)
+    expected = 500 * np.bincount(digits_y) / 1797
+    assert np.abs(per_class - expected).max() <= 1.5
+    train_idx, test_idx = tiny.stratified_split(digits_y, 500, seed=0)
+    assert len(np.intersect1d(train_idx, test_idx)) == 0
+    assert len(np.union1d(train_idx, test_idx)) == 1797
+    np.testing.assert_array_equal(digits_y[test_idx], te.labels)
+
+
+def test_tiny_digits_follow_sklearn_digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    raw, y = tiny._load_digits()
+    np.testing.assert_array_equal(raw, d.images)
+    np.testing.assert_array_equal(y, d.target)
+
+
+def test_tiny_generation_is_deterministic():
+    before = {n: _raw01(n, _split(n)).copy() for n in TINY_SETS}
+    tiny._digits.cache_clear()
+    tiny.tiny_images.cache_clear()
+    for n in TINY_SETS:
+        np.testing.assert_array_equal(_raw01(n, _split(n)), before[n])
+
+
+def test_tiny_aux_and_ood_photos_are_disjoint_and_sets_differ():
+    assert not set(tiny.AUX_PHOTOS) & set(tiny.OOD_PHOTOS)
+    means = {n: _raw01(n, _split(n)).mean() for n in TINY_SETS}
+    assert abs(means["tiny_uniform"] - 0.5) < 0.01 and abs(means["tiny_gaussian"] - 0.5) < 0.01
+    assert _raw01("tiny_gaussian", "test").std() < _raw01("tiny_uniform", "test").std()  # 0.25 vs 0.29
+
+
+def test_subsample_is_reproducible_and_recorded():
+    ds = gd.load("tiny_aux", "train", "unused-root")
+    a, b, c = gd.subsample(ds, 100, seed=3), gd.subsample(ds, 100, seed=3), gd.subsample(ds, 100, seed=4)
+    assert a.indices == b.indices and a.indices != c.indices
+    assert len(a) == 100 and len(set(a.indices)) == 100 and a.indices == sorted(a.indices)
+    assert 0 <= min(a.indices) and max(a.indices) < len(ds)
+    assert a.seed == 3 and a.n_total == len(ds)
+    expected = np.sort(np.random.default_rng(3).choice(len(ds), size=100, replace=False)).tolist()
+    assert a.indices == expected
+    torch.testing.assert_close(a[5][0], ds[a.indices[5]][0])
+    whole = gd.subsample(ds, 10**6, seed=0)
+    assert whole.indices == list(range(len(ds)))
+    via_load = gd.load("tiny_aux", "train", "unused-root", n_max=100, subsample_seed=3)
+    assert via_load.indices == a.indices
+    with pytest.raises(ValueError):
+        gd.subsample(ds, 0)
+    assert gd.N_OOD == 10000
+
+
+def test_spec_lookup_and_argument_errors():
+    with pytest.raises(KeyError, match="cifar10"):
+        gd.spec("cifar-10")
+    with pytest.raises(ValueError, match="no split 'val'.*train, test"):
+        gd.load("tiny", "val", "unused-root")
+    with pytest.raises(ValueError, match="role 'ood'"):
+        gd.load("tiny", "test", "unused-root", id_dataset="tiny_faces")
+    with pytest.raises(ValueError, match="role"):
+        gd.names("weird")
+    for role in ("id", "aux", "ood"):
+        assert all(gd.spec(n).role == role for n in gd.names(role))
+    assert set(gd.names()) == set(gd.names("id")) | set(gd.names("aux")) | set(gd.names("ood"))
+    with pytest.raises(ValueError, match="checksum"):
+        gd.Resource("http://x/y.tar", "y.tar", "md5:abc")
+    with pytest.raises(ValueError, match="role"):
+        gd.DatasetSpec("x", "test", 0, 32, (0, 0, 0), (1, 1, 1), loader=None, splits=("test",))
+
+
+def test_registry_contents():
+    expected = {
+        "cifar10", "cifar100", "random300k", "textures", "svhn", "places365", "lsun_crop", "lsun_resize", "isun",
+        "imagenet10", "imagenet990", "inaturalist", "sun", "places", "textures_imagenet", *TINY_SETS,
+    }  # fmt: skip
+    assert set(gd.names()) == expected
+    assert set(gd.names("id")) == {"cifar10", "cifar100", "imagenet10", "tiny"}
+    for n in gd.names():
+        s = gd.spec(n)
+        assert s.manual or s.resources or n.startswith("tiny"), n
+        for r in s.resources:
+            assert r.url.startswith(("http://", "https://")) and r.checksum, (n, r)
+        if s.role != "id":
+            b = gd.spec(s.benchmark)
+            assert (s.mean, s.std, s.image_size) == (b.mean, b.std, b.image_size), n
+    assert gd.spec("cifar10").mean == (0.4914, 0.4822, 0.4465)
+    assert gd.spec("cifar100").std == (0.2673, 0.2564, 0.2762)
+    assert gd.spec("textures").resources == gd.spec("textures_imagenet").resources
+    assert gd.spec("textures").directory == gd.spec("textures_imagenet").directory == "textures"
+    assert catalog.IMAGENET10_WNIDS["n02396427"] == 0 and sorted(catalog.IMAGENET10_WNIDS.values()) == list(
+        range(10)
+    )
+
+
+def test_train_augmentation_is_a_padded_crop_or_flip_and_reproducible():
+    ev = gd.load("tiny", "train", "unused-root")
+    tr = gd.load("tiny", "train", "unused-root", train=True)
+    torch.manual_seed(123)
+    a = [tr[i][0] for i in range(8)]
+    torch.manual_seed(123)
+    b = [tr[i][0] for i in range(8)]
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    assert any(not torch.equal(u, ev[i][0]) for i, u in enumerate(a))
+    # each augmented image is one of the 9 x 9 crops of the zero-padded image (zero = 0 before normalization),
+    # possibly mirrored
+    s = gd.spec("tiny")
+    mean, std = torch.tensor(s.mean).view(3, 1, 1), torch.tensor(s.std).view(3, 1, 1)
+    for i, u in enumerate(a):
+        raw = ev[i][0] * std + mean
+        padded = torch.nn.functional.pad(raw, (4, 4, 4, 4))
+        got = u * std + mean
+        candidates = [
+            c
+            for di in range(9)
+            for dj in range(9)
+            for c in (padded[:, di : di + 32, dj : dj + 32], padded[:, di : di + 32, dj : dj + 32].flip(-1))
+        ]
+        assert min(float((got - c).abs().max()) for c in candidates) < 1e-5
+
+
+def test_eval_geometry_resize_shorter_side_then_center_crop():
+    s = gd.spec("tiny")
+    t = gd.ImageTransform(s)
+    img = np.zeros((48, 64, 3), dtype=np.uint8)
+    img[:, 16:48] = 200  # the central 32 columns of the 64-wide image: after 48->32 resize, cols 10.67..32
+    x = t(img)
+    assert x.shape == (3, 32, 32)
+    mean, std = torch.tensor(s.mean).view(3, 1, 1), torch.tensor(s.std).view(3, 1, 1)
+    raw = (x * std + mean)[0]
+    # resized to 32 x 42 (int(32 * 64 / 48)), center crop starts at column 5: white spans 10.7..32 -> ~5.7..27
+    assert raw[:, 8:24].min() > 0.7 and raw[:, :4].max() < 0.05 and raw[:, 29:].max() < 0.05
+    const = np.full((100, 70, 3), 51, dtype=np.uint8)
+    np.testing.assert_allclose(t(const).numpy(), ((0.2 - mean) / std).expand(3, 32, 32).numpy(), atol=1e-5)
+
+
+def test_imagenet_transforms_shapes_and_rrc_reproducibility():
+    s = gd.spec("imagenet10")
+    img = np.random.default_rng(0).integers(0, 256, size=(300, 400, 3), dtype=np.uint8)
+    assert gd.ImageTransform(s)(img).shape == (3, 224, 224)
+    tr = gd.ImageTransform(s, train=True)
+    torch.manual_seed(7)
+    a = tr(img)
+    torch.manual_seed(7)
+    b = tr(img)
+    assert a.shape == (3, 224, 224) and torch.equal(a, b)
+    tall = np.zeros((1000, 20, 3), dtype=np.uint8)  # extreme ratio: all 10 tries fail, center-crop fallback
+    assert tr(tall).shape == (3, 224, 224)
+
+
+def test_dataset_pickles_for_worker_processes():
+    ds = gd.load("tiny_faces", "test", "unused-root", n_max=50, subsample_seed=1)
+    clone = pickle.loads(pickle.dumps(ds))
+    torch.testing.assert_close(clone[3][0], ds[3][0])
+
+
+def test_dataloader_batches():
+    ds = gd.load("tiny", "train", "unused-root", train=True)
+    x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=16, shuffle=False)))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_channel_stats_helper():
+    imgs = np.zeros((2, 1, 2, 3), dtype=np.uint8)
+    imgs[0, 0, 0] = 255
+    mean, std = base.channel_stats(imgs)
+    np.testing.assert_allclose(mean, [0.25] * 3)
+    np.testing.assert_allclose(std, [np.sqrt(0.25 * 0.75)] * 3)

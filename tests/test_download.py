@@ -1,0 +1,385 @@
+"""Downloads against archives served from 127.0.0.1: verification, markers, lock file, truncation, resume,
+the ImageNet placement check and the ``greg data`` CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import pickle
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import greg.data as gd
+from greg.cli import main as greg_main
+from greg.data import catalog, downloader
+from greg.data.base import DATASETS, ImageDataset, ImageTransform
+
+
+# ------------------------------------------------------------------------------------------- the server
+class FileServer:
+    """Serves ``files`` (name -> bytes) with HTTP Range support; names in ``truncate`` are cut in half
+    (the full Content-Length is announced, then the connection closes)."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.truncate: set[str] = set()
+        self.requests: list[tuple[str, str | None]] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.lstrip("/").split("?")[0]
+                rng = self.headers.get("Range")
+                owner.requests.append((name, rng))
+                if name not in owner.files:
+                    self.send_error(404)
+                    return
+                data, start = owner.files[name], 0
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(data):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if name in owner.truncate:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def close(self):
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv(downloader.URL_BASE_ENV, raising=False)
+    s = FileServer()
+    yield s
+    s.close()
+
+
+# ---------------------------------------------------------------------------------------- test archives
+def _png(seed: int, size=(40, 30)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+IMAGES = {f"fake/images/{c}/{i}.png": _png(i + 10 * k) for k, c in enumerate("ab") for i in range(3)}
+
+
+def _targz() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for name, data in IMAGES.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in IMAGES.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.arange(5 * 32 * 32 * 3, dtype=np.uint8).reshape(5, 32, 32, 3))
+    return buf.getvalue()
+
+
+def _sha256(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def _spec(name, url, filename, checksum, *, layout=("fake/images",), loader=None) -> gd.DatasetSpec:
+    return gd.DatasetSpec(
+        name=name, role="ood", num_classes=0, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
+        loader=loader or catalog._folder("fake/images"), splits=("test",), benchmark="tiny",
+        resources=(gd.Resource(url, filename, checksum),), layout=layout,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- success
+def test_targz_download_verifies_extracts_marks_and_second_run_is_offline(server, tmp_path):
+    blob = _targz()
+    server.files["fake.tar.gz"] = blob
+    s = _spec("fake_tgz", server.url("fake.tar.gz"), "fake.tar.gz", f"sha256:{_sha256(blob)}")
+    d = gd.download(s, tmp_path, progress=False)
+    assert d == tmp_path / "fake_tgz"
+    marker = json.loads((d / ".complete").read_text())
+    assert marker["files"] == {"fake.tar.gz": f"sha256:{_sha256(blob)}"}
+    for name, data in IMAGES.items():
+        assert (d / name).read_bytes() == data
+    assert not (d / "fake.tar.gz.part").exists()
+    raw = s.loader(s, "test", tmp_path)
+    assert [p.relative_to(d).as_posix() for p in raw.files] == sorted(IMAGES)
+    ds = ImageDataset(raw, ImageTransform(gd.spec("tiny")), name=s.name, split="test")
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == -1
+    assert gd.verify(s, tmp_path)[-1].startswith("layout OK")
+
+    n_requests = len(server.requests)
+    server.close()  # the second run must not touch the network
+    assert gd.download(s, tmp_path, progress=False) == d
+    assert len(server.requests) == n_requests == 1
+
+
+def test_zip_download_with_md5(server, tmp_path):
+    blob = _zip()
+    server.files["fake.zip"] = blob
+    s = _spec("fake_zip", server.url("fake.zip"), "fake.zip", f"md5:{hashlib.md5(blob).hexdigest()}")
+    d = gd.download(s, tmp_path, progress=False)
+    assert (d / ".complete").is_file()
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*.png")) == sorted(IMAGES)
+
+
+def test_npy_via_url_base_argument_and_environment(server, tmp_path, monkeypatch):
+    blob = _npy()
+    server.files["arr.npy"] = blob
+    s = _spec(
+        "fake_npy",
+        "https://mirror.invalid/x/arr.npy",
+        "arr.npy",
+        f"sha256:{_sha256(blob)}",
+        layout=("arr.npy",),
+    )
+    gd.download(s, tmp_path / "a", progress=False, url_base=server.base + "/")
+    assert (tmp_path / "a" / "fake_npy" / "arr.npy").read_bytes() == blob
+    monkeypatch.setenv(downloader.URL_BASE_ENV, server.base)
+    gd.download(s, tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "fake_npy" / "arr.npy").read_bytes() == blob
+    assert [r[0] for r in server.requests] == ["arr.npy", "arr.npy"]
+
+
+# --------------------------------------------------------------------------------------------- failures
+def test_corrupted_archive_names_file_and_both_checksums(server, tmp_path):
+    good, bad = _targz(), _targz()[:-10] + b"0123456789"
+    server.files["fake.tar.gz"] = bad
+    s = _spec("fake_bad", server.url("fake.tar.gz"), "fake.tar.gz", f"sha256:{_sha256(good)}")
+    with pytest.raises(gd.ChecksumError) as e:
+        gd.download(s, tmp_path, progress=False)
+    msg = str(e.value)
+    assert "fake.tar.gz" in msg and _sha256(good) in msg and _sha256(bad) in msg
+    d = tmp_path / "fake_bad"
+    assert not (d / ".complete").exists() and not (d / "fake.tar.gz").exists()
+    assert not (d / "fake.tar.gz.part").exists()
+    assert (d / "fake.tar.gz.corrupt").read_bytes() == bad
+    assert not (d / "fake").exists()  # nothing extracted
+    with pytest.raises(FileNotFoundError, match="greg data download fake_bad"):
+        gd.verify(s, tmp_path)
+
+
+def test_truncated_download_errors_then_resumes_with_range(server, tmp_path):
+    blob = _targz()
+    server.files["fake.tar.gz"] = blob
+    server.truncate.add("fake.tar.gz")
+    s = _spec("fake_trunc", server.url("fake.tar.gz"), "fake.tar.gz", f"sha256:{_sha256(blob)}")
+    with pytest.raises(gd.DownloadError, match="fake.tar.gz") as e:
+        gd.download(s, tmp_path, progress=False)
+    assert str(len(blob)) in str(e.value)
+    d = tmp_path / "fake_trunc"
+    assert not (d / ".complete").exists() and not (d / "fake.tar.gz").exists()
+    part = d / "fake.tar.gz.part"
+    assert part.read_bytes() == blob[: len(blob) // 2]
+
+    server.truncate.clear()
+    gd.download(s, tmp_path, progress=False)
+    assert server.requests[-1] == ("fake.tar.gz", f"bytes={len(blob) // 2}-")
+    assert (d / "fake.tar.gz").read_bytes() == blob and (d / ".complete").is_file()
+
+
+def test_http_error_is_reported(server, tmp_path):
+    s = _spec("fake_404", server.url("missing.tar.gz"), "missing.tar.gz", "md5:" + "0" * 32)
+    with pytest.raises(gd.DownloadError, match="HTTP 404"):
+        gd.download(s, tmp_path, progress=False)
+    assert not (tmp_path / "fake_404" / ".complete").exists()
+
+
+def test_unknown_checksum_is_recorded_in_lock_then_enforced(server, tmp_path, capsys):
+    blob = _npy()
+    server.files["arr.npy"] = blob
+    s = _spec("fake_lock", server.url("arr.npy"), "arr.npy", None, layout=("arr.npy",))
+    gd.download(s, tmp_path, progress=False)
+    assert "recorded sha256" in capsys.readouterr().out
+    lock = json.loads((tmp_path / "checksums.lock.json").read_text())
+    assert lock["files"]["fake_lock/arr.npy"]["sha256"] == _sha256(blob)
+    assert lock["files"]["fake_lock/arr.npy"]["size"] == len(blob)
+    gd.verify(s, tmp_path)
+
+    # the server now hands out different bytes: a fresh download must fail against the lock entry
+    d = tmp_path / "fake_lock"
+    (d / ".complete").unlink()
+    (d / "arr.npy").unlink()
+    changed = blob[:-1] + b"\x01"
+    server.files["arr.npy"] = changed
+    with pytest.raises(gd.ChecksumError) as e:
+        gd.download(s, tmp_path, progress=False)
+    assert "checksums.lock.json" in str(e.value) and _sha256(changed) in str(e.value)
+    assert not (d / ".complete").exists() and (d / "arr.npy.corrupt").exists()
+    assert json.loads((tmp_path / "checksums.lock.json").read_text()) == lock  # the lock is not rewritten
+
+
+def test_tampered_file_fails_verify(server, tmp_path):
+    blob = _npy()
+    server.files["arr.npy"] = blob
+    s = _spec("fake_verify", server.url("arr.npy"), "arr.npy", f"sha256:{_sha256(blob)}", layout=("arr.npy",))
+    gd.download(s, tmp_path, progress=False)
+    (tmp_path / "fake_verify" / "arr.npy").write_bytes(blob[:-1] + b"\x07")
+    with pytest.raises(gd.ChecksumError, match="fake_verify/arr.npy|arr.npy"):
+        gd.verify(s, tmp_path)
+
+
+def test_tar_member_escaping_the_directory_is_refused(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        info = tarfile.TarInfo("../evil.txt")
+        info.size = 4
+        t.addfile(info, io.BytesIO(b"evil"))
+    archive = tmp_path / "evil.tar.gz"
+    archive.write_bytes(buf.getvalue())
+    with pytest.raises(RuntimeError, match="cannot extract"):
+        downloader.extract(archive, tmp_path / "out")
+    assert not (tmp_path / "evil.txt").exists()
+
+
+# ------------------------------------------------------------------------- loaders of registered sets
+def _mark(root: Path, name: str) -> Path:
+    d = root / gd.spec(name).directory
+    d.mkdir(parents=True, exist_ok=True)
+    (d / ".complete").write_text("{}")
+    return d
+
+
+def test_not_downloaded_dataset_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="greg data download svhn"):
+        gd.load("svhn", "test", tmp_path)
+
+
+def test_svhn_and_random300k_loaders(tmp_path):
+    from scipy.io import savemat
+
+    x = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3, 7), dtype=np.uint8)
+    savemat(_mark(tmp_path, "svhn") / "test_32x32.mat", {"X": x, "y": np.ones((7, 1))})
+    ds = gd.load("svhn", "test", tmp_path, id_dataset="cifar10")
+    assert len(ds) == 7 and ds[2][1] == -1
+    s = gd.spec("cifar10")
+    expected = (x[..., 2].transpose(2, 0, 1) / 255.0 - np.array(s.mean)[:, None, None]) / np.array(s.std)[
+        :, None, None
+    ]
+    np.testing.assert_allclose(ds[2][0].numpy(), expected, atol=2e-6)
+
+    arr = np.random.default_rng(1).integers(0, 256, size=(9, 32, 32, 3), dtype=np.uint8)
+    np.save(_mark(tmp_path, "random300k") / "300K_random_images.npy", arr)
+    aux = gd.load("random300k", "train", tmp_path, train=True)
+    assert len(aux) == 9 and aux[8][0].shape == (3, 32, 32) and aux[8][1] == -1
+    assert isinstance(aux.raw.images, catalog.LazyNpy)
+    clone = pickle.loads(pickle.dumps(aux))
+    assert clone.raw.images._arr is None and np.array_equal(clone.raw.images[3], arr[3])
+
+    np.save(tmp_path / "random300k" / "300K_random_images.npy", arr[:, :16])
+    with pytest.raises(ValueError, match="N x 32 x 32 x 3"):
+        gd.load("random300k", "train", tmp_path)
+
+
+def _imagenet_tree(root: Path, wnids, splits=("train", "val")):
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((60, 80, 3), 90, dtype=np.uint8)).save(jpeg, format="JPEG")
+    for split in splits:
+        for w in wnids:
+            d = root / "imagenet" / split / w
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{w}_1.JPEG").write_bytes(jpeg.getvalue())
+
+
+def test_imagenet_is_never_downloaded_and_placement_is_checked(tmp_path):
+    with pytest.raises(gd.ManualDownloadRequired) as e:
+        gd.download("imagenet10", tmp_path)
+    msg = str(e.value)
+    assert "image-net.org" in msg and str(tmp_path / "imagenet" / "train") in msg and "n02396427" in msg
+    with pytest.raises(gd.ManualDownloadRequired):
+        gd.load("imagenet10", "test", tmp_path)
+
+    _imagenet_tree(tmp_path, catalog.IMAGENET10_WNIDS)
+    assert any("10/10 classes" in line for line in gd.verify("imagenet10", tmp_path))
+    ds = gd.load("imagenet10", "test", tmp_path)
+    assert len(ds) == 10 and sorted(ds[i][1] for i in range(10)) == list(range(10))
+    assert ds[0][0].shape == (3, 224, 224)
+
+    with pytest.raises(gd.ManualDownloadRequired, match="expected 990"):
+        gd.verify("imagenet990", tmp_path)
+    _imagenet_tree(tmp_path, [f"n{90000000 + i:08d}" for i in range(990)], splits=("train",))
+    gd.download("imagenet990", tmp_path)  # only checks
+    aux = gd.load("imagenet990", "train", tmp_path)
+    assert len(aux) == 990 and aux[0][1] == -1
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def test_cli_download_verify_list(server, tmp_path, monkeypatch, capsys):
+    blob = _npy()
+    server.files["arr.npy"] = blob
+    s = _spec(
+        "_test_cli",
+        "https://mirror.invalid/arr.npy",
+        "arr.npy",
+        f"sha256:{_sha256(blob)}",
+        layout=("arr.npy",),
+    )
+    monkeypatch.setitem(DATASETS._items, "_test_cli", lambda: s)
+    args = ["--root", str(tmp_path)]
+    assert (
+        greg_main(["data", "download", "_test_cli", *args, "--url-base", server.base, "--no-progress"]) == 0
+    )
+    assert greg_main(["data", "download", "_test_cli", *args]) == 0  # no-op, no URL needed
+    assert "already downloaded" in capsys.readouterr().out
+    assert greg_main(["data", "verify", "_test_cli", *args]) == 0
+    assert "_test_cli: OK" in capsys.readouterr().out
+    (tmp_path / "_test_cli" / "arr.npy").write_bytes(b"x")
+    assert greg_main(["data", "verify", "_test_cli", *args]) == 1
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and _sha256(blob) in err and _sha256(b"x") in err
+    assert greg_main(["data", "download", "imagenet10", *args]) == 1
+    assert "image-net.org" in capsys.readouterr().err
+    assert greg_main(["data", "download", "no_such_set", *args]) == 1
+    assert "unknown dataset" in capsys.readouterr().err
+    assert greg_main(["data", "list", "--role", "ood"]) == 0
+    out = capsys.readouterr().out
+    assert "svhn" in out and "cifar10 " not in out

@@ -1,0 +1,221 @@
+"""greg.evaluate: the file-free core on a tiny model, CSV determinism, and the CLI on the tiny benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from greg import detectors, scores
+from greg.evaluate import (
+    COLUMNS,
+    evaluate,
+    format_csv,
+    metrics_from_scores_dir,
+    metrics_table,
+    save_scores,
+    score_loader,
+)
+from greg.metrics import ood_metrics
+
+
+class TinyNet(nn.Module):
+    def __init__(self, k: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.head = nn.Linear(5, k)
+
+    def feature_map(self, x):
+        return torch.relu(self.conv(x))
+
+    def pool(self, f):
+        return f.mean((2, 3))
+
+    def features(self, x):
+        return self.pool(self.feature_map(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def data(n, shift, seed, labelled=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 6, 6, generator=g) + shift
+    y = torch.randint(0, 3, (n,), generator=g) if labelled else torch.full((n,), -1)
+    return DataLoader(TensorDataset(x, y), batch_size=7)
+
+
+def test_evaluate_core_matches_metrics_and_accuracy():
+    model = TinyNet()
+    id_loader = data(20, 1.0, 0)
+    oods = {"a": data(15, 0.0, 1, False), "b": data(9, -1.0, 2, False)}
+    sc, df = evaluate(model, id_loader, oods, "energy", "cpu")
+    assert set(sc) == {"id", "a", "b"} and sc["id"].dtype == np.float32 and sc["a"].shape == (15,)
+    x_id = id_loader.dataset.tensors[0]
+    y_id = id_loader.dataset.tensors[1]
+    with torch.no_grad():
+        np.testing.assert_allclose(sc["id"], scores.energy(model(x_id)).numpy(), rtol=1e-6)
+        acc = float((model(x_id).argmax(1) == y_id).float().mean())
+    assert list(df.columns) == COLUMNS and list(df["ood_set"]) == ["a", "b", "mean"]
+    row = df.set_index("ood_set")
+    m = ood_metrics(sc["id"], sc["b"])
+    assert row.loc["b", "auroc"] == pytest.approx(100 * m["auroc"])
+    assert row.loc["b", "fpr95_idpos"] == pytest.approx(100 * m["fpr95"])
+    assert row.loc["b", "fpr95_oodpos"] == pytest.approx(100 * m["fpr95_oodpos"])
+    assert row.loc["a", "id_acc"] == pytest.approx(100 * acc)
+    assert row.loc["mean", "n_ood"] == 24 and row.loc["mean", "n_id"] == 20
+    assert row.loc["mean", "aupr_out"] == pytest.approx(
+        (row.loc["a", "aupr_out"] + row.loc["b", "aupr_out"]) / 2
+    )
+    assert model.training  # scored in eval mode, caller's mode restored
+
+
+def test_evaluate_fits_and_runs_gradient_detectors():
+    model = TinyNet()
+    fit = data(30, 1.0, 5)
+    sc, _ = evaluate(
+        model,
+        data(10, 1.0, 0),
+        {"o": data(8, 0.0, 1, False)},
+        detectors.create("react"),
+        "cpu",
+        fit_loader=fit,
+    )
+    det = detectors.create("react").fit(model, fit, "cpu")
+    with torch.inference_mode():
+        ref = det.score(model, data(10, 1.0, 0).dataset.tensors[0]).numpy()
+    np.testing.assert_allclose(sc["id"], ref, rtol=1e-6)
+    # ODIN needs input gradients: evaluate must not run it under inference_mode.
+    sc, df = evaluate(model, data(10, 1.0, 0), {"o": data(8, 0.0, 1, False)}, "odin", "cpu")
+    assert np.isfinite(sc["o"]).all() and len(df) == 2
+
+
+def test_accuracy_ignores_extra_absent_class():
+    model = TinyNet(k=4)  # 3 ID classes + absent class
+    with torch.no_grad():
+        model.head.bias[3] = 100.0  # always predicts the absent class
+    loader = data(12, 0.0, 0)
+    out = score_loader(
+        model, loader, detectors.create("absent_class"), "cpu", with_predictions=True, num_classes=3
+    )
+    with torch.no_grad():
+        expected = model(loader.dataset.tensors[0])[:, :3].argmax(1).numpy()
+    np.testing.assert_array_equal(out["pred"], expected)
+    np.testing.assert_array_equal(out["labels"], loader.dataset.tensors[1].numpy())
+
+
+def test_metrics_table_errors_name_the_set():
+    with pytest.raises(ValueError, match="OOD set 'bad'"):
+        metrics_table(np.zeros(3), {"bad": np.array([np.nan, 1.0])})
+    with pytest.raises(ValueError, match="'id'"):
+        evaluate(TinyNet(), data(4, 0, 0), {"id": data(4, 0, 1, False)}, "energy", "cpu")
+
+
+def test_csv_is_byte_identical_when_rescored(tmp_path):
+    model = TinyNet()
+    sc, df = evaluate(model, data(20, 1.0, 0), {"a": data(15, 0.0, 1, False)}, "msp", "cpu")
+    text = format_csv(df)
+    assert text.splitlines()[0] == ",".join(COLUMNS)
+    assert text == format_csv(metrics_table(sc["id"], {"a": sc["a"]}, df["id_acc"].iloc[0] / 100))
+    # Same numbers through the npz files written by the CLI.
+    out = score_loader(model, data(20, 1.0, 0), detectors.create("msp"), "cpu", with_predictions=True)
+    save_scores(tmp_path / "id.npz", out)
+    save_scores(tmp_path / "a.npz", {"scores": sc["a"]})
+    assert format_csv(metrics_from_scores_dir(tmp_path, ["a"])) == text
+    assert "0.0000" in format_csv(pd.DataFrame({"x": [0.0]}))  # fixed formatting, not repr
+
+
+def test_cli_tiny_benchmark(tmp_path):
+    gm = pytest.importorskip("greg.models")
+    pytest.importorskip("greg.data")
+    from greg.cli import main
+
+    torch.manual_seed(0)
+    model = gm.create("small_cnn", 10, widths=[8, 16])
+    ckpt = tmp_path / "final.pt"
+    gm.save_checkpoint(
+        ckpt, model, arch="small_cnn", num_classes=10, model_kwargs={"widths": [8, 16]}, meta={}
+    )
+    common = [
+        "--id",
+        "tiny",
+        "--ood",
+        "tiny_textures,tiny_uniform",
+        "--root",
+        str(tmp_path / "data"),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "128",
+        "--n-ood",
+        "300",
+    ]
+    out = tmp_path / "react"
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--detector",
+        "react",
+        "--out",
+        str(out),
+        *common,
+        "--detector-kwargs",
+        '{"percentile": 80}',
+        "--robustness",
+        "--robustness-n",
+        "32",
+    ]
+    assert main(argv) == 0
+    df = pd.read_csv(out / "metrics.csv")
+    assert list(df.columns) == COLUMNS and list(df["ood_set"]) == ["tiny_textures", "tiny_uniform", "mean"]
+    assert df["n_id"].iloc[0] == 500 and list(df["n_ood"]) == [300, 300, 600]
+    assert ((df[COLUMNS[3:]] >= 0) & (df[COLUMNS[3:]] <= 100)).all().all()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["detector"] == "react" and meta["detector_hparams"]["percentile"] == 80.0
+    assert meta["subsample_seed"] == 0 and "fpr95_idpos" in meta["conventions"]
+    with np.load(out / "scores" / "tiny_textures.npz") as z:
+        assert z["scores"].shape == (300,) and len(np.unique(z["index"])) == 300
+    with np.load(out / "scores" / "id.npz") as z:
+        assert set(z.files) == {"scores", "labels", "pred", "index"}
+    assert pd.read_csv(out / "robustness.csv")["ood_set"].tolist() == [
+        "tiny_textures",
+        "tiny_uniform",
+        "mean",
+    ]
+    assert json.loads((out / "certified.json").read_text())["n"] == 32
+    first = (out / "metrics.csv").read_bytes()
+    assert (
+        format_csv(metrics_from_scores_dir(out / "scores", ["tiny_textures", "tiny_uniform"])).encode()
+        == first
+    )
+    # Re-running gives the same bytes (same subsample, same scores).
+    assert main(argv[:-3]) == 0
+    assert (out / "metrics.csv").read_bytes() == first
+
+    # External weights: --arch/--num-classes with a bare state_dict.
+    torch.save(model.state_dict(), tmp_path / "ext.pt")
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        str(tmp_path / "ext.pt"),
+        "--arch",
+        "small_cnn",
+        "--num-classes",
+        "10",
+        "--model-kwargs",
+        '{"widths": [8, 16]}',
+        "--detector",
+        "msp",
+        "--out",
+        str(tmp_path / "ext"),
+        *common,
+    ]
+    assert main(argv) == 0
+    assert len(pd.read_csv(tmp_path / "ext" / "metrics.csv")) == 3

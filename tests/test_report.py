@@ -1,0 +1,262 @@
+"""greg.report: aggregation over seeds, best/runner-up marks, LaTeX/CSV rendering, spec resolution, figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from greg import report as R
+from greg.cli import main as greg_main
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = "ood_set,n_id,n_ood,id_acc,fpr95_idpos,fpr95_oodpos,auroc,aupr_in,aupr_out\n"
+
+
+def write_metrics(path: Path, rows: dict[str, tuple[float, float, float]], acc: float = 90.0) -> str:
+    """rows: ood_set -> (fpr95_idpos, fpr95_oodpos, auroc); aupr_in/out are auroc -1/-2."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [HEADER]
+    for name, (f_id, f_ood, au) in rows.items():
+        lines.append(f"{name},100,50,{acc},{f_id},{f_ood},{au},{au - 1},{au - 2}\n")
+    path.write_text("".join(lines))
+    return str(path)
+
+
+def test_mean_std_by_hand():
+    m, s = R.mean_std([1.0, 2.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(1.0)  # sqrt(((1)^2 + 0 + 1^2) / 2)
+    assert R.mean_std([5.0]) == (5.0, 0.0)
+    with pytest.raises(R.ReportError):
+        R.mean_std([])
+
+
+def test_read_metrics_csv(tmp_path):
+    p = write_metrics(tmp_path / "m.csv", {"svhn": (10, 20, 95), "mean": (10, 20, 95)})
+    d = R.read_metrics_csv(p)
+    assert d["svhn"]["fpr95_idpos"] == 10.0 and d["mean"]["aupr_out"] == 93.0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ood_set,auroc\nmean,1\n")
+    with pytest.raises(R.ReportError, match="fpr95_idpos"):
+        R.read_metrics_csv(bad)
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        R.read_metrics_csv(tmp_path / "nope.csv")
+
+
+def _spec(tmp_path, fpr="fpr95_idpos"):
+    """Three rows (a, b, c-n/a) x one group with OOD sets [x, mean] x metrics [fpr95, auroc], 2 seeds."""
+    files = {}
+    vals = {  # row -> seed -> (x: f_id, f_ood, auroc), (mean: ...)
+        "a": [((10, 40, 90), (12, 42, 91)), ((20, 50, 92), (14, 44, 93))],
+        "b": [((30, 5, 96), (16, 46, 97)), ((30, 7, 96), (18, 48, 95))],
+    }
+    for row, seeds in vals.items():
+        files[row] = [write_metrics(tmp_path / row / f"s{i}.csv", {"x": x, "mean": m})
+                      for i, (x, m) in enumerate(seeds)]
+    cell = lambda row, na=None: {"dataset": "d", "arch": "n", "run": row, "detector": "energy", "na": na,  # noqa: E731
+                                 "files": [] if na else files[row]}
+    return {
+        "name": "tableT", "caption": "Test 100% table", "fpr": fpr, "fpr_note": R.FPR_CONVENTIONS[fpr],
+        "metrics": ["fpr95", "auroc"], "digits": 1, "show_std": True,
+        "groups": [{"label": "G_1", "dataset": "d", "arch": "n",
+                    "columns": [{"ood": "x", "label": "X"}, {"ood": "mean", "label": "Average"}]}],
+        "rows": [{"label": "A", "section": "S1", "cells": [cell("a")]},
+                 {"label": "B", "section": "S1", "cells": [cell("b")]},
+                 {"label": "C", "section": "S2", "cells": [cell("c", "not implemented: method 'poem'")]}],
+    }
+
+
+def test_build_table_aggregates_and_marks(tmp_path):
+    t = R.build_table(_spec(tmp_path))
+    assert [c[1:] for c in t.columns] == [("x", "fpr95"), ("x", "auroc"), ("mean", "fpr95"), ("mean", "auroc")]
+    a, b, c = (vals for _, _, vals in t.rows)
+    # row a, OOD x, FPR95 (ID-positive): seeds 10 and 20 -> mean 15, std sqrt(50)
+    assert a[0].mean == 15.0 and a[0].std == pytest.approx(math.sqrt(50)) and a[0].n == 2
+    assert b[0].mean == 30.0 and b[0].std == 0.0
+    assert a[0].style == "best" and b[0].style == "second"  # lower FPR is better
+    assert a[1].mean == 91.0 and b[1].mean == 96.0 and b[1].style == "best" and a[1].style == "second"
+    assert a[2].mean == 13.0 and b[2].mean == 17.0 and a[3].mean == 92.0 and b[3].mean == 96.0
+    assert all(v.mean is None and v.style == "" for v in c)
+
+
+def test_build_table_other_fpr_convention(tmp_path):
+    t = R.build_table(_spec(tmp_path, fpr="fpr95_oodpos"))
+    a, b, _ = (vals for _, _, vals in t.rows)
+    assert a[0].mean == 45.0 and b[0].mean == 6.0 and b[0].style == "best"
+
+
+def test_ties_are_marked_alike(tmp_path):
+    spec = _spec(tmp_path)
+    # make row b's x FPR95 equal to row a's: both best, nobody second
+    for i, f in enumerate(spec["rows"][1]["cells"][0]["files"]):
+        write_metrics(Path(f), {"x": (10 + 10 * i, 5, 96), "mean": (16, 46, 97)})
+    a, b, _ = (vals for _, _, vals in R.build_table(spec).rows)
+    assert a[0].style == b[0].style == "best"
+
+
+def test_render_tex_and_csv(tmp_path):
+    t = R.build_table(_spec(tmp_path))
+    tex = R.render_tex(t)
+    assert r"\begin{tabular}{lcccc}" in tex and r"\label{tab:tableT}" in tex
+    assert "Test 100\\% table" in tex and "paper convention" in tex and "G\\_1" in tex
+    lines = {ln.split("&")[0].strip(): ln for ln in tex.splitlines() if "&" in ln}
+    assert r"\textbf{15.0}{\scriptsize$\pm$7.1}" in lines["A"]
+    assert r"\textbf{96.0}" in lines["B"]
+    assert lines["C"].count("n/a") == 4
+    assert r"\textit{S1}" in tex and r"\textit{S2}" in tex
+    assert tex.count(r"\multicolumn{2}{c}{X}") == 1 and r"FPR95$\downarrow$" in tex
+    rows = list(csv.DictReader(io.StringIO(R.render_csv(t))))
+    assert len(rows) == 12
+    first = rows[0]
+    assert (first["row"], first["ood_set"], first["metric"], first["column"]) == ("A", "x", "fpr95", "fpr95_idpos")
+    assert float(first["mean"]) == 15.0 and float(first["std"]) == pytest.approx(math.sqrt(50), abs=1e-6)
+    assert {r["mean"] for r in rows if r["row"] == "C"} == {"n/a"}
+
+
+def _config():
+    return {
+        "results": "res", "seeds": [1, 2], "data_root": "dat",
+        "datasets": {"cifar10": {"aux": "random300k", "ood": ["svhn", "textures"]},
+                     "tiny": {"aux": "tiny_aux", "ood": ["tiny_faces", "tiny_photos"], "set": {"data.batch_size": 8}}},
+        "archs": {"densenet100": {"model": "densenet100"}, "small_cnn": {"model": "small_cnn", "kwargs": {"w": 1}}},
+        "pretrain": {"configs": [str(ROOT / "config/methods/ce.yaml")]},
+        "variants": {
+            "greg": {"configs": [str(ROOT / "config/methods/greg.yaml")], "init": "pretrain", "detector": "energy",
+                     "set_by_dataset": {"tiny": {"train.epochs": 2}}},
+            "poem": {"configs": [str(ROOT / "config/methods/poem.yaml")], "init": "scratch", "detector": "energy"},
+            "k16": {"configs": [str(ROOT / "config/methods/greg_plus.yaml")], "init": "scratch", "detector": "energy",
+                    "set": {"method.hparams.n_clusters": None, "schedule.milestones": [10]}},
+        },
+        "train_set": {"train.max_steps": 3},
+        "aliases": {"dataset": {"cifar10": "tiny"}, "arch": {"densenet100": "small_cnn"}, "ood": {"svhn": "tiny_photos"}},
+        "labels": {"tiny": "Tiny", "tiny_faces": "Faces"},
+    }
+
+
+def test_resolve_table_aliases_and_na():
+    spec = {"caption": "c", "groups": [{"dataset": "cifar10", "arch": "densenet100", "ood": "all"}],
+            "rows": [{"label": "MSP", "run": "pretrain", "detector": "msp"}, {"label": "POEM", "run": "poem"}]}
+    res = R.resolve_table("t", spec, _config(), lambda cell: "nope" if cell["run"] == "poem" else None)
+    g = res["groups"][0]
+    assert g["dataset"] == "tiny" and g["label"] == "Tiny" and g["arch"] == "small_cnn"
+    assert [c["ood"] for c in g["columns"]] == ["tiny_faces", "tiny_photos", "mean"]
+    assert [c["label"] for c in g["columns"]] == ["Faces", "tiny_photos", "Average"]
+    msp, poem = res["rows"]
+    assert msp["cells"][0]["files"] == ["res/tiny/small_cnn/pretrain/seed1/eval/msp/metrics.csv",
+                                        "res/tiny/small_cnn/pretrain/seed2/eval/msp/metrics.csv"]
+    assert poem["cells"][0]["na"] == "nope" and poem["cells"][0]["files"] == []
+    assert R.table_inputs(res) == msp["cells"][0]["files"]
+    assert json.loads(json.dumps(res)) == res
+    spec_list = {**spec, "groups": [{"dataset": "cifar10", "arch": "densenet100", "ood": ["svhn", "mean"]}]}
+    assert [c["ood"] for c in R.resolve_table("t", spec_list, _config())["groups"][0]["columns"]] == \
+        ["tiny_photos", "mean"]
+
+
+def test_resolve_table_errors():
+    cfg = _config()
+    base = {"caption": "c", "groups": [{"dataset": "cifar10", "arch": "densenet100", "ood": "mean"}]}
+    with pytest.raises(R.ReportError, match="'bogus'"):
+        R.resolve_table("t", {**base, "rows": [{"run": "bogus", "detector": "msp"}]}, cfg)
+    with pytest.raises(R.ReportError, match="needs a detector"):
+        R.resolve_table("t", {**base, "rows": [{"run": "pretrain"}]}, cfg)
+    with pytest.raises(R.ReportError, match="unknown metric"):
+        R.resolve_table("t", {**base, "metrics": ["fpr"], "rows": []}, cfg)
+    bad_ood = {"caption": "c", "groups": [{"dataset": "tiny", "arch": "small_cnn", "ood": ["lsun"]}], "rows": []}
+    with pytest.raises(R.ReportError, match="lsun"):
+        R.resolve_table("t", bad_ood, cfg)
+
+
+def test_train_args():
+    cfg = _config()
+    args = R.train_args(cfg, "tiny", "small_cnn", "greg", 7)
+    assert args[:2] == ["--config", str(ROOT / "config/methods/greg.yaml")]
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert "seed=7" in sets and "model.name=small_cnn" in sets and "model.kwargs={w: 1}" in sets
+    assert "data.aux=tiny_aux" in sets and "data.root=dat" in sets and "data.batch_size=8" in sets
+    assert "init.checkpoint=res/tiny/small_cnn/pretrain/seed7/final.pt" in sets and "init.kind=run" in sets
+    assert sets.index("train.epochs=2") < sets.index("train.max_steps=3")  # train_set comes last
+    pre = R.train_args(cfg, "tiny", "small_cnn", "pretrain", 1)
+    assert not any(s.startswith(("data.aux=", "init.")) for s in pre)
+    k16 = R.train_args(cfg, "tiny", "small_cnn", "k16", 1)
+    assert "method.hparams.n_clusters=null" in k16 and "schedule.milestones=[10]" in k16
+    assert not any(s.startswith("init.") for s in k16)
+    assert R.run_method(cfg, "k16", "tiny") == "greg_plus" and R.run_method(cfg, "pretrain", "tiny") == "ce"
+
+
+def test_train_args_parse_back_in_greg_train(tmp_path):
+    from greg.train import load_config
+
+    cfg = _config()
+    args = R.train_args(cfg, "tiny", "small_cnn", "k16", 3)
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    resolved = load_config(configs, sets)
+    assert resolved["seed"] == 3 and resolved["method"]["hparams"]["n_clusters"] is None
+    assert resolved["schedule"]["milestones"] == [10] and resolved["train"]["max_steps"] == 3
+
+
+def test_registry_checker():
+    cfg = _config()
+    check = R.registry_checker(cfg)
+    ok = {"dataset": "tiny", "arch": "small_cnn", "run": "greg", "detector": "energy"}
+    assert check(ok) is None
+    assert "'poem'" in check({**ok, "run": "poem"})
+    assert "'no_such_detector'" in check({**ok, "detector": "no_such_detector"})
+
+
+def test_load_tables_of_the_repo_resolve_against_the_configs():
+    tables = R.load_tables(ROOT / "config/tables.yaml")
+    assert sorted(tables, key=lambda k: int(k[5:])) == [f"table{i}" for i in range(1, 11)]
+    full = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    for name, spec in tables.items():
+        res = R.resolve_table(name, spec, full)
+        assert res["rows"] and all(len(r["cells"]) == len(res["groups"]) for r in res["rows"])
+
+
+def test_fig3_and_fig4(tmp_path):
+    logs = {}
+    for run, base in (("e", 2.0), ("g", 1.0)):
+        files = []
+        for seed in range(2):
+            p = tmp_path / run / f"s{seed}" / "metrics.jsonl"
+            p.parent.mkdir(parents=True)
+            recs = [{"step": s, "energy": base / (s + 1) + seed, **({"score_grad_norm": base * 3} if s % 2 == 0 else {})}
+                    for s in range(10)]
+            p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+            files.append(str(p))
+        logs[run] = files
+    paths = R.plot_fig3(logs, tmp_path / "out" / "fig3.pdf")
+    assert [p.name for p in paths] == ["fig3.pdf", "fig3.png"]
+    assert paths[0].read_bytes()[:4] == b"%PDF" and paths[1].read_bytes()[:4] == b"\x89PNG"
+    steps, means, stds = R.seed_mean([R.series(R.read_jsonl(f), "energy") for f in logs["e"]])
+    assert steps == list(range(10)) and means[0] == pytest.approx(2.5) and stds[0] == pytest.approx(math.sqrt(0.5))
+    assert R.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "eval"
+    (d / "scores").mkdir(parents=True)
+    np.savez(d / "scores" / "id.npz", scores=rng.normal(-10, 1, 50), labels=np.zeros(50))
+    np.savez(d / "scores" / "svhn.npz", scores=rng.normal(-4, 1, 40))
+    assert R.load_scores(d / "scores" / "svhn.npz").shape == (40,)
+    rc = greg_main(["report", "fig4", "--model", f"GReg={d},{d}", "--ood", "svhn", "--out", str(tmp_path / "f4.pdf")])
+    assert rc == 0 and (tmp_path / "f4.pdf").read_bytes()[:4] == b"%PDF" and (tmp_path / "f4.png").exists()
+    assert greg_main(["report", "fig4", "--model", f"X={d}", "--ood", "lsun", "--out", str(tmp_path / "g.pdf")]) == 2
+
+
+def test_cli_table(tmp_path):
+    spec = _spec(tmp_path)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    tex, out_csv = tmp_path / "t" / "t.tex", tmp_path / "t" / "t.csv"
+    assert greg_main(["report", "table", "--spec", str(spec_file), "--tex", str(tex), "--csv", str(out_csv)]) == 0
+    assert r"\toprule" in tex.read_text() and len(list(csv.DictReader(out_csv.open()))) == 12
+    # an available cell whose file is missing is an error, never a silent n/a
+    spec["rows"][0]["cells"][0]["files"].append(str(tmp_path / "missing.csv"))
+    rc = greg_main(["report", "table", "--spec-json", json.dumps(spec), "--tex", str(tex), "--csv", str(out_csv)])
+    assert rc == 2

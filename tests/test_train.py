@@ -1,0 +1,189 @@
+"""End-to-end trainer behaviour on the tiny benchmark: outputs, exact resume, NaN stop, fine-tuning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from greg import io, train
+from greg.train import EXIT_NONFINITE, EXIT_PREEMPTED, Trainer
+
+BASE = {
+    "seed": 5,
+    "model": {"name": "small_cnn"},
+    "data": {"id": "tiny", "aux": "tiny_aux", "batch_size": 16, "aux_batch_size": 48, "augment": True},
+    "method": {"name": "greg_plus", "hparams": {"n_clusters": 8, "n_selected": 16}},
+    "optim": {"name": "sgd", "lr": 0.05},
+    "schedule": {"name": "cosine"},
+    "train": {"epochs": 1, "max_steps": 6, "checkpoint_every": 2, "grad_norm_every": 2, "progress": False},
+}
+
+
+def _cfg(tmp_path, method=None, **over):
+    base = dict(BASE, method={"name": method, "hparams": {}}) if method else BASE
+    cfg = train.deep_merge(train.DEFAULTS, base)
+    cfg["data"]["root"] = str(tmp_path / "data")
+    for k, v in over.items():
+        cfg = train.deep_merge(cfg, train.parse_set([f"{k}={json.dumps(v)}"]))
+    train.validate(cfg)
+    return cfg
+
+
+def _weights(path):
+    return io.safe_torch_load(path)["state_dict"]
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_greg_plus_run_outputs(tmp_path):
+    out = tmp_path / "run"
+    assert Trainer(_cfg(tmp_path), out, "cpu").run() == 0
+    ck = io.safe_torch_load(out / "final.pt")
+    assert ck["arch"] == "small_cnn" and ck["num_classes"] == 10
+    assert ck["meta"]["method"] == "greg_plus" and ck["meta"]["steps"] == 6
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(6))
+    for key in ("total", "ce", "energy", "grad", "lr", "time"):
+        assert all(key in r for r in recs), key
+    # Fig. 3 diagnostic every grad_norm_every steps
+    assert [r["step"] for r in recs if "score_grad_norm" in r] == [0, 2, 4]
+    assert all(r["score_grad_norm"] > 0 for r in recs if "score_grad_norm" in r)
+    # cosine multiplier from 1 down to 1e-3 over the 6 steps
+    assert recs[0]["lr"] == pytest.approx(0.05)
+    assert recs[5]["lr"] < recs[1]["lr"] < recs[0]["lr"]
+    # a second run is a no-op
+    mtime = (out / "final.pt").stat().st_mtime_ns
+    assert Trainer(_cfg(tmp_path), out, "cpu").run() == 0
+    assert (out / "final.pt").stat().st_mtime_ns == mtime
+
+
+def test_interrupted_run_ends_with_identical_weights(tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    assert Trainer(_cfg(tmp_path), ref, "cpu").run() == 0
+
+    out = tmp_path / "cut"
+    # Preempt twice (SIGTERM-style: checkpoint at the current step), at steps that are not checkpoint steps.
+    for stop_after in (3, 5):
+        t = Trainer(_cfg(tmp_path), out, "cpu")
+        orig = t.method.compute_loss
+
+        def compute_loss(model, batch, t=t, orig=orig, stop_after=stop_after):
+            if t.step == stop_after - 1:
+                t._stop_signal = signal.SIGTERM
+            return orig(model, batch)
+
+        monkeypatch.setattr(t.method, "compute_loss", compute_loss)
+        assert t.run() == EXIT_PREEMPTED
+        assert not (out / "final.pt").exists()
+        assert io.safe_torch_load(out / "state.pt")["step"] == stop_after
+    assert Trainer(_cfg(tmp_path), out, "cpu").run() == 0
+    _assert_same(_weights(ref / "final.pt"), _weights(out / "final.pt"))
+    # the metrics log has each step exactly once and the same losses
+    a = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(6))
+    assert [r["total"] for r in a] == [r["total"] for r in b]
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_with_same_command(tmp_path):
+    """SIGKILL at an arbitrary moment; rerunning the same command resumes from the last checkpoint."""
+    cfg = _cfg(
+        tmp_path,
+        method="greg",
+        **{"train.max_steps": 30, "train.checkpoint_every": 4},
+    )
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(train._config_text(cfg))
+    ref, out = tmp_path / "ref", tmp_path / "cut"
+    cmd = [sys.executable, "-m", "greg", "train", "--config", str(cfg_file), "--device", "cpu", "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd + [str(ref)], check=True, env=env)
+
+    for kill_at_step in (6, 17):
+        proc = subprocess.Popen(cmd + [str(out)], env=env)
+        log = out / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            n = len(log.read_text().splitlines()) if log.exists() else 0
+            if n >= kill_at_step or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+        assert not (out / "final.pt").exists()
+    subprocess.run(cmd + [str(out)], check=True, env=env)
+    _assert_same(_weights(ref / "final.pt"), _weights(out / "final.pt"))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    cfg = _cfg(tmp_path, method="energy")
+    out = tmp_path / "nan"
+    t = Trainer(cfg, out, "cpu")
+    orig = t.method.compute_loss
+
+    def compute_loss(model, batch):
+        terms = orig(model, batch)
+        if t.step == 3:
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(t.method, "compute_loss", compute_loss)
+    with pytest.raises(train.NonFiniteError, match="step 3"):
+        t.run()
+    state = io.safe_torch_load(out / "state.pt")
+    assert state["step"] == 2  # the checkpoint before the bad step
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (out / "final.pt").exists()
+
+
+def test_cli_nonfinite_exit_code_and_config_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: small_cnn}\ntrain: {epocs: 3}\n")
+    assert train.run(train_args(bad, tmp_path / "x")) == 2
+    assert "train.epocs" in capsys.readouterr().err
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(
+        train._config_text(_cfg(tmp_path, method="ce", **{"optim.lr": 1e30, "optim.momentum": 0.0}))
+    )
+    assert train.run(train_args(huge, tmp_path / "y")) == EXIT_NONFINITE
+    err = capsys.readouterr().err
+    assert "non-finite" in err or "loss is nan" in err
+
+
+def train_args(cfg, out):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    return p.parse_args(["--config", str(cfg), "--out", str(out), "--device", "cpu"])
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    t = Trainer(_cfg(tmp_path), out, "cpu")
+    t._stop_signal = signal.SIGTERM
+    assert t.run() == EXIT_PREEMPTED
+    with pytest.raises(train.ConfigError, match="different config"):
+        Trainer(_cfg(tmp_path, **{"optim.lr": 0.01}), out, "cpu").run()
+
+
+def test_finetune_from_run_checkpoint(tmp_path):
+    pre = tmp_path / "pre"
+    assert Trainer(_cfg(tmp_path, method="ce"), pre, "cpu").run() == 0
+    cfg = _cfg(tmp_path, method="greg", **{"init.checkpoint": str(pre / "final.pt")})
+    t = Trainer(cfg, tmp_path / "ft", "cpu")
+    _assert_same(_weights(pre / "final.pt"), {k: v for k, v in t.model.state_dict().items()})
+    assert t.run() == 0
+    wrong = _cfg(tmp_path, **{"model.name": "resnet18", "init.checkpoint": str(pre / "final.pt")})
+    with pytest.raises(train.ConfigError, match="holds small_cnn"):
+        Trainer(wrong, tmp_path / "wrong", "cpu")

@@ -1,0 +1,109 @@
+# Shared helpers: config validation, run paths, which cells are implemented, the inputs of the targets.
+# The logic lives in greg.report (unit-tested); this file only wires it to Snakemake.
+
+import json
+import shlex
+
+from snakemake.utils import validate
+
+from greg import report as R
+
+
+validate(config, "../schemas/config.schema.yaml", set_default=True)
+
+RESULTS = config["results"]
+SEEDS = [int(s) for s in config["seeds"]]
+VARIANTS = sorted(config["variants"])
+# conda: paths are relative to the rule files (workflow/rules/), config paths to the repository root.
+ENV_GPU = config["envs"]["gpu"] if config["envs"]["gpu"].startswith("/") else "../../" + config["envs"]["gpu"]
+ENV_CPU = config["envs"]["cpu"] if config["envs"]["cpu"].startswith("/") else "../../" + config["envs"]["cpu"]
+TABLES = R.load_tables(config["tables"])
+UNAVAILABLE = R.registry_checker(config)
+
+
+def _check_names():
+    # Fail at parse time, naming the key, when the grid/figures reference undefined things.
+    for i, g in enumerate(config["grid"]):
+        for kind, key, known in (("dataset", "datasets", config["datasets"]), ("arch", "archs", config["archs"])):
+            for name in g[key]:
+                if name not in known:
+                    raise ValueError(f"config grid[{i}].{key}: unknown {kind} {name!r} (known: {sorted(known)})")
+        for run in g["runs"]:
+            if run not in config["variants"]:
+                raise ValueError(f"config grid[{i}].runs: unknown variant {run!r} (known: {VARIANTS})")
+
+
+_check_names()
+
+
+def run_dir(dataset, arch, run, seed):
+    return R.run_dir(RESULTS, dataset, arch, run, seed)
+
+
+def cell_ok(dataset, arch, run, detector):
+    return UNAVAILABLE({"dataset": dataset, "arch": arch, "run": run, "detector": detector}) is None
+
+
+RESOLVED = {
+    name: R.resolve_table(name, spec, config, UNAVAILABLE) for name, spec in TABLES.items()
+}
+
+
+def table_outputs(name):
+    return [f"{RESULTS}/tables/{name}.tex", f"{RESULTS}/tables/{name}.csv"]
+
+
+def rules_inputs_all_tables():
+    return [f for name in TABLES for f in table_outputs(name)]
+
+
+def figure_outputs(name):
+    return [f"{RESULTS}/figures/{name}.pdf", f"{RESULTS}/figures/{name}.png"]
+
+
+def rules_inputs_all_figures():
+    return [f for name in ("fig3", "fig4") if name in config["figures"] for f in figure_outputs(name)]
+
+
+def rules_inputs_all_runs():
+    """metrics.csv of every implemented (dataset, arch, run, detector, seed) of the grid."""
+    out = []
+    for g in config["grid"]:
+        for dataset in g["datasets"]:
+            for arch in g["archs"]:
+                cells = [("pretrain", d) for d in g["posthoc"]]
+                cells += [(run, config["variants"][run]["detector"]) for run in g["runs"]]
+                for run, det in cells:
+                    if cell_ok(dataset, arch, run, det):
+                        out += [R.eval_csv(RESULTS, dataset, arch, run, s, det) for s in SEEDS]
+    return list(dict.fromkeys(out))
+
+
+def figure_runs(name):
+    """(label, dataset, arch, run) of the implemented runs of a figure."""
+    f = config["figures"][name]
+    dataset = R.alias(config, "dataset", f["dataset"])
+    arch = R.alias(config, "arch", f["arch"])
+    det = f.get("detector", "energy")
+    return [(label, dataset, arch, run) for label, run in f["runs"].items() if cell_ok(dataset, arch, run, det)]
+
+
+def data_stamp(name):
+    return f"{config['data_root']}/.greg-ready/{name}"
+
+
+def datasets_of(dataset, with_aux):
+    ds = config["datasets"][dataset]
+    return [dataset] + ([ds["aux"]] if with_aux else []) + list(ds["ood"])
+
+
+def quote_args(args):
+    return " ".join(shlex.quote(a) for a in args)
+
+
+wildcard_constraints:
+    dataset="|".join(sorted(config["datasets"])),
+    arch="|".join(sorted(config["archs"])),
+    seed=r"\d+",
+    detector=r"[A-Za-z0-9_]+",
+    name=r"[A-Za-z0-9_]+",

@@ -1,0 +1,113 @@
+# Tables (LaTeX + CSV, one rule per paper table: `snakemake table2`) and figures (PDF + PNG), all made by
+# `greg report`. Table cells whose method/detector/model/dataset is not implemented are n/a (not built).
+
+
+rule table:
+    input:
+        lambda wc: R.table_inputs(RESOLVED[wc.table]),
+        template="workflow/templates/table.tex.j2",
+    output:
+        tex=report(
+            f"{RESULTS}/tables/{{table}}.tex",
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": "{table}", "format": "LaTeX"},
+        ),
+        csv=report(
+            f"{RESULTS}/tables/{{table}}.csv",
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": "{table}", "format": "CSV"},
+        ),
+    log:
+        f"{RESULTS}/logs/report/{{table}}.log",
+    wildcard_constraints:
+        table="|".join(sorted(TABLES)) or "no-tables",
+    params:
+        spec=lambda wc: json.dumps(RESOLVED[wc.table], sort_keys=True),
+        caption=lambda wc: RESOLVED[wc.table]["caption"],
+    conda:
+        ENV_CPU
+    shell:
+        "greg report table --spec-json {params.spec:q} --template {input.template}"
+        " --tex {output.tex} --csv {output.csv} > {log} 2>&1"
+
+
+for _name in TABLES:
+
+    rule:
+        name:
+            _name
+        input:
+            table_outputs(_name),
+        default_target: False
+
+
+def _fig3_args(wc):
+    runs = figure_runs("fig3")
+    return quote_args(
+        [a for label, d, ar, run in runs
+         for a in ("--run", f"{label}=" + ",".join(f"{run_dir(d, ar, run, s)}/metrics.jsonl" for s in SEEDS))]
+    )
+
+
+rule fig3:
+    """Energy loss and mean input-gradient norm of the score during training, with and without GReg."""
+    input:
+        lambda wc: [f"{run_dir(d, ar, run, s)}/final.pt" for _, d, ar, run in figure_runs("fig3") for s in SEEDS],
+    output:
+        pdf=report(f"{RESULTS}/figures/fig3.pdf", caption="../report/fig3.rst", category="Figures"),
+        png=f"{RESULTS}/figures/fig3.png",
+    log:
+        f"{RESULTS}/logs/report/fig3.log",
+    params:
+        runs=_fig3_args,
+        smooth=lambda wc: "" if config["figures"]["fig3"].get("smooth") is None
+        else f"--smooth {config['figures']['fig3']['smooth']}",
+    conda:
+        ENV_CPU
+    shell:
+        "greg report fig3 {params.runs} {params.smooth} --out {output.pdf} > {log} 2>&1"
+
+
+def _fig4_dirs(wc):
+    det = config["figures"]["fig4"].get("detector", "energy")
+    return {label: [f"{run_dir(d, ar, run, s)}/eval/{det}" for s in SEEDS] for label, d, ar, run in figure_runs("fig4")}
+
+
+rule fig4:
+    """Energy-score distributions of the pretrained, Energy-loss and GReg models, ID vs one OOD set."""
+    input:
+        lambda wc: [f"{p}/metrics.csv" for dirs in _fig4_dirs(wc).values() for p in dirs],
+    output:
+        pdf=report(f"{RESULTS}/figures/fig4.pdf", caption="../report/fig4.rst", category="Figures"),
+        png=f"{RESULTS}/figures/fig4.png",
+    log:
+        f"{RESULTS}/logs/report/fig4.log",
+    params:
+        models=lambda wc: quote_args(
+            [a for label, dirs in _fig4_dirs(wc).items() for a in ("--model", f"{label}=" + ",".join(dirs))]
+        ),
+        ood=lambda wc: R.alias(config, "ood", config["figures"]["fig4"]["ood"]),
+        id_label=lambda wc: config["labels"].get(R.alias(config, "dataset", config["figures"]["fig4"]["dataset"]), "ID"),
+        ood_label=lambda wc: config["labels"].get(R.alias(config, "ood", config["figures"]["fig4"]["ood"]), "OOD"),
+    conda:
+        ENV_CPU
+    shell:
+        "greg report fig4 {params.models} --ood {params.ood} --id-label {params.id_label:q}"
+        " --ood-label {params.ood_label:q} --out {output.pdf} > {log} 2>&1"
+
+
+rule all_tables:
+    input:
+        rules_inputs_all_tables(),
+
+
+rule all_figures:
+    input:
+        rules_inputs_all_figures(),
+
+
+rule all_runs:
+    input:
+        rules_inputs_all_runs(),
