@@ -105,7 +105,9 @@ def test_coral_penalty_against_numpy():
     xs = [rng.normal(size=(8, 3)), rng.normal(1.0, 2.0, size=(11, 3)), rng.normal(size=(5, 3))]
 
     def mmd(a, b):
-        return np.mean((a.mean(0) - b.mean(0)) ** 2) + np.mean((np.cov(a, rowvar=False) - np.cov(b, rowvar=False)) ** 2)
+        return np.mean((a.mean(0) - b.mean(0)) ** 2) + np.mean(
+            (np.cov(a, rowvar=False) - np.cov(b, rowvar=False)) ** 2
+        )
 
     expected = (mmd(xs[0], xs[1]) + mmd(xs[0], xs[2]) + mmd(xs[1], xs[2])) / 3
     got = P.coral_penalty([torch.from_numpy(x) for x in xs]).item()
@@ -202,36 +204,95 @@ def test_hessian_penalties_vanish_for_identical_domains():
     assert out["hess_penalty"] == 0.0 and out["grad_penalty"] == 0.0
 
 
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_cli_run_resume_and_table(tmp_path, capsys):
     from greg.cli import main
 
     out = tmp_path / "hgp"
-    base = ["dg", "run", "--dataset", "colored_digits", "--algorithm", "hgp", "--out", str(out),
-            "--steps", "3", "--device", "cpu", "--set", "mlp_width=16"]
+    base = [
+        "dg",
+        "run",
+        "--dataset",
+        "colored_digits",
+        "--algorithm",
+        "hgp",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--set",
+        "mlp_width=16",
+    ]
     assert main(base + ["--restarts", "2"]) == 0
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = _read_csv(out / "results.csv")
     assert [int(r["restart"]) for r in rows] == [0, 1]
     assert set(rows[0]) >= {"train_acc", "val_acc", "test_acc"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["n_restarts"] == 2
-    assert summary["test_acc"]["mean"] == pytest.approx(np.mean([float(r["test_acc"]) for r in rows]), abs=1e-3)
+    assert summary["test_acc"]["mean"] == pytest.approx(
+        np.mean([float(r["test_acc"]) for r in rows]), abs=1e-3
+    )
     capsys.readouterr()
     # resume: only restart 2 is trained; restarts 0-1 are kept verbatim
     assert main(base + ["--restarts", "3"]) == 0
     log = capsys.readouterr().out
     assert "restart 2" in log and "restart 0" not in log and "restart 1:" not in log
-    rows3 = list(csv.DictReader(open(out / "results.csv")))
+    rows3 = _read_csv(out / "results.csv")
     assert len(rows3) == 3 and rows3[:2] == rows
     # a different config in the same directory is refused
     with pytest.raises(SystemExit):
         main(base[:-1] + ["mlp_width=32", "--restarts", "3"])
     # table: ERM run + the HGP run
     erm = tmp_path / "erm"
-    assert main(["dg", "run", "--dataset", "colored_digits", "--algorithm", "erm", "--out", str(erm),
-                 "--steps", "2", "--restarts", "2", "--set", "mlp_width=16"]) == 0
+    assert (
+        main(
+            [
+                "dg",
+                "run",
+                "--dataset",
+                "colored_digits",
+                "--algorithm",
+                "erm",
+                "--out",
+                str(erm),
+                "--steps",
+                "2",
+                "--restarts",
+                "2",
+                "--set",
+                "mlp_width=16",
+            ]
+        )
+        == 0
+    )
     tex = tmp_path / "tables" / "dg.tex"
     assert main(["dg", "table", "--inputs", str(erm), str(out), "--out", str(tex)]) == 0
     text = tex.read_text()
     assert "HGP" in text and "ERM" in text and "\\textbf{" in text
-    table_rows = list(csv.DictReader(open(tex.with_suffix(".csv"))))
+    table_rows = _read_csv(tex.with_suffix(".csv"))
     assert [r["algorithm"] for r in table_rows] == ["erm", "hgp"]
+
+
+def test_mnist_idx_reader_offline(tmp_path):
+    import gzip
+
+    raw = tmp_path / "mnist" / "raw"
+    raw.mkdir(parents=True)
+    imgs = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    labels = np.array([7, 0, 4], dtype=np.uint8)
+    header = lambda magic, dims: b"".join(int(v).to_bytes(4, "big") for v in (magic, *dims))
+    with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header(2051, imgs.shape) + imgs.tobytes())
+    with gzip.open(raw / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(header(2049, labels.shape) + labels.tobytes())
+    x, y = datasets.load_mnist_train(tmp_path, download=False)
+    np.testing.assert_array_equal(x, imgs)
+    np.testing.assert_array_equal(y, labels)
+    with pytest.raises(FileNotFoundError):
+        datasets.load_mnist_train(tmp_path / "empty", download=False)

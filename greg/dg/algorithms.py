@@ -11,7 +11,8 @@ with ``rescale_loss`` the whole loss is divided by the weight once it exceeds 1 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from greg.dg import penalties as P
 from greg.dg.networks import DGNetwork
 from greg.registry import Registry
 
-DG_ALGORITHMS: Registry["Algorithm"] = Registry("DG algorithm")
+DG_ALGORITHMS: Registry[Algorithm] = Registry("DG algorithm")
 
 Minibatches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -264,4 +265,6 @@ def create(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> Algorithm:
-    return DG_ALGORITHMS.create(name, input_shape, num_outputs, num_domains, hparams, device=device, seed=seed)
+    return DG_ALGORITHMS.create(
+        name, input_shape, num_outputs, num_domains, hparams, device=device, seed=seed
+    )

@@ -30,8 +30,14 @@ from greg.io import atomic_write_json, atomic_write_text
 RESULT_FIELDS = ["restart", "seed", "train_acc", "val_acc", "test_acc", "seconds"]
 METRICS = ["train_acc", "val_acc", "test_acc"]
 DISPLAY = {
-    "erm": "ERM", "irm": "IRM", "vrex": "V-REx", "fishr": "Fishr", "coral": "CORAL",
-    "hgp": "HGP", "hutchinson": "Hutchinson", "oracle": "Oracle (grayscale ERM)",
+    "erm": "ERM",
+    "irm": "IRM",
+    "vrex": "V-REx",
+    "fishr": "Fishr",
+    "coral": "CORAL",
+    "hgp": "HGP",
+    "hutchinson": "Hutchinson",
+    "oracle": "Oracle (grayscale ERM)",
 }
 ORDER = list(DISPLAY)
 
@@ -107,8 +113,12 @@ def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def summarize(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "dataset": config["dataset"], "algorithm": config["algorithm"], "hparams": config["hparams"],
-        "steps": config["steps"], "n_restarts": len(rows), "complete": len(rows) >= config["restarts"],
+        "dataset": config["dataset"],
+        "algorithm": config["algorithm"],
+        "hparams": config["hparams"],
+        "steps": config["steps"],
+        "n_restarts": len(rows),
+        "complete": len(rows) >= config["restarts"],
     }
     for m in METRICS:
         v = np.array([r[m] for r in rows], dtype=float)
@@ -125,23 +135,37 @@ def run_command(args: argparse.Namespace) -> int:
     from greg.dg.algorithms import DG_ALGORITHMS
     from greg.dg.train import train_restart
 
-    DG_ALGORITHMS.get(args.algorithm)  # fail early with the list of names
-    datasets.DG_DATASETS.get(args.dataset)
-    hparams = _parse_set(args.set, hparams_registry.get_hparams(args.algorithm, args.dataset, args.hparams_seed))
+    try:  # fail early with the list of known names
+        DG_ALGORITHMS.get(args.algorithm)
+        datasets.DG_DATASETS.get(args.dataset)
+    except KeyError as e:
+        raise SystemExit(f"greg dg run: {e.args[0]}") from None
+    hparams = _parse_set(
+        args.set, hparams_registry.get_hparams(args.algorithm, args.dataset, args.hparams_seed)
+    )
     steps = args.steps if args.steps is not None else datasets.DEFAULT_STEPS.get(args.dataset, 501)
     config = {
-        "dataset": args.dataset, "algorithm": args.algorithm, "hparams": hparams, "hparams_seed": args.hparams_seed,
-        "steps": steps, "seed": args.seed, "restarts": args.restarts,
+        "dataset": args.dataset,
+        "algorithm": args.algorithm,
+        "hparams": hparams,
+        "hparams_seed": args.hparams_seed,
+        "steps": steps,
+        "seed": args.seed,
+        "restarts": args.restarts,
     }
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text(encoding="utf-8"))
-        same = {k: v for k, v in old.items() if k != "restarts"} == {k: v for k, v in config.items() if k != "restarts"}
+        same = {k: v for k, v in old.items() if k != "restarts"} == {
+            k: v for k, v in config.items() if k != "restarts"
+        }
         if not same:
-            raise SystemExit(f"{cfg_path}: existing run has a different config; use another --out.\n"
-                             f"  existing: {old}\n  new:      {config}")
+            raise SystemExit(
+                f"{cfg_path}: existing run has a different config; use another --out.\n"
+                f"  existing: {old}\n  new:      {config}"
+            )
     atomic_write_json(cfg_path, config)
 
     device = resolve_device(args.device)
@@ -156,13 +180,18 @@ def run_command(args: argparse.Namespace) -> int:
         row.update({"restart": restart, "seed": seed})
         rows.append(row)
         write_results(out / "results.csv", rows)
-        print(f"[dg] {args.algorithm} restart {restart}: train {row['train_acc']:.2f} "
-              f"val {row['val_acc']:.2f} test {row['test_acc']:.2f} ({row['seconds']:.1f}s)", flush=True)
+        print(
+            f"[dg] {args.algorithm} restart {restart}: train {row['train_acc']:.2f} "
+            f"val {row['val_acc']:.2f} test {row['test_acc']:.2f} ({row['seconds']:.1f}s)",
+            flush=True,
+        )
     write_results(out / "results.csv", rows)
     summary = summarize(rows, config)
     atomic_write_json(out / "summary.json", summary)
-    print(f"[dg] {args.algorithm} on {args.dataset}: test {summary['test_acc']['mean']:.2f} "
-          f"± {summary['test_acc']['std']:.2f} over {len(rows)} restarts -> {out}")
+    print(
+        f"[dg] {args.algorithm} on {args.dataset}: test {summary['test_acc']['mean']:.2f} "
+        f"± {summary['test_acc']['std']:.2f} over {len(rows)} restarts -> {out}"
+    )
     return 0
 
 
@@ -187,7 +216,7 @@ def select_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (r["dataset"], r["algorithm"])
         if key not in best or r["val_acc"]["mean"] > best[key]["val_acc"]["mean"]:
             best[key] = r
-    rank = lambda a: ORDER.index(a) if a in ORDER else len(ORDER)  # noqa: E731
+    rank = lambda a: ORDER.index(a) if a in ORDER else len(ORDER)
     return sorted(best.values(), key=lambda r: (r["dataset"], rank(r["algorithm"]), r["algorithm"]))
 
 
@@ -198,16 +227,25 @@ def render_table(runs: list[dict[str, Any]], caption: str | None = None) -> tupl
         if r["algorithm"] != "oracle":
             best_test[r["dataset"]] = max(best_test.get(r["dataset"], -math.inf), r["test_acc"]["mean"])
     cols = ["Train acc.", "Val. acc.", "Test acc."]
-    caption = caption or "Domain generalization: test-environment accuracy (\\%), mean $\\pm$ std over restarts."
+    caption = (
+        caption or "Domain generalization: test-environment accuracy (\\%), mean $\\pm$ std over restarts."
+    )
     lines = [
-        "\\begin{table}[t]", "\\centering", "\\caption{" + caption + "}",
-        "\\begin{tabular}{ll" + "c" * len(cols) + "}", "\\toprule",
-        "Dataset & Algorithm & " + " & ".join(cols) + " \\\\", "\\midrule",
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\caption{" + caption + "}",
+        "\\begin{tabular}{ll" + "c" * len(cols) + "}",
+        "\\toprule",
+        "Dataset & Algorithm & " + " & ".join(cols) + " \\\\",
+        "\\midrule",
     ]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["dataset", "algorithm", "n_restarts"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-               + ["path"])
+    w.writerow(
+        ["dataset", "algorithm", "n_restarts"]
+        + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+        + ["path"]
+    )
     for r in runs:
         cells = []
         for m in METRICS:
@@ -219,8 +257,11 @@ def render_table(runs: list[dict[str, Any]], caption: str | None = None) -> tupl
         name = DISPLAY.get(r["algorithm"], r["algorithm"])
         dataset = r["dataset"].replace("_", "\\_")
         lines.append(f"{dataset} & {name} & " + " & ".join(cells) + " \\\\")
-        w.writerow([r["dataset"], r["algorithm"], r["n_restarts"]]
-                   + [f"{r[m][s]:.4f}" for m in METRICS for s in ("mean", "std")] + [r["path"]])
+        w.writerow(
+            [r["dataset"], r["algorithm"], r["n_restarts"]]
+            + [f"{r[m][s]:.4f}" for m in METRICS for s in ("mean", "std")]
+            + [r["path"]]
+        )
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
     return "\n".join(lines) + "\n", buf.getvalue()
 

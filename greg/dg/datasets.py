@@ -22,9 +22,9 @@ import gzip
 import hashlib
 import shutil
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -48,7 +48,12 @@ MNIST_RESOURCES = {
 }
 
 # Training steps of the protocol (full batch): IRM uses 501 for Colored MNIST; see docs/DG.md.
-DEFAULT_STEPS = {"colored_mnist": 501, "colored_mnist_ls": 501, "colored_digits": 501, "colored_digits_ls": 501}
+DEFAULT_STEPS = {
+    "colored_mnist": 501,
+    "colored_mnist_ls": 501,
+    "colored_digits": 501,
+    "colored_digits_ls": 501,
+}
 
 Env = tuple[torch.Tensor, torch.Tensor]
 
@@ -65,8 +70,8 @@ class DGEnvironments:
     num_outputs: int = 1  # one logit, BCE (IRM protocol)
     info: dict = field(default_factory=dict)
 
-    def to(self, device: str | torch.device) -> "DGEnvironments":
-        mv = lambda e: (e[0].to(device), e[1].to(device))  # noqa: E731
+    def to(self, device: str | torch.device) -> DGEnvironments:
+        mv = lambda e: (e[0].to(device), e[1].to(device))
         return DGEnvironments(
             self.name,
             [mv(e) for e in self.train],
@@ -83,7 +88,10 @@ DG_DATASETS: Registry[DGEnvironments] = Registry("DG dataset")
 
 # ---------------------------------------------------------------------------------------- construction
 def color_environment(
-    images: np.ndarray, digits: np.ndarray, color_flip: float, rng: np.random.Generator,
+    images: np.ndarray,
+    digits: np.ndarray,
+    color_flip: float,
+    rng: np.random.Generator,
     label_noise: float = LABEL_NOISE,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IRM ``make_environment``: returns ``(x N x 2 x H x W float32, y int64, colour int64)``."""
@@ -99,9 +107,9 @@ def subsample_prior(y: np.ndarray, prior: float, rng: np.random.Generator) -> np
     """Indices of the largest subset of ``y`` whose fraction of ones is ``prior`` (sorted)."""
     ones, zeros = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     if len(ones) / max(len(y), 1) > prior:
-        ones = rng.choice(ones, int(round(prior / (1 - prior) * len(zeros))), replace=False)
+        ones = rng.choice(ones, round(prior / (1 - prior) * len(zeros)), replace=False)
     else:
-        zeros = rng.choice(zeros, int(round((1 - prior) / prior * len(ones))), replace=False)
+        zeros = rng.choice(zeros, round((1 - prior) / prior * len(ones)), replace=False)
     return np.sort(np.concatenate([ones, zeros]))
 
 
@@ -123,7 +131,7 @@ def build_environments(
     ]
     envs, info = [], {"color_flips": [p[2] for p in pools], "label_noise": LABEL_NOISE}
     for k, (imgs, digs, flip) in enumerate(pools):
-        x, y, c = color_environment(imgs, digs, flip, rng)
+        x, y, _ = color_environment(imgs, digs, flip, rng)
         if label_shift:
             keep = subsample_prior(y, LABEL_SHIFT_PRIORS[k], rng)
             x, y = x[keep], y[keep]
@@ -133,7 +141,7 @@ def build_environments(
     train, val = [], []
     for x, y in envs[:2]:
         perm = torch.from_numpy(rng.permutation(len(y)))
-        n_val = int(round(HOLDOUT_FRACTION * len(y)))
+        n_val = round(HOLDOUT_FRACTION * len(y))
         val.append((x[perm[:n_val]], y[perm[:n_val]]))
         train.append((x[perm[n_val:]], y[perm[n_val:]]))
     return DGEnvironments(name, train, val, envs[2], tuple(envs[0][0].shape[1:]), 1, info)
@@ -196,7 +204,7 @@ def download_mnist(root: str | Path, files: tuple[str, ...] | None = None) -> Pa
                     if got != md5:
                         raise ValueError(f"md5 mismatch for {mirror + fname}: got {got}, expected {md5}")
                 break
-            except Exception as e:  # try the next mirror
+            except Exception as e:  # noqa: BLE001 - any failure: try the next mirror
                 errors.append(f"{mirror + fname}: {e}")
         else:
             raise RuntimeError(f"cannot download MNIST file {fname} to {dest}:\n  " + "\n  ".join(errors))
@@ -229,11 +237,16 @@ def load_mnist_train(root: str | Path, download: bool = True) -> tuple[np.ndarra
 
 def _colored_mnist(seed: int, root: str | Path | None, label_shift: bool) -> DGEnvironments:
     images, labels = load_mnist_train(root or "data")
-    images = (images[:, ::2, ::2].astype(np.float32) / 255.0)
+    images = images[:, ::2, ::2].astype(np.float32) / 255.0
     perm = np.random.default_rng(seed).permutation(50_000)  # IRM shuffles only the first 50k
     name = "colored_mnist_ls" if label_shift else "colored_mnist"
     return build_environments(
-        name, images[:50_000][perm], labels[:50_000][perm], images[50_000:], labels[50_000:], seed + 1,
+        name,
+        images[:50_000][perm],
+        labels[:50_000][perm],
+        images[50_000:],
+        labels[50_000:],
+        seed + 1,
         label_shift,
     )
 

@@ -8,14 +8,16 @@ Colored datasets (``colored_mnist``, ``colored_digits`` and their label-shift va
 Colored-MNIST protocol (Arjovsky et al. 2019; reused by Fishr and the Hessian-alignment code): full-batch
 Adam, lr 4.8985e-4, explicit L2 1.1079e-3, MLP hidden 390, penalty weight 91257.19 switched on at step
 190, the whole loss divided by the penalty weight once it exceeds 1. ``colored_digits`` shrinks the MLP
-(see ``COLORED_DIGITS_OVERRIDES``) because its 8x8 images carry 128 inputs instead of 392.
+(width 32, L2 1e-2; ``COLORED_DIGITS_OVERRIDES``): with 1 797 images the 390-wide MLP memorizes
+the training environments (train accuracy 99.5 %) and every penalty reaches zero.
 Other datasets fall back to DomainBed's defaults (lr 1e-3, batch 64, DomainBed penalty weights).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -30,10 +32,14 @@ IRM_PROTOCOL = {
     "penalty_weight": 91257.18613115903,
 }
 # The colored_digits config (documented in docs/DG.md): smaller images, fewer samples.
-COLORED_DIGITS_OVERRIDES = {"mlp_width": 128}
+COLORED_DIGITS_OVERRIDES = {"mlp_width": 32, "l2": 0.01}
 
 # Hessian-alignment released defaults (ICCV 2023 code): HGP alpha 1e-4 beta 5e-3, Hutchinson alpha 1e-3.
 HESSIAN_DEFAULTS = {"hgp": (1e-4, 5e-3), "hutchinson": (1e-3, 5e-3)}
+# Not known from the paper: the post-anneal multiplier of (alpha * hess + beta * grad) on the colored
+# datasets. 1e7 (~ IRM weight / beta) is our documented default; with the IRM weight 9.1e4 the
+# alignment term is ~1e-3 of the NLL after rescaling and HGP stays at ERM level (docs/DG.md).
+HESSIAN_COLORED_PENALTY_WEIGHT = 1e7
 
 
 def seed_hash(*args: Any) -> int:
@@ -54,9 +60,10 @@ def _hparams(algorithm: str, dataset: str, random_seed: int) -> dict[str, tuple[
     colored = dataset in COLORED_DATASETS
     # ---- shared
     if colored:
-        width = COLORED_DIGITS_OVERRIDES["mlp_width"] if dataset.startswith("colored_digits") else 390
+        base = IRM_PROTOCOL | (COLORED_DIGITS_OVERRIDES if dataset.startswith("colored_digits") else {})
+        width = base["mlp_width"]
         define("lr", IRM_PROTOCOL["lr"], lambda r: float(10 ** r.uniform(-4.0, -2.5)))
-        define("l2", IRM_PROTOCOL["l2"], lambda r: float(10 ** r.uniform(-5.0, -2.0)))
+        define("l2", base["l2"], lambda r: float(10 ** r.uniform(-5.0, -1.5)))
         define("weight_decay", 0.0, lambda r: 0.0)
         define("mlp_width", width, lambda r: int(2 ** r.uniform(6, 9)))
         define("batch_size", 0, lambda r: 0)  # 0 = full batch (IRM protocol)
@@ -95,7 +102,11 @@ def _hparams(algorithm: str, dataset: str, random_seed: int) -> dict[str, tuple[
         define("alpha", a, lambda r: float(10 ** r.uniform(-5, -2)))
         define("beta", b, lambda r: float(10 ** r.uniform(-4, -1)))
         # Loss = ERM + w * (alpha * hess_pen + beta * grad_pen), w = 1 until anneal, then penalty_weight.
-        define("penalty_weight", big_weight if colored else 1.0, lambda r: float(10 ** r.uniform(0, 5)))
+        define(
+            "penalty_weight",
+            HESSIAN_COLORED_PENALTY_WEIGHT if colored else 1.0,
+            lambda r: float(10 ** r.uniform(0, 8)),
+        )
         define("penalty_anneal_iters", anneal_default if colored else 0, anneal_random)
         if algorithm == "hutchinson":
             define("hutchinson_draws", 100, lambda r: 100)

@@ -7,7 +7,7 @@ All outputs stay differentiable (``create_graph=True``) so the penalty can be mi
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

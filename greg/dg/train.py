@@ -17,7 +17,7 @@ from greg.dg.penalties import accuracy
 def evaluate(alg: algorithms.Algorithm, envs: DGEnvironments) -> dict[str, float]:
     """Train / val accuracy = mean over the training environments (IRM / DomainBed), test = test env."""
     alg.eval()
-    acc = lambda e: accuracy(alg.predict(e[0]), e[1])  # noqa: E731
+    acc = lambda e: accuracy(alg.predict(e[0]), e[1])
     out = {
         "train_acc": sum(acc(e) for e in envs.train) / len(envs.train),
         "val_acc": sum(acc(e) for e in envs.val) / len(envs.val),

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from greg.methods import ce, energy, greg, greg_plus, oe, sam_finetune  # noqa: F401  (registers the methods)
+from greg.methods import (  # noqa: F401  (registers the methods)
+    ce,
+    dos,
+    energy,
+    greg,
+    greg_plus,
+    oe,
+    openmix,
+    poem,
+    sam_finetune,
+)
 from greg.methods._registry import METHODS
 from greg.methods.base import Batch, Method
 from greg.methods.grad_reg import score_input_grad_norm

@@ -1,6 +1,6 @@
 """Auxiliary-outlier sampling: k-means backends, per-cluster selection, the GReg+ / DOS cluster sampler."""
 
-from greg.sampling.kmeans import KMEANS, KMeansResult, inertia_of, kmeans
+from greg.sampling.clustering import KMEANS, KMeansResult, inertia_of, kmeans
 from greg.sampling.sampler import ClusterSampler, EnergyClusterSampler
 from greg.sampling.select import select_from_clusters
 

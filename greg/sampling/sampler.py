@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from greg import scores as score_fns
-from greg.sampling.kmeans import kmeans
+from greg.sampling.clustering import kmeans
 from greg.sampling.select import select_from_clusters
 
 

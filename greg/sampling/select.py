@@ -40,7 +40,9 @@ def select_from_clusters(
     n = scores.shape[0]
     dev = scores.device
     if n_total is not None and not 0 <= n_total <= n:
-        raise ValueError(f"select_from_clusters: n_total={n_total} must be in [0, {n}] (the number of candidates)")
+        raise ValueError(
+            f"select_from_clusters: n_total={n_total} must be in [0, {n}] (the number of candidates)"
+        )
     if bool(torch.isnan(scores).any()):
         raise ValueError("select_from_clusters: scores contain NaN")
     labels = labels.to(dev)

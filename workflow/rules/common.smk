@@ -2,6 +2,7 @@
 # The logic lives in greg.report (unit-tested); this file only wires it to Snakemake.
 
 import json
+import os
 import shlex
 
 from snakemake.utils import validate
@@ -15,8 +16,8 @@ RESULTS = config["results"]
 SEEDS = [int(s) for s in config["seeds"]]
 VARIANTS = sorted(config["variants"])
 # conda: paths are relative to the rule files (workflow/rules/), config paths to the repository root.
-ENV_GPU = config["envs"]["gpu"] if config["envs"]["gpu"].startswith("/") else "../../" + config["envs"]["gpu"]
-ENV_CPU = config["envs"]["cpu"] if config["envs"]["cpu"].startswith("/") else "../../" + config["envs"]["cpu"]
+ENV_GPU = os.path.join("../..", config["envs"]["gpu"])  # join keeps an absolute config path as it is
+ENV_CPU = os.path.join("../..", config["envs"]["cpu"])
 TABLES = R.load_tables(config["tables"])
 UNAVAILABLE = R.registry_checker(config)
 
@@ -99,6 +100,32 @@ def datasets_of(dataset, with_aux):
 
 def quote_args(args):
     return " ".join(shlex.quote(a) for a in args)
+
+
+def train_inputs(wc):
+    spec = R.run_spec(config, wc.run, wc.dataset)
+    ins = {"data": [data_stamp(wc.dataset), data_stamp(config["datasets"][wc.dataset]["aux"])],
+           "presets": spec["configs"]}
+    if spec["init"] == "pretrain":
+        ins["init"] = f"{run_dir(wc.dataset, wc.arch, 'pretrain', wc.seed)}/final.pt"
+    return ins
+
+
+def fig3_args(wc):
+    runs = figure_runs("fig3")
+    args = []
+    for label, d, ar, run in runs:
+        logs = ",".join(f"{run_dir(d, ar, run, s)}/metrics.jsonl" for s in SEEDS)
+        args += ["--run", f"{label}={logs}"]
+    return quote_args(args)
+
+
+def fig4_dirs(wc):
+    det = config["figures"]["fig4"].get("detector", "energy")
+    return {
+        label: [f"{run_dir(d, ar, run, s)}/eval/{det}" for s in SEEDS]
+        for label, d, ar, run in figure_runs("fig4")
+    }
 
 
 wildcard_constraints:

@@ -9,7 +9,7 @@ rule download:
     log:
         f"{RESULTS}/logs/download/{{name}}.log",
     params:
-        root=config["data_root"],
+        root=lambda wc, output: os.path.dirname(os.path.dirname(output[0])),
     conda:
         ENV_CPU
     shell:

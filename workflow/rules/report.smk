@@ -43,13 +43,6 @@ for _name in TABLES:
         default_target: False
 
 
-def _fig3_args(wc):
-    runs = figure_runs("fig3")
-    return quote_args(
-        [a for label, d, ar, run in runs
-         for a in ("--run", f"{label}=" + ",".join(f"{run_dir(d, ar, run, s)}/metrics.jsonl" for s in SEEDS))]
-    )
-
 
 rule fig3:
     """Energy loss and mean input-gradient norm of the score during training, with and without GReg."""
@@ -61,7 +54,7 @@ rule fig3:
     log:
         f"{RESULTS}/logs/report/fig3.log",
     params:
-        runs=_fig3_args,
+        runs=fig3_args,
         smooth=lambda wc: "" if config["figures"]["fig3"].get("smooth") is None
         else f"--smooth {config['figures']['fig3']['smooth']}",
     conda:
@@ -70,15 +63,11 @@ rule fig3:
         "greg report fig3 {params.runs} {params.smooth} --out {output.pdf} > {log} 2>&1"
 
 
-def _fig4_dirs(wc):
-    det = config["figures"]["fig4"].get("detector", "energy")
-    return {label: [f"{run_dir(d, ar, run, s)}/eval/{det}" for s in SEEDS] for label, d, ar, run in figure_runs("fig4")}
-
 
 rule fig4:
     """Energy-score distributions of the pretrained, Energy-loss and GReg models, ID vs one OOD set."""
     input:
-        lambda wc: [f"{p}/metrics.csv" for dirs in _fig4_dirs(wc).values() for p in dirs],
+        lambda wc: [f"{p}/metrics.csv" for dirs in fig4_dirs(wc).values() for p in dirs],
     output:
         pdf=report(f"{RESULTS}/figures/fig4.pdf", caption="../report/fig4.rst", category="Figures"),
         png=f"{RESULTS}/figures/fig4.png",
@@ -86,7 +75,7 @@ rule fig4:
         f"{RESULTS}/logs/report/fig4.log",
     params:
         models=lambda wc: quote_args(
-            [a for label, dirs in _fig4_dirs(wc).items() for a in ("--model", f"{label}=" + ",".join(dirs))]
+            [a for label, dirs in fig4_dirs(wc).items() for a in ("--model", f"{label}=" + ",".join(dirs))]
         ),
         ood=lambda wc: R.alias(config, "ood", config["figures"]["fig4"]["ood"]),
         id_label=lambda wc: config["labels"].get(R.alias(config, "dataset", config["figures"]["fig4"]["dataset"]), "ID"),

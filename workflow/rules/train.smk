@@ -2,18 +2,10 @@
 # contract as pretrain.smk: only final.pt is declared, state.pt and metrics.jsonl survive a requeue.
 
 
-def _train_inputs(wc):
-    spec = R.run_spec(config, wc.run, wc.dataset)
-    ins = {"data": [data_stamp(wc.dataset), data_stamp(config["datasets"][wc.dataset]["aux"])],
-           "presets": spec["configs"]}
-    if spec["init"] == "pretrain":
-        ins["init"] = f"{run_dir(wc.dataset, wc.arch, 'pretrain', wc.seed)}/final.pt"
-    return ins
-
 
 rule train:
     input:
-        unpack(_train_inputs),
+        unpack(train_inputs),
     output:
         f"{RESULTS}/{{dataset}}/{{arch}}/{{run}}/seed{{seed}}/final.pt",
     log:

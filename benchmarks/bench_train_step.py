@@ -1,0 +1,215 @@
+"""Training-step and k-means cost ratios, measured side by side in one run (not part of the tests).
+
+(a) GReg step / plain energy-loss step: forward + backward + SGD step on the same model and batch
+    (``greg.methods`` "greg" vs "energy"; the GReg step adds the double backprop of L_grad). Target <= 2.6.
+(b) our GReg step / the official one reimplemented below: the released code computes L_grad with
+    ``torch.autograd.functional.jacobian`` of the summed hinge objective w.r.t. the input, which runs a
+    SECOND forward of the network (``create_graph=True``); ours reuses the training forward. Target <= 0.85.
+(c) each ``greg.sampling`` k-means backend / scikit-learn ``KMeans(n_init=3)`` (the released GReg+ code) on
+    384 x 342 L2-normalized features into 64 clusters, with the inertia ratio. Target: torch <= 0.1 at
+    inertia within 2 %.
+
+The candidates of each comparison run round-robin inside every repeat (so load changes on a shared machine
+hit all of them alike), after warm-up; the ratios are of median times.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_train_step.py --device cpu --model densenet100 --batch 16
+    python benchmarks/bench_train_step.py --model small_cnn --repeats 5          # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from greg import methods, models
+from greg.sampling import kmeans
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def race(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device) -> dict:
+    """Median seconds of each function; all run once per round, in turn."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ------------------------------------------------------------------------------ the official GReg step
+
+
+def official_greg_loss(
+    model: nn.Module, x_id: torch.Tensor, y_id: torch.Tensor, x_aux: torch.Tensor, hp: dict
+) -> torch.Tensor:
+    """GReg's loss as the released code computes it: the training forward gives CE + energy loss, then
+    ``torch.autograd.functional.jacobian(objective, x, create_graph=True)`` re-runs the network on ``x`` to
+    get ``G = dJ/dx`` of ``J = -mean_ID relu(m_in - S) + mean_aux relu(S - m_out)``;
+    ``L_grad = mean_i ||G_i||``. Both forwards in train mode (batch norm sees ID and aux together twice)."""
+    n_id = x_id.shape[0]
+    m_in, m_out = float(hp["m_in"]), float(hp["m_out"])
+    x = torch.cat([x_id, x_aux], dim=0)
+    logits = model(x)
+    s = -torch.logsumexp(logits, dim=1)
+    ce = F.cross_entropy(logits[:n_id], y_id)
+    l_s = torch.relu(s[:n_id] - m_in).pow(2).mean() + torch.relu(m_out - s[n_id:]).pow(2).mean()
+
+    def objective(inp: torch.Tensor) -> torch.Tensor:
+        s2 = -torch.logsumexp(model(inp), dim=1)
+        return -torch.relu(m_in - s2[:n_id]).mean() + torch.relu(s2[n_id:] - m_out).mean()
+
+    g = torch.autograd.functional.jacobian(objective, x, create_graph=True)  # same shape as x
+    l_grad = g.flatten(1).norm(p=2, dim=1).mean()
+    return ce + float(hp["lambda_S"]) * l_s + float(hp["lambda_grad"]) * l_grad
+
+
+# ----------------------------------------------------------------------------------------- the steps
+
+
+def make_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> Callable[[], None]:
+    """forward + backward + SGD step of ``loss_fn(model)`` on ``model`` (a private copy per candidate).
+
+    ``lr=0``: the update arithmetic runs as usual but the weights stay put, so every repeat times the same
+    computation (a random-init network on random inputs would otherwise diverge within a few steps).
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    torch.manual_seed(0)
+    base = models.create(args.model, num_classes=10).to(device).train()
+    b = args.batch
+    x_id = torch.randn(b, 3, 32, 32, device=device)
+    y_id = torch.randint(0, 10, (b,), device=device)
+    x_aux = torch.randn(2 * b, 3, 32, 32, device=device)
+    batch = {"x_id": x_id, "y_id": y_id, "x_aux": x_aux}
+    greg, energy = methods.create("greg"), methods.create("energy")
+    assert float(greg.hparams["lambda_grad"]) > 0 and float(energy.hparams["lambda_grad"]) == 0
+    # Ours and the official step compute the same objective (train mode: batch statistics in both).
+    ours = greg.compute_loss(copy.deepcopy(base), batch)["total"].item()
+    theirs = official_greg_loss(copy.deepcopy(base), x_id, y_id, x_aux, greg.hparams).item()
+    print(f"loss check (train mode): ours {ours:.6f}  official {theirs:.6f}")
+    steps = {
+        "energy": make_step(copy.deepcopy(base), lambda m: energy.compute_loss(m, batch)["total"]),
+        "greg": make_step(copy.deepcopy(base), lambda m: greg.compute_loss(m, batch)["total"]),
+        "greg_official": make_step(
+            copy.deepcopy(base), lambda m: official_greg_loss(m, x_id, y_id, x_aux, greg.hparams)
+        ),
+    }
+    return race(steps, args.warmup, args.repeats, device)
+
+
+# --------------------------------------------------------------------------------------------- k-means
+
+
+def kmeans_features(kind: str, seed: int, n: int = 384, d: int = 342) -> torch.Tensor:
+    """L2-normalized features of the GReg+ candidate shape: isotropic Gaussian, or ReLU'd noisy blobs
+    (40 centres; closer to pooled post-ReLU network features)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        x = torch.randn(n, d, generator=g)
+    else:
+        centres = torch.randn(40, d, generator=g)
+        x = torch.relu(
+            centres[torch.randint(0, 40, (n,), generator=g)] * 0.5 + 0.6 * torch.randn(n, d, generator=g)
+        )
+    return F.normalize(x, dim=1)
+
+
+def bench_kmeans(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    backends = ("torch", "faiss", "sklearn")
+    for kind in ("random", "blob"):
+        times: dict[str, list[float]] = {b: [] for b in backends}
+        inertia: dict[str, list[float]] = {b: [] for b in backends}
+        for seed in range(args.kmeans_datasets):
+            x = kmeans_features(kind, seed).to(device)
+            for r in range(args.warmup + args.kmeans_repeats):
+                for backend in backends:
+                    _sync(device)
+                    t = time.perf_counter()
+                    res = kmeans(x, 64, backend=backend, seed=r)
+                    _sync(device)
+                    if r >= args.warmup:
+                        times[backend].append(time.perf_counter() - t)
+                        inertia[backend].append(res.inertia)
+        ref_t = statistics.median(times["sklearn"])
+        for backend in backends:
+            ratios = [a / b for a, b in zip(inertia[backend], inertia["sklearn"])]
+            out[f"{kind}/{backend}"] = {
+                "ms": 1e3 * statistics.median(times[backend]),
+                "time_ratio": statistics.median(times[backend]) / ref_t,
+                "inertia_ratio_mean": statistics.mean(ratios),
+                "inertia_ratio_max": max(ratios),
+            }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--model", default="densenet100", help="densenet100 (default) or small_cnn for a quick run"
+    )
+    p.add_argument("--batch", type=int, default=16, help="ID batch; the auxiliary batch is twice that")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of the training steps")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--kmeans-repeats", type=int, default=5, help="timed seeds per k-means data set")
+    p.add_argument("--kmeans-datasets", type=int, default=2, help="data sets per kind (random, blob)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
+    p.add_argument("--skip-steps", action="store_true")
+    p.add_argument("--skip-kmeans", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, model {args.model}, "
+        f"batch {args.batch}+{2 * args.batch}, repeats {args.repeats}, warmup {args.warmup}"
+    )
+    if not args.skip_steps:
+        t = bench_steps(args, device)
+        print("\ntraining step (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
+        print(f"(a) GReg / energy step       = {t['greg'] / t['energy']:.2f}   (target <= 2.6)")
+        print(f"(b) GReg / official GReg step = {t['greg'] / t['greg_official']:.2f}   (target <= 0.85)")
+    if not args.skip_kmeans:
+        res = bench_kmeans(args, device)
+        print(
+            "\n(c) k-means 384 x 342 -> 64 clusters, vs sklearn KMeans(n_init=3)   (target: torch <= 0.1, "
+            "inertia within 2 %)"
+        )
+        print(
+            f"{'data/backend':<16}{'median ms':>10}{'time ratio':>12}{'inertia mean':>14}{'inertia max':>13}"
+        )
+        for name, r in res.items():
+            print(
+                f"{name:<16}{r['ms']:>10.1f}{r['time_ratio']:>12.3f}{r['inertia_ratio_mean']:>14.4f}"
+                f"{r['inertia_ratio_max']:>13.4f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""DOS (Jiang, Cheng, Chen, Wang & Wei, "DOS: Diverse Outlier Sampling for Out-of-Distribution Detection",
+ICLR 2024).
+
+Facts from the released code (github.com/lygjwy/DOS, ``train_diverse.py``):
+
+- a (K+1)-class network; the extra class is "absent" (OOD);
+- per step ``round(300000 / 50000 * 64) = 384`` candidate outliers are scored in eval mode without grad:
+  absent-class probability ``softmax(f)_{K+1}`` and the L2-normalized penultimate features;
+- K-Means (scikit-learn, ``num_cluster = 64``) on the normalized features; from each cluster the
+  candidate with the LOWEST absent-class probability (the hardest, most ID-like outlier); a random fill
+  (without repeats) up to 64 outliers;
+- ``loss = CE(f(x_id), y) + beta * CE(f(x_ood), K)``, ``beta = 1``, one forward of ``[x_id; x_ood]``;
+- SGD LR 0.1, Nesterov, momentum 0.9, weight decay 1e-4, 100 epochs, LR x0.1 at 50 / 75 / 90 % of the
+  epochs, batch 64.
+
+The selection is ``greg.sampling.ClusterSampler(score="absent_class", two_way=False)``, the same sampler as
+GReg+ with the other criterion. Difference: with fewer clusters than outliers (``k < n_selected``) DOS takes
+the ``n_selected // k`` lowest of each cluster, the sampler takes one per cluster and fills at random
+(identical at the default ``k = n_selected = 64``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from greg.methods._registry import METHODS
+from greg.methods.base import Batch, Method
+
+
+def absent_class_loss(
+    logits_id: torch.Tensor, y_id: torch.Tensor, logits_ood: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(total, ce_id, ce_ood)`` with ``total = CE(logits_id, y) + beta * CE(logits_ood, K)``, K = last class."""
+    ce = F.cross_entropy(logits_id, y_id)
+    k = logits_ood.shape[1] - 1
+    target = torch.full((logits_ood.shape[0],), k, dtype=torch.long, device=logits_ood.device)
+    ce_ood = F.cross_entropy(logits_ood, target) if len(logits_ood) else logits_ood.sum()
+    return ce + beta * ce_ood, ce, ce_ood
+
+
+@METHODS.register("dos")
+class DOS(Method):
+    """``L = CE(x_id, y) + beta * CE(x_aux[sel], K)``; ``sel`` = per K-Means cluster of the candidates'
+    normalized features, the lowest absent-class probability, then a random fill up to ``n_selected``.
+
+    Hparams: ``beta`` [1], ``n_clusters`` [64] (None: a random choice, no clustering), ``n_selected`` [64],
+    ``kmeans_backend`` (``greg.sampling.KMEANS``: torch / faiss / sklearn [released code]),
+    ``kmeans_n_init`` [5, REFERENCE.md], ``kmeans_kwargs`` (extra backend arguments), ``seed`` of the CPU
+    generator for the k-means seeds and the fill (state in :meth:`state_dict`).
+    """
+
+    name = "dos"
+    defaults: ClassVar[dict[str, Any]] = {
+        "beta": 1.0,
+        "n_clusters": 64,
+        "n_selected": 64,
+        "kmeans_backend": "torch",
+        "kmeans_n_init": 5,
+        "kmeans_kwargs": None,
+        "seed": 0,
+    }
+    needs_aux = True
+    extra_classes = 1
+    detector = "absent_class"
+
+    def __init__(self, **hparams: Any):
+        super().__init__(**hparams)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(int(self.hparams["seed"]))
+        self._sampler: Any = None
+        self.last_selected: torch.Tensor | None = None
+
+    def validate(self) -> None:
+        hp = self.hparams
+        k, n = hp["n_clusters"], hp["n_selected"]
+        if int(n) < 1:
+            raise ValueError(f"method {self.name!r}: n_selected must be >= 1, got {n!r}")
+        if k is not None and not 1 <= int(k) <= int(n):
+            raise ValueError(
+                f"method {self.name!r}: n_clusters must be None or in [1, n_selected={n}], got {k!r}"
+            )
+        if int(hp["kmeans_n_init"]) < 1:
+            raise ValueError(f"method {self.name!r}: kmeans_n_init must be >= 1, got {hp['kmeans_n_init']!r}")
+        if float(hp["beta"]) < 0:
+            raise ValueError(f"method {self.name!r}: beta must be >= 0, got {hp['beta']!r}")
+
+    @property
+    def sampler(self) -> Any:
+        """``ClusterSampler(k, n_selected, two_way=False, score="absent_class")``, built on first use."""
+        if self._sampler is None:
+            from greg.sampling import ClusterSampler
+
+            hp = self.hparams
+            self._sampler = ClusterSampler(
+                None if hp["n_clusters"] is None else int(hp["n_clusters"]),
+                int(hp["n_selected"]),
+                backend=hp["kmeans_backend"],
+                two_way=False,
+                score="absent_class",
+                kmeans_kwargs={"n_init": int(hp["kmeans_n_init"]), **(hp["kmeans_kwargs"] or {})},
+            )
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:
+        self._sampler = value
+
+    def select(self, model: nn.Module, x_candidates: torch.Tensor) -> torch.Tensor:
+        idx = self.sampler.select(model, x_candidates, self.generator)
+        idx = torch.as_tensor(idx, dtype=torch.long).to(x_candidates.device)
+        self.last_selected = idx
+        return idx
+
+    def compute_loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        x_id, y_id = batch["x_id"], batch["y_id"]
+        x_cand = self._require_aux(batch)
+        idx = self.select(model, x_cand)
+        logits = model(torch.cat([x_id, x_cand[idx]]))
+        n = len(x_id)
+        total, ce, ce_ood = absent_class_loss(logits[:n], y_id, logits[n:], float(self.hparams["beta"]))
+        return {
+            "total": total,
+            "ce": ce.detach(),
+            "absent": ce_ood.detach(),
+            "n_aux_selected": torch.tensor(float(len(idx))),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"generator"}:
+            raise ValueError(f"method {self.name!r}: expected state keys ['generator'], got {sorted(state)}")
+        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8).cpu())

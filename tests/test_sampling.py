@@ -1,0 +1,359 @@
+"""greg.sampling: select_from_clusters, the k-means backends, ClusterSampler (GReg+ / DOS)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from greg.sampling import KMEANS, ClusterSampler, inertia_of, kmeans, select_from_clusters
+from greg.sampling import clustering as kmeans_mod
+
+BACKENDS = ["torch", "faiss", "sklearn"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------------------------ select_from_clusters
+
+# Hand-made: cluster 0 = {0: 3.0, 1: 1.0, 2: 2.0}, cluster 1 = {3: 5.0, 4: 4.0, 6: 7.0}, cluster 2 = {5: 0.0}.
+SCORES = torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0, 0.0, 7.0])
+LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 1])
+
+
+def test_select_two_way_by_hand():
+    # minima by cluster: 1, 4, 5; maxima of clusters with >= 2 members: 0 (cluster 0), 6 (cluster 1)
+    assert select_from_clusters(SCORES, LABELS).tolist() == [1, 4, 5, 0, 6]
+
+
+def test_select_one_way_by_hand():
+    assert select_from_clusters(SCORES, LABELS, two_way=False).tolist() == [1, 4, 5]
+
+
+def test_select_label_values_need_not_be_contiguous():
+    assert select_from_clusters(SCORES, LABELS * 7 + 3).tolist() == [1, 4, 5, 0, 6]
+
+
+def test_select_singletons_and_ties_never_repeat_an_index():
+    # cluster 4: all scores tie -> min = lowest index (1), max = next lowest (3); cluster 9: singleton 2;
+    # cluster 0: min tie between 0 and 5 -> 0, max tie between 4 and 6 -> 4.
+    scores = torch.tensor([1.0, 2.0, 9.0, 2.0, 8.0, 1.0, 8.0])
+    labels = torch.tensor([0, 4, 9, 4, 0, 0, 0])
+    out = select_from_clusters(scores, labels)
+    assert out.tolist() == [0, 1, 2, 4, 3]
+    assert len(set(out.tolist())) == out.numel()
+    # every point its own cluster: each index exactly once
+    assert select_from_clusters(torch.randn(5), torch.arange(5)).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_select_matches_a_plain_loop_on_random_data():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        scores = torch.randint(0, 6, (200,), generator=g).float()  # many ties
+        labels = torch.randint(0, 30, (200,), generator=g)
+        lows, highs = [], []
+        for c in sorted(set(labels.tolist())):
+            members = [i for i in range(200) if labels[i] == c]
+            lo = min(members, key=lambda i: (scores[i].item(), i))
+            lows.append(lo)
+            rest = [i for i in members if i != lo]
+            if rest:
+                highs.append(min(rest, key=lambda i: (-scores[i].item(), i)))
+        assert select_from_clusters(scores, labels).tolist() == lows + highs
+        assert select_from_clusters(scores, labels, two_way=False).tolist() == lows
+
+
+def test_select_random_fill():
+    picks = [1, 4, 5, 0, 6]
+    out = select_from_clusters(SCORES, LABELS, n_total=7, generator=torch.Generator().manual_seed(0))
+    assert out[:5].tolist() == picks
+    assert sorted(out.tolist()) == list(range(7))  # the fill is exactly the two unchosen ones, no repeats
+
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.randn(384, generator=g), torch.randint(0, 32, (384,), generator=g)
+    a = select_from_clusters(scores, labels, n_total=128, generator=torch.Generator().manual_seed(5))
+    b = select_from_clusters(scores, labels, n_total=128, generator=torch.Generator().manual_seed(5))
+    c = select_from_clusters(scores, labels, n_total=128, generator=torch.Generator().manual_seed(6))
+    picked = select_from_clusters(scores, labels)
+    assert a.numel() == 128 and a.unique().numel() == 128
+    assert a.dtype == torch.long
+    assert torch.equal(a, b)
+    assert torch.equal(a[: picked.numel()], picked) and torch.equal(c[: picked.numel()], picked)
+    assert not torch.equal(a, c)
+
+
+def test_select_n_total_errors():
+    with pytest.raises(ValueError, match="exceed n_total"):
+        select_from_clusters(SCORES, LABELS, n_total=4)  # 5 per-cluster picks
+    with pytest.raises(ValueError, match="n_total"):
+        select_from_clusters(SCORES, LABELS, n_total=8)  # only 7 candidates
+    with pytest.raises(ValueError, match="NaN"):
+        select_from_clusters(torch.tensor([0.0, float("nan")]), torch.tensor([0, 0]))
+    assert select_from_clusters(SCORES, LABELS, two_way=False, n_total=3).tolist() == [1, 4, 5]
+
+
+# ------------------------------------------------------------------------------------------------ k-means
+
+
+def _features(kind: str, seed: int, n: int = 384, d: int = 342) -> torch.Tensor:
+    """L2-normalized features like the GReg+ candidates: isotropic random, or ReLU'd noisy blobs."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        x = torch.randn(n, d, generator=g)
+    else:
+        centres = torch.randn(40, d, generator=g)
+        x = torch.relu(
+            centres[torch.randint(0, 40, (n,), generator=g)] * 0.5 + 0.6 * torch.randn(n, d, generator=g)
+        )
+    return F.normalize(x, dim=1)
+
+
+def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_registry_names():
+    assert KMEANS.names() == sorted(BACKENDS)
+    with pytest.raises(KeyError, match="unknown kmeans backend"):
+        kmeans(torch.randn(10, 2), 2, backend="nope")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kmeans_seeded_deterministic(backend):
+    x = _features("blob", 1, n=200, d=32)
+    a = kmeans(x, 16, backend=backend, seed=7)
+    b = kmeans(x, 16, backend=backend, seed=7)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.centroids, b.centroids)
+    assert a.inertia == b.inertia
+    assert a.labels.dtype == torch.long and a.labels.shape == (200,)
+    assert a.centroids.shape == (16, 32) and int(a.labels.max()) < 16
+    assert a.inertia == pytest.approx(inertia_of(x, a.labels, a.centroids), rel=1e-4)
+
+
+def test_inertia_of_by_hand():
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 1.0]])
+    c = torch.tensor([[1.0, 0.0], [10.0, 0.0]])
+    assert inertia_of(x, torch.tensor([0, 0, 1]), c) == pytest.approx(1.0 + 1.0 + 1.0)
+
+
+@pytest.mark.parametrize("kind,seed", [("random", 0), ("blob", 0), ("blob", 1)])
+def test_kmeans_inertia_within_2_percent_of_sklearn(kind, seed):
+    x = _features(kind, seed)
+    ref = kmeans(x, 64, backend="sklearn", seed=seed).inertia  # n_init=3, the released code's setting
+    for backend in ("torch", "faiss"):
+        res = kmeans(x, 64, backend=backend, seed=seed)
+        assert res.inertia <= 1.02 * ref, (backend, res.inertia, ref)
+        assert len(res.labels.unique()) == 64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kmeans_finds_well_separated_blobs(backend):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(8, 16, generator=g) * 10
+    truth = torch.arange(200) % 8
+    x = centres[truth] + 0.1 * torch.randn(200, 16, generator=g)
+    res = kmeans(x, 8, backend=backend, seed=0)
+    assert _same_partition(res.labels, truth)
+    assert res.inertia == pytest.approx(inertia_of(x, truth, _means(x, truth)), rel=1e-4)
+
+
+def _means(x, labels):
+    return torch.stack([x[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kmeans_k_at_least_n(backend):
+    x = torch.randn(5, 3)
+    for k in (5, 9):
+        res = kmeans(x, k, backend=backend)
+        assert res.labels.tolist() == [0, 1, 2, 3, 4]
+        assert torch.equal(res.centroids, x) and res.inertia == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kmeans_duplicates_no_nan(backend):
+    base = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    x = base.repeat(10, 1)  # 60 points, 6 distinct, 20 clusters asked
+    res = kmeans(x, 20, backend=backend, seed=1)
+    assert torch.isfinite(res.centroids).all()
+    assert res.labels.min() >= 0 and res.labels.max() < 20
+    assert _same_partition(res.labels, torch.arange(60) % 6)
+    if backend != "sklearn":  # scikit-learn's empty-cluster relocation leaves its centres off the means
+        assert res.inertia == pytest.approx(0.0, abs=1e-3)
+
+
+def test_kmeans_rejects_bad_input():
+    with pytest.raises(ValueError, match="non-finite"):
+        kmeans(torch.tensor([[0.0], [float("nan")]]), 1)
+    with pytest.raises(ValueError, match="2-D"):
+        kmeans(torch.randn(4), 2)
+    with pytest.raises(ValueError, match="k >= 1"):
+        kmeans(torch.randn(4, 2), 0)
+
+
+def test_torch_kmeans_large_n_path_matches_pairwise(monkeypatch):
+    x = _features("blob", 2, n=120, d=16)
+    a = kmeans(x, 10, seed=3, n_init=2)
+    monkeypatch.setattr(kmeans_mod, "_PAIRWISE_MAX_N", 50)  # forces distance rows computed on the fly
+    b = kmeans(x, 10, seed=3, n_init=2)
+    assert torch.equal(a.labels, b.labels)
+    assert a.inertia == pytest.approx(b.inertia, rel=1e-6)
+
+
+def test_faiss_random_init_option():
+    x = _features("blob", 0, n=200, d=32)
+    res = kmeans(x, 8, backend="faiss", init="random", n_init=2, seed=0)
+    assert res.labels.shape == (200,) and math.isfinite(res.inertia)
+    with pytest.raises(ValueError, match="init"):
+        kmeans(x, 8, backend="faiss", init="bogus")
+
+
+# ----------------------------------------------------------------------------------------- ClusterSampler
+
+
+class FeatNet(nn.Module):
+    """features = input (through a Dropout: wrong results if the sampler forgot eval mode); fixed head."""
+
+    def __init__(self, head_weight: torch.Tensor):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(head_weight)
+
+    def features(self, x):
+        return self.drop(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _two_cluster_candidates() -> torch.Tensor:
+    """Two clusters (dominant coordinate 0 or 1); coordinates 2..4 are the logits (W selects them)."""
+    logits = [
+        [2.0, 0.0, 0.0],  # 0: energy -2.2395, absent prob 1/(e^2+2) = 0.107
+        [0.0, 0.0, 3.0],  # 1: energy -3.0949, absent prob e^3/(e^3+2) = 0.909
+        [1.0, 1.0, 1.0],  # 2: energy -2.0986, absent prob 1/3
+        [0.0, 0.0, 3.0],  # 3 (cluster 1): energy -3.0949, absent 0.909
+        [0.0, 0.0, 0.0],  # 4 (cluster 1): energy -1.0986, absent 1/3
+        [0.0, 2.5, 0.0],  # 5 (cluster 1): energy -2.6557, absent 1/(e^2.5+2) = 0.0704
+        [1.5, 0.0, 0.0],  # 6 (cluster 0): energy -1.8133, absent 1/(e^1.5+2) = 0.1550
+    ]
+    cluster = [0, 0, 0, 1, 1, 1, 0]
+    x = torch.zeros(7, 5)
+    for i, (lg, c) in enumerate(zip(logits, cluster)):
+        x[i, c] = 40.0
+        x[i, 2:] = torch.tensor(lg)
+    return x
+
+
+def _head_weight() -> torch.Tensor:
+    w = torch.zeros(3, 5)
+    w[0, 2] = w[1, 3] = w[2, 4] = 1.0
+    return w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cluster_sampler_energy_two_way_by_hand(backend):
+    model = FeatNet(_head_weight()).train()
+    sampler = ClusterSampler(k=2, n_total=4, backend=backend)
+    out = sampler.select(model, _two_cluster_candidates(), torch.Generator().manual_seed(0))
+    # energy: cluster 0 = {0, 1, 2, 6}: min 1, max 6; cluster 1 = {3, 4, 5}: min 3, max 4
+    assert sorted(out.tolist()) == [1, 3, 4, 6]
+    assert model.training and model.drop.training
+
+
+def test_cluster_sampler_dos_lowest_absent_class_probability():
+    model = FeatNet(_head_weight())
+    sampler = ClusterSampler(k=2, n_total=2, two_way=False, score="absent_class")
+    out = sampler.select(model, _two_cluster_candidates(), torch.Generator().manual_seed(0))
+    # absent-class probability: cluster 0 min is 0 (0.107), cluster 1 min is 5 (0.070)
+    assert sorted(out.tolist()) == [0, 5]
+    filled = ClusterSampler(k=2, n_total=5, two_way=False, score="absent_class").select(
+        model, _two_cluster_candidates(), torch.Generator().manual_seed(0)
+    )
+    assert sorted(filled[:2].tolist()) == [0, 5] and filled.unique().numel() == 5
+
+
+def test_cluster_sampler_reproducible_and_chunked():
+    torch.manual_seed(0)
+    model = FeatNet(torch.randn(10, 16))
+    x = torch.randn(96, 16)
+    s = ClusterSampler(k=16, n_total=40)
+    a = s.select(model, x, torch.Generator().manual_seed(1))
+    b = ClusterSampler(k=16, n_total=40, forward_batch_size=7).select(
+        model, x, torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(a, b)
+    assert a.numel() == 40 and a.unique().numel() == 40
+    # the k-means seed is drawn from the generator: consuming it moves the next selection on
+    g = torch.Generator().manual_seed(1)
+    first, second = s.select(model, x, g), s.select(model, x, g)
+    assert torch.equal(first, a) and not torch.equal(first, second)
+
+
+def test_cluster_sampler_no_clustering_is_random_subset():
+    model = FeatNet(torch.randn(10, 16))
+    x = torch.randn(50, 16)
+    s = ClusterSampler(k=None, n_total=20)
+    a = s.select(model, x, torch.Generator().manual_seed(4))
+    assert a.unique().numel() == 20 and int(a.max()) < 50
+    assert torch.equal(a, torch.randperm(50, generator=torch.Generator().manual_seed(4))[:20])
+
+
+def test_cluster_sampler_restores_modes_also_on_error():
+    model = FeatNet(torch.randn(10, 16))
+    model.train()
+    model.head.eval()  # a mixed state must come back as it was
+    ClusterSampler(k=4, n_total=8).select(model, torch.randn(30, 16), torch.Generator().manual_seed(0))
+    assert model.training and model.drop.training and not model.head.training
+
+    def boom(_logits):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ClusterSampler(k=4, n_total=8, score=boom).select(model, torch.randn(30, 16))
+    assert model.training and model.drop.training and not model.head.training
+
+
+def test_cluster_sampler_config_errors():
+    with pytest.raises(ValueError, match="n_total"):
+        ClusterSampler(k=64, n_total=100)  # two-way: up to 128 picks
+    with pytest.raises(ValueError, match="candidates"):
+        ClusterSampler(k=2, n_total=10).select(FeatNet(torch.randn(3, 4)), torch.randn(5, 4))
+    with pytest.raises(KeyError, match="unknown score"):
+        ClusterSampler(k=2, n_total=4, score="nope")
+
+
+def test_numpy_kmeanspp_draws_proportional_to_distance():
+    # 1-D points 0, 1, 3 with the first centre forced at 0: weights 1 and 9 -> P(pick 3) = 0.9.
+    x = torch.tensor([[0.0], [1.0], [3.0]])
+    x_sq = (x * x).sum(1)
+    trials = 400
+    picks = [kmeans_mod._kmeanspp(x, x_sq, 2, 1, 1, s)[0] for s in range(trials)]
+    after_zero = [int(p[1]) for p in picks if p[0] == 0]
+    frac = sum(1 for p in after_zero if p == 2) / len(after_zero)
+    assert abs(frac - 0.9) < 0.08
+    assert all(int(p[1]) != int(p[0]) for p in picks)  # a chosen centre (weight 0) is never redrawn
+
+
+def test_cluster_sums_matmul_path_matches_index_add():
+    # the accelerator path (one-hot matmul, deterministic there) checked against the CPU one
+    x = torch.randn(50, 6)
+    labels = torch.randint(0, 7, (3, 50))
+    c1, s1 = kmeans_mod._cluster_sums(x, labels, 7, matmul=False)
+    c2, s2 = kmeans_mod._cluster_sums(x, labels, 7, matmul=True)
+    assert torch.equal(c1, c2)
+    assert torch.allclose(s1, s2, atol=1e-5)
+    assert torch.allclose(s1[1, 3], x[labels[1] == 3].sum(0), atol=1e-5)
+    assert c1[2].tolist() == [int((labels[2] == j).sum()) for j in range(7)]
