@@ -25,9 +25,10 @@ import io as _io
 import json
 import math
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from greg import io
 
@@ -276,7 +277,7 @@ def registry_checker(config: dict) -> Callable[[dict], str | None]:
     def names(module: str, attr: str) -> set[str] | None:
         try:
             mod = importlib.import_module(module)
-        except Exception as e:  # a piece still being written must not break the DAG
+        except Exception as e:  # noqa: BLE001  (a piece still being written must not break the DAG)
             warnings.warn(f"greg.report: cannot import {module} ({e}); not checking its names", stacklevel=2)
             return None
         reg = getattr(mod, attr, None)

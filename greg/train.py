@@ -511,8 +511,8 @@ class Trainer:
         total = terms["total"]
         if not torch.isfinite(total):
             raise NonFiniteError(
-                f"loss is {float(total)} at step {self.step} "
-                f"({', '.join(f'{k}={float(v):.4g}' for k, v in terms.items())})"
+                f"loss is {float(total.detach())} at step {self.step} "
+                f"({', '.join(f'{k}={float(torch.as_tensor(v).detach()):.4g}' for k, v in terms.items())})"
             )
         if custom is None:
             self.optimizer.zero_grad(set_to_none=True)

@@ -59,7 +59,7 @@ def _spec(tmp_path, fpr="fpr95_idpos"):
     for row, seeds in vals.items():
         files[row] = [write_metrics(tmp_path / row / f"s{i}.csv", {"x": x, "mean": m})
                       for i, (x, m) in enumerate(seeds)]
-    cell = lambda row, na=None: {"dataset": "d", "arch": "n", "run": row, "detector": "energy", "na": na,  # noqa: E731
+    cell = lambda row, na=None: {"dataset": "d", "arch": "n", "run": row, "detector": "energy", "na": na,
                                  "files": [] if na else files[row]}
     return {
         "name": "tableT", "caption": "Test 100% table", "fpr": fpr, "fpr_note": R.FPR_CONVENTIONS[fpr],

@@ -357,3 +357,26 @@ def test_cluster_sums_matmul_path_matches_index_add():
     assert torch.allclose(s1, s2, atol=1e-5)
     assert torch.allclose(s1[1, 3], x[labels[1] == 3].sum(0), atol=1e-5)
     assert c1[2].tolist() == [int((labels[2] == j).sum()) for j in range(7)]
+
+
+def test_cluster_sampler_on_a_zoo_model():
+    from greg import models
+
+    torch.manual_seed(0)
+    model = models.create("small_cnn", num_classes=10).train()
+    x = torch.randn(48, 3, 32, 32)
+    idx = ClusterSampler(k=8, n_total=16).select(model, x, torch.Generator().manual_seed(0))
+    assert idx.numel() == 16 and idx.unique().numel() == 16 and int(idx.max()) < 48
+    assert all(m.training for m in model.modules())
+    # the picks are the per-cluster energy extremes of the clustering the sampler used
+    with torch.no_grad():
+        model.eval()
+        h = model.features(x)
+        s = -torch.logsumexp(model.head(h), dim=1)
+        model.train()
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(0)))
+    labels = kmeans(F.normalize(h, dim=1), 8, seed=seed).labels
+    for c in labels.unique():
+        members = torch.nonzero(labels == c).flatten()
+        assert int(members[s[members].argmin()]) in idx.tolist()
+        assert int(members[s[members].argmax()]) in idx.tolist()
