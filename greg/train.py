@@ -98,10 +98,12 @@ def deep_merge(base: dict, override: dict, where: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
         path = f"{where}.{key}" if where else key
+        if where in FREE_FORM:  # validated by their owner (the method / the model constructor)
+            out[key] = copy.deepcopy(value)
+            continue
         if key not in out:
             raise ConfigError(f"unknown config key {path!r}; known here: {', '.join(sorted(out))}")
-        # Free-form mappings (constructor/method kwargs) are validated by their owners.
-        if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
+        if isinstance(out[key], dict) and (out[key] or path in FREE_FORM) and isinstance(value, dict):
             out[key] = deep_merge(out[key], value, path)
         elif isinstance(out[key], dict) and not isinstance(value, dict) and value is not None:
             raise ConfigError(f"config key {path!r} must be a mapping, got {type(value).__name__}")
@@ -123,6 +125,8 @@ def _leaf_types(d: dict, where: str = "") -> dict[str, type]:
 
 
 DEFAULTS_TYPES = _leaf_types(DEFAULTS)
+# Mappings whose keys belong to someone else: merged key by key, checked by greg.methods / greg.models.
+FREE_FORM = {"method.hparams", "model.kwargs"}
 _UNION_TYPES = {"data.aux_batch_size": (int, str)}
 
 

@@ -103,3 +103,14 @@ def test_stream_longer_than_data_cycles_through_all():
     assert sorted(set(items)) == [0, 1, 2, 3, 4]
     assert all(items.count(i) >= 2 for i in range(5))
     assert len(_take(StreamSampler(5, 12, 0, 2, 0, None), 30)) == 30
+
+
+def test_free_form_mappings_merge_key_by_key():
+    base = deep_merge(train.DEFAULTS, {"method": {"name": "greg_plus", "hparams": {"n_clusters": 8}}})
+    cfg = deep_merge(base, parse_set(["method.hparams.lambda_grad=0", "model.kwargs.stem=imagenet"]))
+    assert cfg["method"]["hparams"] == {"n_clusters": 8, "lambda_grad": 0}
+    assert cfg["model"]["kwargs"] == {"stem": "imagenet"}
+    # ... and their owner rejects a typo, naming it
+    cfg = deep_merge(base, parse_set(["method.hparams.n_clusterz=4"]))
+    with pytest.raises(ConfigError, match="n_clusterz"):
+        train.validate(cfg)

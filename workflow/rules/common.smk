@@ -128,6 +128,17 @@ def fig4_dirs(wc):
     }
 
 
+def fig4_args(wc):
+    f = config["figures"]["fig4"]
+    ood = R.alias(config, "ood", f["ood"])
+    args = []
+    for label, dirs in fig4_dirs(wc).items():
+        args += ["--model", f"{label}={','.join(dirs)}"]
+    args += ["--ood", ood, "--ood-label", config["labels"].get(ood, ood),
+             "--id-label", config["labels"].get(R.alias(config, "dataset", f["dataset"]), "ID")]
+    return quote_args(args)
+
+
 wildcard_constraints:
     dataset="|".join(sorted(config["datasets"])),
     arch="|".join(sorted(config["archs"])),

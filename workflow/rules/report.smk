@@ -43,7 +43,6 @@ for _name in TABLES:
         default_target: False
 
 
-
 rule fig3:
     """Energy loss and mean input-gradient norm of the score during training, with and without GReg."""
     input:
@@ -63,7 +62,6 @@ rule fig3:
         "greg report fig3 {params.runs} {params.smooth} --out {output.pdf} > {log} 2>&1"
 
 
-
 rule fig4:
     """Energy-score distributions of the pretrained, Energy-loss and GReg models, ID vs one OOD set."""
     input:
@@ -74,17 +72,11 @@ rule fig4:
     log:
         f"{RESULTS}/logs/report/fig4.log",
     params:
-        models=lambda wc: quote_args(
-            [a for label, dirs in fig4_dirs(wc).items() for a in ("--model", f"{label}=" + ",".join(dirs))]
-        ),
-        ood=lambda wc: R.alias(config, "ood", config["figures"]["fig4"]["ood"]),
-        id_label=lambda wc: config["labels"].get(R.alias(config, "dataset", config["figures"]["fig4"]["dataset"]), "ID"),
-        ood_label=lambda wc: config["labels"].get(R.alias(config, "ood", config["figures"]["fig4"]["ood"]), "OOD"),
+        args=fig4_args,
     conda:
         ENV_CPU
     shell:
-        "greg report fig4 {params.models} --ood {params.ood} --id-label {params.id_label:q}"
-        " --ood-label {params.ood_label:q} --out {output.pdf} > {log} 2>&1"
+        "greg report fig4 {params.args} --out {output.pdf} > {log} 2>&1"
 
 
 rule all_tables:
