@@ -93,12 +93,19 @@ def test_requeued_train_job_resumes_and_matches_an_uninterrupted_run(tmp_path):
         "model": {"name": "small_cnn", "kwargs": {"widths": [8, 16]}},
         "data": {"root": str(tmp_path / "data"), "id": "tiny", "batch_size": 32, "num_workers": 0},
         "method": {"name": "ce", "hparams": {}},
-        "train": {"max_steps": 300, "checkpoint_every": 25, "grad_norm_every": 0, "progress": False},
+        "train": {
+            "epochs": 100,
+            "max_steps": 600,
+            "checkpoint_every": 25,
+            "grad_norm_every": 0,
+            "progress": False,
+        },
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     jobs = {}
     for name in ("ref", "cut"):
-        cmd = f"{sys.executable} -m greg train --config {tmp_path / 'run.yaml'} --out {tmp_path / name} --device cpu"
+        cmd = f"{sys.executable} -m greg train --config {tmp_path / 'run.yaml'} --out {tmp_path / name}"
+        cmd += " --device cpu"
         out = sh(
             "sbatch", "--parsable", "--requeue", "--open-mode=append", "-c", "1", "--mem=1500", "-t", "20",
             "-J", f"greg-{name}", "-o", str(tmp_path / f"{name}.log"), "--chdir", str(REPO), "--wrap", cmd,
@@ -114,11 +121,20 @@ def test_requeued_train_job_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert n >= 40, (
         (tmp_path / "cut.log").read_text()[-2000:] if (tmp_path / "cut.log").exists() else "no log"
     )
+    assert not (tmp_path / "cut" / "final.pt").exists(), "the run ended before the requeue: make it longer"
     sh("scontrol", "requeue", jobs["cut"])
+    # slurmctld holds a requeued batch job for 120 s (EligibleTime); a test need not wait for that
+    for _ in range(30):
+        if sh("squeue", "-h", "-j", jobs["cut"], "-o", "%T").strip() == "PENDING":
+            subprocess.run(
+                ["scontrol", "update", f"JobId={jobs['cut']}", "StartTime=now"], timeout=30, check=False
+            )
+            break
+        time.sleep(1)
     for job in jobs.values():
         wait_done(job, 600)
     text = (tmp_path / "cut.log").read_text()
-    assert re.search(r"resuming .*cut from step \d+/300", text), text[-3000:]
+    assert re.search(r"resuming .*cut from step \d+/600", text), text[-3000:]
     recs = job_records(jobs["cut"])
     print(f"requeued job {jobs['cut']}: {recs}")
     assert recs[-1] == ("COMPLETED", "0:0") and any(s == "REQUEUED" for s, _ in recs[:-1]), recs
@@ -126,4 +142,4 @@ def test_requeued_train_job_resumes_and_matches_an_uninterrupted_run(tmp_path):
     b = gio.safe_torch_load(tmp_path / "cut" / "final.pt")["state_dict"]
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
-    assert steps == list(range(300))
+    assert steps == list(range(600))

@@ -123,4 +123,13 @@ def test_smoke_run_end_to_end(tmp_path):
     run = results / "tiny" / "small_cnn" / "greg_plus" / "seed42"
     assert (run / "final.pt").exists() and (run / "metrics.jsonl").exists()
     assert (run / "eval" / "energy" / "scores" / "id.npz").exists()
+    # the HTML report embeds every table and figure with its caption
+    html = tmp_path / "report.html"
+    r = snakemake("--configfile", "config/smoke.yaml", "--config", f"results={results}", f"data_root={data}",
+                  "--report", str(html), "all_tables", "all_figures")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    text = html.read_text()
+    for name in [*tables, "fig3", "fig4"]:
+        assert f"{name}." in text
+    assert "Figure 3" in text and "Figure 4" in text
     shutil.rmtree(tmp_path, ignore_errors=True)

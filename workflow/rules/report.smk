@@ -48,8 +48,18 @@ rule fig3:
     input:
         lambda wc: [f"{run_dir(d, ar, run, s)}/final.pt" for _, d, ar, run in figure_runs("fig3") for s in SEEDS],
     output:
-        pdf=report(f"{RESULTS}/figures/fig3.pdf", caption="../report/fig3.rst", category="Figures"),
-        png=f"{RESULTS}/figures/fig3.png",
+        pdf=report(
+            f"{RESULTS}/figures/fig3.pdf",
+            caption="../report/fig3.rst",
+            category="Figures",
+            labels={"figure": "fig3", "format": "PDF"},
+        ),
+        png=report(
+            f"{RESULTS}/figures/fig3.png",
+            caption="../report/fig3.rst",
+            category="Figures",
+            labels={"figure": "fig3", "format": "PNG"},
+        ),
     log:
         f"{RESULTS}/logs/report/fig3.log",
     params:
@@ -67,8 +77,18 @@ rule fig4:
     input:
         lambda wc: [f"{p}/metrics.csv" for dirs in fig4_dirs(wc).values() for p in dirs],
     output:
-        pdf=report(f"{RESULTS}/figures/fig4.pdf", caption="../report/fig4.rst", category="Figures"),
-        png=f"{RESULTS}/figures/fig4.png",
+        pdf=report(
+            f"{RESULTS}/figures/fig4.pdf",
+            caption="../report/fig4.rst",
+            category="Figures",
+            labels={"figure": "fig4", "format": "PDF"},
+        ),
+        png=report(
+            f"{RESULTS}/figures/fig4.png",
+            caption="../report/fig4.rst",
+            category="Figures",
+            labels={"figure": "fig4", "format": "PNG"},
+        ),
     log:
         f"{RESULTS}/logs/report/fig4.log",
     params:

@@ -2,7 +2,6 @@
 # contract as pretrain.smk: only final.pt is declared, state.pt and metrics.jsonl survive a requeue.
 
 
-
 rule train:
     input:
         unpack(train_inputs),
