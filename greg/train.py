@@ -534,6 +534,9 @@ class Trainer:
             print(f"{self.final_path} exists: run already complete", file=sys.stderr)
             return 0
         self.out.mkdir(parents=True, exist_ok=True)
+        # Temp files of a write that a SIGKILL interrupted are never outputs; don't let them pile up.
+        for stale in self.out.glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
         cfg_file = self.out / "config.yaml"
         if not self.load_state():
             io.atomic_write_text(cfg_file, _config_text(self.cfg))
@@ -731,3 +734,17 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"greg train: stopped: {e}; {kept}", file=sys.stderr)
         return EXIT_NONFINITE
+    except OSError as e:  # missing data, read-only or full output directory
+        print(f"greg train: {_os_error_text(e)}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError, KeyError) as e:  # bad data / checkpoint files (named in the message)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"greg train: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 2
+
+
+def _os_error_text(e: OSError) -> str:
+    text = str(e)
+    if e.filename and str(e.filename) not in text:
+        text += f": {e.filename}"
+    return text

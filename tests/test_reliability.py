@@ -482,14 +482,9 @@ MESSAGE_XFAIL = {
 }
 # Cases whose error is shown as a Python traceback (an uncaught exception) instead of one line.
 TRACEBACK_XFAIL = {
-    "truncated_aux_train": "greg/train.py run() catches only ConfigError/NonFiniteError",
-    "missing_aux_file_train": "greg/train.py run() catches only ConfigError/NonFiniteError",
-    "not_downloaded_train": "greg/train.py run() catches only ConfigError/NonFiniteError",
     "corrupted_cifar10_evaluate": "greg/evaluate.py run() catches nothing",
     "wrong_arch_evaluate": "greg/evaluate.py run() does not catch CheckpointError",
-    "wrong_arch_train_init_pretrained": "greg/train.py run() does not catch CheckpointError",
     "readonly_out_evaluate": "greg/evaluate.py run() does not catch OSError",
-    "readonly_out_train": "greg/train.py run() does not catch OSError",
     "full_disk_evaluate": "greg/evaluate.py run() does not catch OSError",
 }
 ALL_CASES = {**DATA_CASES, **CKPT_CASES, **OUT_CASES}
