@@ -32,6 +32,12 @@ class Method:
     def __init__(self, **hparams: Any):
         self.hparams: dict[str, Any] = self.resolve_hparams(hparams)
         self.validate()
+        # A method with a ``seed`` hparam draws from its own CPU generator, checkpointed with the run so a
+        # resumed run draws the same numbers (the trainer derives the seed from the run seed if unset).
+        self.generator: torch.Generator | None = None
+        if "seed" in self.hparams:
+            self.generator = torch.Generator(device="cpu")
+            self.generator.manual_seed(int(self.hparams["seed"]))
 
     @classmethod
     def resolve_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -55,11 +61,16 @@ class Method:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"method {self.name!r} has no state, got keys {sorted(state)}")
+        expected = sorted(self.state_dict())
+        if sorted(state) != expected:
+            if not expected:
+                raise ValueError(f"method {self.name!r} has no state, got keys {sorted(state)}")
+            raise ValueError(f"method {self.name!r}: expected state keys {expected}, got {sorted(state)}")
+        if self.generator is not None:
+            self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8).cpu())
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Hook called by the trainer before each epoch; no-op by default."""
@@ -76,3 +87,47 @@ class Method:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({args})"
+
+
+class ClusterSelection:
+    """Mixin for methods that pick auxiliary samples per step with ``greg.sampling.ClusterSampler``
+    (GReg+: lowest and highest energy per cluster; DOS: lowest absent-class probability per cluster).
+    Subclasses set ``selection_score`` and have hparams ``n_clusters`` (None = random choice), ``n_selected``,
+    ``kmeans_backend``, ``kmeans_kwargs`` and optionally ``two_way``; the sampler draws from ``generator``."""
+
+    selection_score: ClassVar[str] = "energy"
+    _sampler: Any = None
+    last_selected: torch.Tensor | None = None  # indices into the last step's candidates
+
+    def kmeans_kwargs(self) -> dict[str, Any]:
+        return dict(self.hparams["kmeans_kwargs"] or {})
+
+    def make_sampler(self) -> Any:
+        from greg.sampling import ClusterSampler
+
+        hp = self.hparams
+        return ClusterSampler(
+            None if hp["n_clusters"] is None else int(hp["n_clusters"]),
+            int(hp["n_selected"]),
+            backend=hp["kmeans_backend"],
+            two_way=bool(hp.get("two_way", False)),
+            score=self.selection_score,
+            kmeans_kwargs=self.kmeans_kwargs(),
+        )
+
+    @property
+    def sampler(self) -> Any:
+        """Built on first use, so the package imports without ``greg.sampling``."""
+        if self._sampler is None:
+            self._sampler = self.make_sampler()
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:
+        self._sampler = value
+
+    def select(self, model: nn.Module, x_candidates: torch.Tensor) -> torch.Tensor:
+        idx = self.sampler.select(model, x_candidates, self.generator)
+        idx = torch.as_tensor(idx, dtype=torch.long).to(x_candidates.device)
+        self.last_selected = idx
+        return idx

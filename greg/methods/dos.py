@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from greg.methods._registry import METHODS
-from greg.methods.base import Batch, Method
+from greg.methods.base import Batch, ClusterSelection, Method
 
 
 def absent_class_loss(
@@ -43,7 +43,7 @@ def absent_class_loss(
 
 
 @METHODS.register("dos")
-class DOS(Method):
+class DOS(ClusterSelection, Method):
     """``L = CE(x_id, y) + beta * CE(x_aux[sel], K)``; ``sel`` = per K-Means cluster of the candidates'
     normalized features, the lowest absent-class probability, then a random fill up to ``n_selected``.
 
@@ -67,13 +67,6 @@ class DOS(Method):
     extra_classes = 1
     detector = "absent_class"
 
-    def __init__(self, **hparams: Any):
-        super().__init__(**hparams)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(int(self.hparams["seed"]))
-        self._sampler: Any = None
-        self.last_selected: torch.Tensor | None = None
-
     def validate(self) -> None:
         hp = self.hparams
         k, n = hp["n_clusters"], hp["n_selected"]
@@ -88,32 +81,10 @@ class DOS(Method):
         if float(hp["beta"]) < 0:
             raise ValueError(f"method {self.name!r}: beta must be >= 0, got {hp['beta']!r}")
 
-    @property
-    def sampler(self) -> Any:
-        """``ClusterSampler(k, n_selected, two_way=False, score="absent_class")``, built on first use."""
-        if self._sampler is None:
-            from greg.sampling import ClusterSampler
+    selection_score = "absent_class"
 
-            hp = self.hparams
-            self._sampler = ClusterSampler(
-                None if hp["n_clusters"] is None else int(hp["n_clusters"]),
-                int(hp["n_selected"]),
-                backend=hp["kmeans_backend"],
-                two_way=False,
-                score="absent_class",
-                kmeans_kwargs={"n_init": int(hp["kmeans_n_init"]), **(hp["kmeans_kwargs"] or {})},
-            )
-        return self._sampler
-
-    @sampler.setter
-    def sampler(self, value: Any) -> None:
-        self._sampler = value
-
-    def select(self, model: nn.Module, x_candidates: torch.Tensor) -> torch.Tensor:
-        idx = self.sampler.select(model, x_candidates, self.generator)
-        idx = torch.as_tensor(idx, dtype=torch.long).to(x_candidates.device)
-        self.last_selected = idx
-        return idx
+    def kmeans_kwargs(self) -> dict[str, Any]:
+        return {"n_init": int(self.hparams["kmeans_n_init"]), **super().kmeans_kwargs()}
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         x_id, y_id = batch["x_id"], batch["y_id"]
@@ -128,11 +99,3 @@ class DOS(Method):
             "absent": ce_ood.detach(),
             "n_aux_selected": torch.tensor(float(len(idx))),
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"generator"}:
-            raise ValueError(f"method {self.name!r}: expected state keys ['generator'], got {sorted(state)}")
-        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8).cpu())

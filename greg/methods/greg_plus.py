@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from greg.methods._registry import METHODS
-from greg.methods.base import Batch
+from greg.methods.base import Batch, ClusterSelection
 from greg.methods.greg import GReg
 
 
 @METHODS.register("greg_plus")
-class GRegPlus(GReg):
+class GRegPlus(ClusterSelection, GReg):
     """Per step (REFERENCE.md §2): ``batch["x_aux"]`` holds the *candidates* (CIFAR: 384 =
     300000 / 50000 * 64). ``greg.sampling.ClusterSampler`` scores them in eval mode without grad, clusters
     the L2-normalized penultimate features into ``n_clusters`` clusters (K-Means), takes from each cluster
@@ -39,13 +39,6 @@ class GRegPlus(GReg):
         "seed": 0,
     }
 
-    def __init__(self, **hparams: Any):
-        super().__init__(**hparams)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(int(self.hparams["seed"]))
-        self._sampler: Any = None
-        self.last_selected: torch.Tensor | None = None  # indices into the last step's candidates
-
     def validate(self) -> None:
         super().validate()
         k, n = self.hparams["n_clusters"], self.hparams["n_selected"]
@@ -54,36 +47,7 @@ class GRegPlus(GReg):
         if int(n) < 1:
             raise ValueError(f"method {self.name!r}: n_selected must be >= 1, got {n!r}")
 
-    @property
-    def sampler(self) -> Any:
-        """The ``ClusterSampler`` (built on first use, so the package imports without ``greg.sampling``)."""
-        if self._sampler is None:
-            try:
-                from greg.sampling import ClusterSampler
-            except ImportError as e:
-                raise ImportError(
-                    f"method {self.name!r} needs greg.sampling.ClusterSampler, which could not be imported: {e}"
-                ) from e
-            hp = self.hparams
-            self._sampler = ClusterSampler(
-                None if hp["n_clusters"] is None else int(hp["n_clusters"]),
-                int(hp["n_selected"]),
-                backend=hp["kmeans_backend"],
-                two_way=bool(hp["two_way"]),
-                score="energy",
-                kmeans_kwargs=hp["kmeans_kwargs"],
-            )
-        return self._sampler
-
-    @sampler.setter
-    def sampler(self, value: Any) -> None:
-        self._sampler = value
-
-    def select(self, model: nn.Module, x_candidates: torch.Tensor) -> torch.Tensor:
-        idx = self.sampler.select(model, x_candidates, self.generator)
-        idx = torch.as_tensor(idx, dtype=torch.long).to(x_candidates.device)
-        self.last_selected = idx
-        return idx
+    selection_score = "energy"
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         x_cand = self._require_aux(batch)
@@ -91,14 +55,6 @@ class GRegPlus(GReg):
         out = self.energy_terms(model, batch["x_id"], batch["y_id"], x_cand[idx])
         out["n_aux_selected"] = torch.tensor(float(len(idx)))
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"generator"}:
-            raise ValueError(f"method {self.name!r}: expected state keys ['generator'], got {sorted(state)}")
-        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8).cpu())
 
 
 @METHODS.register("energy_clustering")

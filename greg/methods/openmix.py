@@ -66,8 +66,6 @@ class OpenMix(Method):
 
     def __init__(self, **hparams: Any):
         super().__init__(**hparams)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(int(self.hparams["seed"]))
         self.last_lam: float | None = None
 
     def validate(self) -> None:
@@ -94,11 +92,3 @@ class OpenMix(Method):
         x_mix = lam * x_id[:n] + (1.0 - lam) * x_aux[:n]
         logits = model(torch.cat([x_id, x_mix]))
         return self.loss_from_logits(logits[: len(x_id)], y_id, logits[len(x_id) :], lam)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"generator"}:
-            raise ValueError(f"method {self.name!r}: expected state keys ['generator'], got {sorted(state)}")
-        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8).cpu())

@@ -179,8 +179,6 @@ class POEM(EnergyLoss):
 
     def __init__(self, **hparams: Any):
         super().__init__(**hparams)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(int(self.hparams["seed"]))
         self.window = StatsWindow(int(self.hparams["buffer_updates"]))
         self.mu: torch.Tensor | None = None
         self.w: torch.Tensor | None = None  # the Thompson-sampled weight used for mining

@@ -66,8 +66,6 @@ class SAMFineTune(Method):
         self.transform = pseudo_ood.make(
             self.hparams["pseudo_ood"], **dict(self.hparams["pseudo_ood_kwargs"])
         )
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(int(self.hparams["seed"]))
         self._sam: SAM | None = None
 
     def validate(self) -> None:
@@ -157,14 +155,6 @@ class SAMFineTune(Method):
         return {"total": total.detach(), **terms, "sam_total": perturbed.detach(), "sam_grad_norm": grad_norm}
 
     # -- state ------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"generator"}:
-            raise ValueError(f"method {self.name!r}: expected state keys ['generator'], got {sorted(state)}")
-        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8).cpu())
 
 
 @METHODS.register("sam_only_norm")
