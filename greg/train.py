@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
         # Start from weights: a greg run checkpoint (final.pt) or an external file (the shared DenseNets).
         "checkpoint": None,
         "kind": "auto",  # auto | run | pretrained
+        # Keep the freshly initialized head (e.g. ImageNet-1k weights into a 10-class DenseNet-121).
+        "skip_head": False,
     },
     "data": {
         "root": "data",
@@ -206,8 +208,11 @@ def validate(cfg: dict) -> None:
     for key in ("batch_size",):
         if cfg["data"][key] <= 0:
             raise ConfigError(f"data.{key} must be positive, got {cfg['data'][key]}")
-    if cfg["train"]["epochs"] <= 0 and not cfg["train"]["max_steps"]:
-        raise ConfigError("train.epochs must be positive")
+    if cfg["train"]["epochs"] < 0 or (cfg["train"]["max_steps"] or 0) < 0:
+        raise ConfigError("train.epochs and train.max_steps must be >= 0")
+    if cfg["train"]["epochs"] == 0 and not cfg["train"]["max_steps"] and not cfg["init"]["checkpoint"]:
+        # 0 steps only makes sense to import external weights as a run checkpoint (final.pt).
+        raise ConfigError("train.epochs must be positive (0 is allowed only with init.checkpoint)")
     try:
         method = make_method(cfg)
     except (KeyError, TypeError, ValueError) as e:
@@ -427,6 +432,7 @@ class Trainer:
         is_run = isinstance(raw, dict) and raw.get("format") == "greg-model-v1"
         # (K+1)-class methods (DOS, OpenMix) start from a K-class model with a fresh head.
         extra = getattr(self.method, "extra_classes", 0)
+        skip_head = bool(self.cfg["init"]["skip_head"])
         if kind == "run" or (kind == "auto" and is_run):
             if not is_run:
                 raise ConfigError(f"init.checkpoint {path} is not a greg run checkpoint (final.pt)")
@@ -439,9 +445,9 @@ class Trainer:
                     f"init.checkpoint {path} holds {raw['arch']} with {k} classes, but this run "
                     f"trains {self.cfg['model']['name']} with {self.num_classes} classes"
                 )
-            models.load_pretrained(self.model, path, skip_head=k != self.num_classes)
+            models.load_pretrained(self.model, path, skip_head=skip_head or k != self.num_classes)
         else:
-            models.load_pretrained(self.model, path, skip_head=extra > 0)
+            models.load_pretrained(self.model, path, skip_head=skip_head or extra > 0)
 
     @property
     def state_path(self) -> Path:

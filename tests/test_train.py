@@ -187,3 +187,38 @@ def test_finetune_from_run_checkpoint(tmp_path):
     wrong = _cfg(tmp_path, **{"model.name": "resnet18", "init.checkpoint": str(pre / "final.pt")})
     with pytest.raises(train.ConfigError, match="holds small_cnn"):
         Trainer(wrong, tmp_path / "wrong", "cpu")
+
+
+def test_zero_steps_imports_external_weights_as_a_run(tmp_path, shared_dir):
+    """epochs: 0 with init.checkpoint turns a released checkpoint into a final.pt for greg evaluate."""
+    src = shared_dir / "checkpoints" / "densenet100_cifar10.pth"
+    cfg = _cfg(
+        tmp_path,
+        method="ce",
+        **{
+            "model.name": "densenet100",
+            "train.epochs": 0,
+            "train.max_steps": None,
+            "init.checkpoint": str(src),
+        },
+    )
+    out = tmp_path / "imported"
+    assert Trainer(cfg, out, "cpu").run() == 0
+    from greg import models
+
+    ref = models.load_pretrained(models.create("densenet100", 10), src)
+    _assert_same(ref.state_dict(), _weights(out / "final.pt"))
+    assert io.safe_torch_load(out / "final.pt")["meta"]["steps"] == 0
+    with pytest.raises(train.ConfigError, match="only with init.checkpoint"):
+        _cfg(tmp_path, **{"train.epochs": 0, "train.max_steps": None})
+
+
+def test_skip_head_keeps_fresh_head(tmp_path):
+    pre = tmp_path / "pre"
+    assert Trainer(_cfg(tmp_path, method="ce"), pre, "cpu").run() == 0
+    cfg = _cfg(tmp_path, method="ce", **{"init.checkpoint": str(pre / "final.pt"), "init.skip_head": True})
+    t = Trainer(cfg, tmp_path / "ft", "cpu")
+    w = _weights(pre / "final.pt")
+    own = t.model.state_dict()
+    assert all(torch.equal(own[k], w[k]) for k in w if not k.startswith("head."))
+    assert not torch.equal(own["head.weight"], w["head.weight"])

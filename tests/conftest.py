@@ -1,0 +1,20 @@
+"""Shared fixtures. Tests run single-threaded: CI has 2 cores and the suite must stay under 15 minutes."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("GREG_TEST_THREADS", "1")))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` beside the repository (CI puts it there), or ``$GREG_SHARED``."""
+    path = Path(os.environ.get("GREG_SHARED", REPO.parent / "shared"))
+    if not (path / "checkpoints").is_dir():
+        pytest.skip(f"shared checkpoints not found under {path} (set GREG_SHARED)")
+    return path
