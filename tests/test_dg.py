@@ -296,3 +296,49 @@ def test_mnist_idx_reader_offline(tmp_path):
     np.testing.assert_array_equal(y, labels)
     with pytest.raises(FileNotFoundError):
         datasets.load_mnist_train(tmp_path / "empty", download=False)
+
+
+def test_download_mnist_from_local_mirrors(tmp_path, monkeypatch):
+    """The MNIST path uses the project's downloader: a dead mirror falls through, md5 is enforced."""
+    import functools
+    import gzip
+    import hashlib
+    import http.server
+    import threading
+
+    from greg.dg import datasets as dgd
+
+    srv_dir = tmp_path / "srv"
+    srv_dir.mkdir()
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    blobs = {
+        "train-images-idx3-ubyte.gz": gzip.compress(
+            (2051).to_bytes(4, "big")
+            + b"".join(d.to_bytes(4, "big") for d in images.shape)
+            + images.tobytes()
+        ),
+        "train-labels-idx1-ubyte.gz": gzip.compress(
+            (2049).to_bytes(4, "big") + (2).to_bytes(4, "big") + b"\x03\x07"
+        ),
+    }
+    for name, blob in blobs.items():
+        (srv_dir / name).write_bytes(blob)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(srv_dir))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}/"
+        monkeypatch.setattr(dgd, "MNIST_MIRRORS", (base + "missing/", base))
+        good = {k: hashlib.md5(v).hexdigest() for k, v in blobs.items()}
+        monkeypatch.setattr(dgd, "MNIST_RESOURCES", good)
+        x, y = dgd.load_mnist_train(tmp_path / "data")
+        assert np.array_equal(x, images) and y.tolist() == [3, 7]
+        # a wrong checksum on every mirror: clear error, nothing left in place
+        monkeypatch.setattr(dgd, "MNIST_RESOURCES", {**good, "train-labels-idx1-ubyte.gz": "0" * 32})
+        (tmp_path / "data" / "mnist" / "raw" / "train-labels-idx1-ubyte.gz").unlink()
+        with pytest.raises(RuntimeError, match="md5 .* expected 0000"):
+            dgd.load_mnist_train(tmp_path / "data")
+        assert not (tmp_path / "data" / "mnist" / "raw" / "train-labels-idx1-ubyte.gz").exists()
+    finally:
+        server.shutdown()

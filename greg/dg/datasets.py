@@ -19,9 +19,6 @@ each sub-sampled so the class prior ``P(y = 1)`` is 0.7 and 0.3 in the two train
 from __future__ import annotations
 
 import gzip
-import hashlib
-import shutil
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from greg.io import atomic_path
 from greg.registry import Registry
 
 LABEL_NOISE = 0.25
@@ -177,35 +173,30 @@ def colored_digits_ls(seed: int, root: str | Path | None = None) -> DGEnvironmen
 
 
 # --------------------------------------------------------------------------------------------- MNIST
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def download_mnist(root: str | Path, files: tuple[str, ...] | None = None, progress: bool = True) -> Path:
+    """Fetch the MNIST idx files into ``root/mnist/raw`` (torchvision mirrors) with the project's resumable
+    downloader, verify their md5, and return the directory. A file is renamed into place only once verified."""
+    from greg.data.downloader import DownloadError, fetch, file_digest
 
-
-def download_mnist(root: str | Path, files: tuple[str, ...] | None = None) -> Path:
-    """Fetch the MNIST idx files into ``root/mnist/raw`` (torchvision mirrors), verify md5, return the dir."""
     raw = Path(root) / "mnist" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
     for fname in files or tuple(MNIST_RESOURCES):
         md5 = MNIST_RESOURCES[fname]
         dest = raw / fname
-        if dest.is_file() and md5sum(dest) == md5:
+        if dest.is_file() and file_digest(dest, "md5") == md5:
             continue
         errors = []
         for mirror in MNIST_MIRRORS:
             try:
-                with atomic_path(dest) as tmp:
-                    with urllib.request.urlopen(mirror + fname, timeout=60) as r, open(tmp, "wb") as f:
-                        shutil.copyfileobj(r, f)
-                    got = md5sum(tmp)
-                    if got != md5:
-                        raise ValueError(f"md5 mismatch for {mirror + fname}: got {got}, expected {md5}")
+                part = fetch(mirror + fname, dest, progress=progress)
+            except DownloadError as e:  # try the next mirror
+                errors.append(str(e))
+                continue
+            got = file_digest(part, "md5")
+            if got == md5:
+                part.replace(dest)
                 break
-            except Exception as e:  # noqa: BLE001 - any failure: try the next mirror
-                errors.append(f"{mirror + fname}: {e}")
+            part.unlink()
+            errors.append(f"{mirror + fname}: md5 {got}, expected {md5}")
         else:
             raise RuntimeError(f"cannot download MNIST file {fname} to {dest}:\n  " + "\n  ".join(errors))
     return raw
