@@ -2,7 +2,7 @@
 # methods -> evaluation on every OOD set -> tables (LaTeX + CSV) and figures. See docs/WORKFLOW.md.
 #
 #   snakemake --profile slurm all_tables              # the paper's tables on a SLURM cluster
-#   snakemake --configfile config/smoke.yaml all -c2  # the same DAG on the tiny benchmark, CPU, minutes
+#   snakemake all --configfile config/smoke.yaml -c2  # the same DAG on the tiny benchmark, CPU, minutes
 
 from snakemake.utils import min_version
 
@@ -29,3 +29,4 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/dg.smk"

@@ -12,7 +12,12 @@ Outputs in ``--out DIR`` (each written atomically):
   ``robustness.csv`` (metrics under PGD, percent), ``certified.json`` (Eq. 4 summary, ``gamma`` from the
   whole ID test set) and ``scores/certified_radius.npz``.
 
-The core is :func:`evaluate`, usable without files.
+An OOD set with fewer images than ``--n-ood`` is used whole, with a warning; ``meta.json`` keeps the
+requested ``n_ood`` and records the number used per set in ``n_ood_used``.
+
+Errors are one line ``greg evaluate: <message>`` (:func:`greg.errors.cli_errors`); exit status 2 for bad
+input (arguments, a missing or corrupted data/checkpoint file), 1 for I/O failures (read-only or full
+disk). The core is :func:`evaluate`, usable without files.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from tqdm.auto import tqdm
 from greg import io as gio
 from greg.detectors import DETECTORS, Detector, eval_mode
 from greg.detectors import create as create_detector
+from greg.errors import EXIT_STATUS_HELP, InputError, cli_errors
 from greg.metrics import ood_metrics
 
 COLUMNS = [
@@ -225,6 +231,7 @@ def save_scores(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EXIT_STATUS_HELP
     p.add_argument(
         "--checkpoint", required=True, help="greg run checkpoint (final.pt) or, with --arch, external weights"
     )
@@ -265,9 +272,9 @@ def _parse_kwargs(text: str, flag: str = "--detector-kwargs") -> dict[str, Any]:
     try:
         kw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{flag} is not valid JSON ({e}): {text!r}") from e
+        raise InputError(f"{flag} is not valid JSON ({e}): {text!r}") from e
     if not isinstance(kw, dict):
-        raise SystemExit(f"{flag} must be a JSON object, got {text!r}")
+        raise InputError(f"{flag} must be a JSON object, got {text!r}")
     return kw
 
 
@@ -284,7 +291,7 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
 
     if args.arch is not None:
         if args.num_classes is None:
-            raise SystemExit("--arch needs --num-classes for an external checkpoint")
+            raise InputError("--arch needs --num-classes for an external checkpoint")
         kwargs = _parse_kwargs(args.model_kwargs, "--model-kwargs")
         model = gm.create(args.arch, args.num_classes, **kwargs)
         gm.load_pretrained(model, args.checkpoint)
@@ -312,6 +319,7 @@ def _first_n(ds: Any, n: int) -> Any:
     return ds if len(ds) <= n else torch.utils.data.Subset(ds, list(range(n)))
 
 
+@cli_errors("greg evaluate")
 def run(args: argparse.Namespace) -> int:
     import greg.data as gd
 
@@ -319,27 +327,27 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ood_names = [s.strip() for s in args.ood.split(",") if s.strip()]
     if not ood_names:
-        raise SystemExit("--ood needs at least one dataset name")
+        raise InputError("--ood needs at least one dataset name")
     if "id" in ood_names or len(set(ood_names)) != len(ood_names):
-        raise SystemExit(f"--ood names must be unique and not 'id': {ood_names}")
+        raise InputError(f"--ood names must be unique and not 'id': {ood_names}")
     id_spec = gd.spec(args.id)
     det_kwargs = _parse_kwargs(args.detector_kwargs)
     if "max_fit_samples" in inspect.signature(DETECTORS.get(args.detector)).parameters:
         det_kwargs.setdefault("max_fit_samples", args.fit_max_samples)
     detector = _build_detector(args.detector, det_kwargs, id_spec.std)
     if args.robustness and detector.requires_grad:
-        raise SystemExit(f"--robustness needs a differentiable detector; {args.detector} perturbs its input")
+        raise InputError(f"--robustness needs a differentiable detector; {args.detector} perturbs its input")
 
     model, ckpt_meta = _load_model(args, device)
     model.eval()
     n_out = int(model.head.out_features)
     if args.detector == "absent_class" and n_out != id_spec.num_classes + 1:
-        raise SystemExit(
+        raise InputError(
             f"absent_class needs a (K+1)-class model: {args.checkpoint} has {n_out} outputs, "
             f"{args.id} has K={id_spec.num_classes} classes"
         )
     if n_out < id_spec.num_classes:
-        raise SystemExit(
+        raise InputError(
             f"{args.checkpoint}: model has {n_out} outputs but {args.id} has {id_spec.num_classes} classes"
         )
 
@@ -352,6 +360,12 @@ def run(args: argparse.Namespace) -> int:
         ood_ds[name] = gd.load(
             name, split, args.root, id_dataset=args.id, n_max=n_max, subsample_seed=args.subsample_seed
         )
+        if n_max is not None and len(ood_ds[name]) < n_max:
+            print(
+                f"greg evaluate: warning: OOD set {name!r} has {len(ood_ds[name])} images, fewer than "
+                f"--n-ood {n_max}; using all {len(ood_ds[name])}",
+                file=sys.stderr,
+            )
     if detector.needs_fit:
         fit_ds = gd.load(args.id, "train", args.root)
         detector.fit(model, _loader(fit_ds, args, device), device)
@@ -383,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
         "id": args.id,
         "ood": ood_names,
         "n_ood": args.n_ood,
+        "n_ood_used": {name: len(ds) for name, ds in ood_ds.items()},
         "subsample_seed": args.subsample_seed,
         "fit_max_samples": args.fit_max_samples if detector.needs_fit else None,
         "device": str(device),

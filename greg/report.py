@@ -233,6 +233,19 @@ def run_method(config: dict, run: str, dataset: str) -> str:
     return name or "ce"
 
 
+def run_needs_aux(config: dict, run: str, dataset: str) -> bool:
+    """Whether a run trains on auxiliary outliers (its method's ``needs_aux``; True when unknown, so that a
+    method still being written gets its data). SAM fine-tuning makes its pseudo-OOD from the ID batch."""
+    if run == "pretrain":
+        return False
+    try:
+        from greg.methods import METHODS
+
+        return bool(getattr(METHODS.get(run_method(config, run, dataset)), "needs_aux", True))
+    except (ImportError, KeyError):
+        return True
+
+
 def yaml_value(v: Any) -> str:
     """A ``--set`` value that ``greg train`` parses back (YAML flow style, one line)."""
     import yaml
@@ -240,8 +253,19 @@ def yaml_value(v: Any) -> str:
     return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
+def pretrain_import(config: dict, dataset: str, arch: str) -> str | None:
+    """The external checkpoint that replaces CE training of (dataset, arch), or None: ``pretrain.import``."""
+    by_arch = ((config.get("pretrain") or {}).get("import") or {}).get(dataset) or {}
+    return by_arch.get(arch) or None
+
+
 def train_args(config: dict, dataset: str, arch: str, run: str, seed: int | str) -> list[str]:
-    """Arguments of ``greg train`` (without ``--out``) for one run; shell-quote them before use."""
+    """Arguments of ``greg train`` (without ``--out``) for one run; shell-quote them before use.
+
+    ``pretrain`` of a pair listed in ``pretrain.import`` imports that file as the run checkpoint: 0 epochs
+    (and no ``max_steps`` cap, which ``train_set`` may set), ``init.kind = pretrained``; these settings come
+    last so that no other ``--set`` turns the import back into training.
+    """
     spec = run_spec(config, run, dataset)
     a = config["archs"][arch]
     ds = config["datasets"][dataset]
@@ -252,7 +276,7 @@ def train_args(config: dict, dataset: str, arch: str, run: str, seed: int | str)
         "data.root": config["data_root"],
         "data.id": dataset,
     }
-    if run != "pretrain":
+    if run_needs_aux(config, run, dataset):
         sets["data.aux"] = ds["aux"]
     if spec["init"] == "pretrain":
         sets["init.checkpoint"] = f"{run_dir(config['results'], dataset, arch, 'pretrain', seed)}/final.pt"
@@ -260,10 +284,28 @@ def train_args(config: dict, dataset: str, arch: str, run: str, seed: int | str)
     sets.update(ds.get("set") or {})
     sets.update(spec["set"])
     sets.update(config.get("train_set") or {})
+    imported = pretrain_import(config, dataset, arch) if run == "pretrain" else None
+    if imported:
+        sets.update({"init.checkpoint": imported, "init.kind": "pretrained", "init.skip_head": False,
+                     "train.epochs": 0, "train.max_steps": None})
     args: list[str] = []
     for f in spec["configs"]:
         args += ["--config", f]
     for k, v in sets.items():
+        args += ["--set", f"{k}={yaml_value(v)}"]
+    return args
+
+
+def dg_run_args(config: dict, dataset: str, algorithm: str) -> list[str]:
+    """Arguments of ``greg dg run`` (without ``--out`` and ``--device``) for one (dataset, algorithm) of the
+    ``dg`` config section (docs/DG.md); shell-quote them before use."""
+    dg = config.get("dg") or {}
+    args = ["--dataset", dataset, "--algorithm", algorithm, "--restarts", str(int(dg.get("restarts", 10))),
+            "--seed", str(int(dg.get("seed", 0))), "--hparams-seed", str(int(dg.get("hparams_seed", 0))),
+            "--data-root", str(config.get("data_root", "data"))]
+    if dg.get("steps") is not None:
+        args += ["--steps", str(int(dg["steps"]))]
+    for k, v in ((dg.get("set_by_algorithm") or {}).get(algorithm) or {}).items():
         args += ["--set", f"{k}={yaml_value(v)}"]
     return args
 
@@ -584,6 +626,74 @@ def plot_fig4(models: dict[str, list[str]], ood: str, out: str | Path, id_label:
         plt.close(fig)
 
 
+# SAM appendix figure: titles of the greg.diagnostics arrays (raw values, not outlier scores).
+SAM_DIAGNOSTICS = {
+    "head_grad_norm": r"per-sample head gradient norm $\|\nabla_W \mathrm{CE}(f, \hat y)\|$",
+    "max_logit": r"max logit $\max_k f_k(x)$",
+    "energy": r"energy score $-\log\sum_k e^{f_k(x)}$ (higher = more OOD)",
+    "msp": r"max softmax probability",
+}
+
+
+def collect_fig_sam(models: dict[str, str], id_dataset: str, ood: list[str], root: str, device: str = "cpu",
+                    max_samples: int | None = 2000, batch_size: int = 256) -> dict[str, dict[str, dict]]:
+    """``{label: {set: {diagnostic: array}}}`` for each run checkpoint (``greg.diagnostics.collect_checkpoint``:
+    ID test split as ``"id"`` and each OOD set, the same subsample of each set for every model)."""
+    from greg import diagnostics
+
+    out = {}
+    for label, ckpt in models.items():
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"model {label!r}: checkpoint not found: {ckpt}")
+        out[label] = diagnostics.collect_checkpoint(ckpt, id_dataset, ood, root, device, batch_size=batch_size,
+                                                    max_samples=max_samples)
+    return out
+
+
+def plot_fig_sam(diags: dict[str, dict[str, dict]], out: str | Path,
+                 keys: tuple[str, ...] = ("head_grad_norm", "max_logit", "energy"),
+                 set_labels: dict[str, str] | None = None, bins: int = 50) -> list[Path]:
+    """The SAM appendix's diagnostics: one row per model (the first: before fine-tuning), one column per
+    diagnostic, each panel the histograms of the ID test set and of every OOD set. Bins are shared down a
+    column, so the last column shows the score distributions before vs after fine-tuning on one axis."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    if not diags:
+        raise ReportError("fig-sam: no models")
+    bad = [k for k in keys if k not in SAM_DIAGNOSTICS]
+    if bad:
+        raise ReportError(f"fig-sam: unknown diagnostic(s) {bad}; known: {', '.join(SAM_DIAGNOSTICS)}")
+    set_labels = set_labels or {}
+    fig = Figure(figsize=(4.2 * len(keys), 3.0 * len(diags)))
+    axes = fig.subplots(len(diags), len(keys), squeeze=False)
+    for j, key in enumerate(keys):
+        values = [np.asarray(d[key], dtype=float) for sets in diags.values() for d in sets.values()]
+        finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
+        edges = np.histogram_bin_edges(finite, bins=bins) if finite.size else np.linspace(0.0, 1.0, bins + 1)
+        for i, (label, sets) in enumerate(diags.items()):
+            ax = axes[i][j]
+            for name, d in sets.items():
+                v = np.asarray(d[key], dtype=float)
+                ax.hist(v[np.isfinite(v)], bins=edges, density=True, histtype="step", linewidth=1.2,
+                        label=set_labels.get(name, "ID" if name == "id" else name))
+            ax.set_title(label, fontsize="medium")
+            ax.set_xlabel(SAM_DIAGNOSTICS[key], fontsize="small")
+            if j == 0:
+                ax.set_ylabel("density")
+            if i == 0 and j == len(keys) - 1:
+                ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    return _save_figure(fig, out)
+
+
+def save_fig_sam_npz(path: str | Path, diags: dict[str, dict[str, dict]]) -> None:
+    """Every array of the figure in one ``.npz`` (atomic), named ``<model label>/<set>/<diagnostic>``."""
+    from greg import diagnostics
+
+    diagnostics.save_npz(path, {f"{label}/{name}": d for label, sets in diags.items() for name, d in sets.items()})
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 
@@ -619,10 +729,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f4.add_argument("--id-label", default="ID")
     f4.add_argument("--ood-label", default=None)
     f4.add_argument("--out", required=True, help="output PDF (a PNG of the same stem is written too)")
+    fs = sub.add_parser("fig-sam", help="SAM appendix diagnostics: head-gradient norm, max logit, scores, "
+                                        "ID vs each OOD set, before/after fine-tuning (greg.diagnostics)")
+    fs.add_argument("--model", action="append", required=True, metavar="LABEL=CHECKPOINT",
+                    help="a row: its label and run checkpoint (final.pt); the first is the model before fine-tuning")
+    fs.add_argument("--id", required=True, help="ID dataset (its test split)")
+    fs.add_argument("--ood", required=True, help="comma-separated OOD sets (test splits)")
+    fs.add_argument("--root", default="data", help="data root (default: data)")
+    fs.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    fs.add_argument("--max-samples", type=int, default=2000, help="subsample of each set (0 = all)")
+    fs.add_argument("--batch-size", type=int, default=256)
+    fs.add_argument("--keys", default="head_grad_norm,max_logit,energy",
+                    help=f"comma-separated columns among {', '.join(SAM_DIAGNOSTICS)}")
+    fs.add_argument("--labels-json", default="{}", help="JSON object: set name -> display name")
+    fs.add_argument("--out", required=True, help="output PDF (a PNG of the same stem is written too)")
+    fs.add_argument("--npz", default=None, help="also write every per-sample array to this .npz")
+
+
+def _fig_sam(args: argparse.Namespace) -> list[Path]:
+    models: dict[str, str] = {}
+    for item in args.model:
+        if "=" not in item:
+            raise ReportError(f"--model expects LABEL=CHECKPOINT, got {item!r}")
+        label, ckpt = item.split("=", 1)
+        if label in models:
+            raise ReportError(f"--model: label {label!r} given twice")
+        models[label] = ckpt
+    keys = tuple(k for k in args.keys.split(",") if k)
+    bad = [k for k in keys if k not in SAM_DIAGNOSTICS]
+    if bad or not keys:
+        raise ReportError(f"--keys: unknown {bad or 'empty'}; known: {', '.join(SAM_DIAGNOSTICS)}")
+    labels = json.loads(args.labels_json)
+    if not isinstance(labels, dict):
+        raise ReportError(f"--labels-json must be a JSON object, got {args.labels_json!r}")
+    from greg.train import resolve_device
+
+    diags = collect_fig_sam(models, args.id, [o for o in args.ood.split(",") if o], args.root,
+                            str(resolve_device(args.device)), args.max_samples or None, args.batch_size)
+    if args.npz:
+        save_fig_sam_npz(args.npz, diags)
+    return plot_fig_sam(diags, args.out, keys, labels)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    # one line per error; exit 2 for bad input (ReportError, a missing input file), 1 for I/O
+    from greg.errors import cli_errors
+
+    with cli_errors("greg report") as ce:
         if args.report_command == "table":
             spec = json.loads(args.spec_json) if args.spec_json else json.loads(Path(args.spec).read_text())
             table = build_table(spec)
@@ -639,7 +792,7 @@ def run(args: argparse.Namespace) -> int:
                               args.ood_label)
             for p in paths:
                 print(f"wrote {p}", file=sys.stderr)
-    except (ReportError, FileNotFoundError, json.JSONDecodeError) as e:
-        print(f"greg report: {e}", file=sys.stderr)
-        return 2
-    return 0
+        elif args.report_command == "fig-sam":
+            for p in _fig_sam(args):
+                print(f"wrote {p}", file=sys.stderr)
+    return ce.code

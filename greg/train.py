@@ -715,42 +715,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    from greg.errors import EXIT_STATUS_HELP
+
+    p.epilog = (
+        f"{EXIT_STATUS_HELP} Also: {EXIT_NONFINITE} the loss or the weights became NaN/inf (the last good "
+        f"checkpoint is kept); {EXIT_PREEMPTED} stopped by SIGTERM/SIGUSR1 after checkpointing (rerun the same "
+        "command to resume). Every config key is documented in greg/train.py DEFAULTS (greg train "
+        "--print-config shows the resolved config)."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    from greg.errors import cli_errors
+
+    with cli_errors("greg train") as ce:
         cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        print(f"greg train: config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(_config_text(cfg), end="")
-        return 0
-    try:
-        return Trainer(cfg, args.out, args.device).run()
-    except ConfigError as e:
-        print(f"greg train: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        state = Path(args.out) / "state.pt"
-        kept = (
-            f"the last good checkpoint is kept in {state}"
-            if state.exists()
-            else "no checkpoint had been written"
-        )
-        print(f"greg train: stopped: {e}; {kept}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except OSError as e:  # missing data, read-only or full output directory
-        print(f"greg train: {_os_error_text(e)}", file=sys.stderr)
-        return 1
-    except (ValueError, RuntimeError, KeyError) as e:  # bad data / checkpoint files (named in the message)
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"greg train: {type(e).__name__}: {msg}", file=sys.stderr)
-        return 2
-
-
-def _os_error_text(e: OSError) -> str:
-    text = str(e)
-    if e.filename and str(e.filename) not in text:
-        text += f": {e.filename}"
-    return text
+        if args.print_config:
+            print(_config_text(cfg), end="")
+            return 0
+        try:
+            return Trainer(cfg, args.out, args.device).run()
+        except NonFiniteError as e:
+            state = Path(args.out) / "state.pt"
+            kept = (
+                f"the last good checkpoint is kept in {state}"
+                if state.exists()
+                else "no checkpoint was written"
+            )
+            print(f"greg train: stopped: {e}; {kept}", file=sys.stderr)
+            return EXIT_NONFINITE
+    return ce.code

@@ -471,22 +471,10 @@ OUT_CASES = {
     "full_disk_evaluate": case_full_disk_evaluate,
 }
 
-# Bad input where the error is right but today's message misses what the case asks for.
-MESSAGE_XFAIL = {
-    "truncated_aux_train": "greg/data/catalog.py _random300k: np.load(mmap) of a truncated .npy raises numpy's "
-    "'mmap length is greater than file size' without the path",
-    "full_disk_evaluate": "greg/io.py atomic_open: the ENOSPC raised by write/flush carries no file name "
-    "(OSError from a write has no filename); it should name the target path",
-    "corrupted_cifar10_evaluate": "greg/data/catalog.py _cifar: torchvision's 'Dataset not found or corrupted' "
-    "names neither the file nor the checksum; `greg data verify cifar10` does not re-check extracted files",
-}
-# Cases whose error is shown as a Python traceback (an uncaught exception) instead of one line.
-TRACEBACK_XFAIL = {
-    "corrupted_cifar10_evaluate": "greg/evaluate.py run() catches nothing",
-    "wrong_arch_evaluate": "greg/evaluate.py run() does not catch CheckpointError",
-    "readonly_out_evaluate": "greg/evaluate.py run() does not catch OSError",
-    "full_disk_evaluate": "greg/evaluate.py run() does not catch OSError",
-}
+# Bad input where the error is right but today's message misses what the case asks for (none left).
+MESSAGE_XFAIL: dict[str, str] = {}
+# Cases whose error is shown as a Python traceback (an uncaught exception) instead of one line (none left).
+TRACEBACK_XFAIL: dict[str, str] = {}
 ALL_CASES = {**DATA_CASES, **CKPT_CASES, **OUT_CASES}
 
 
@@ -622,11 +610,6 @@ def test_ood_set_smaller_than_n_ood_uses_all_and_records_it(tmp_path, ckpt, caps
     assert json.loads((out / "meta.json").read_text())["n_ood"] == 100000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="greg/evaluate.py run(): no warning when an OOD set has fewer than "
-    "--n-ood images, and meta.json does not record the number used per set",
-)
 def test_ood_set_smaller_than_n_ood_warns(tmp_path, ckpt, capsys):
     out = tmp_path / "eval"
     rc, err, _ = cli(

@@ -130,6 +130,8 @@ def _config():
             "greg": {"configs": [str(ROOT / "config/methods/greg.yaml")], "init": "pretrain", "detector": "energy",
                      "set_by_dataset": {"tiny": {"train.epochs": 2}}},
             "poem": {"configs": [str(ROOT / "config/methods/poem.yaml")], "init": "scratch", "detector": "energy"},
+            "future": {"configs": [str(ROOT / "config/methods/poem.yaml")], "init": "scratch", "detector": "energy",
+                       "set": {"method.name": "not_a_method_yet"}},
             "k16": {"configs": [str(ROOT / "config/methods/greg_plus.yaml")], "init": "scratch", "detector": "energy",
                     "set": {"method.hparams.n_clusters": None, "schedule.milestones": [10]}},
         },
@@ -206,7 +208,9 @@ def test_registry_checker():
     check = R.registry_checker(cfg)
     ok = {"dataset": "tiny", "arch": "small_cnn", "run": "greg", "detector": "energy"}
     assert check(ok) is None
-    assert "'poem'" in check({**ok, "run": "poem"})
+    assert check({**ok, "run": "poem"}) is None
+    assert "method 'not_a_method_yet'" in check({**ok, "run": "future"})
+    assert "model 'nope_net'" in R.registry_checker({**cfg, "archs": {"small_cnn": {"model": "nope_net"}}})(ok)
     assert "'no_such_detector'" in check({**ok, "detector": "no_such_detector"})
 
 

@@ -18,12 +18,20 @@ from greg.data.base import (
     spec,
     subsample,
 )
-from greg.data.downloader import ChecksumError, DownloadError, ManualDownloadRequired, download, verify
+from greg.data.downloader import (
+    ChecksumError,
+    CorruptDataError,
+    DownloadError,
+    ManualDownloadRequired,
+    download,
+    verify,
+)
 
 __all__ = [
     "DATASETS",
     "N_OOD",
     "ChecksumError",
+    "CorruptDataError",
     "DatasetSpec",
     "DownloadError",
     "ImageDataset",

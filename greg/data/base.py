@@ -91,6 +91,7 @@ class DatasetSpec:
     run; aux/OOD specs carry the values of their benchmark's ID set so ``load(name)`` alone is sensible.
     ``layout`` lists paths (relative to ``<root>/<data_dir>``) that must exist once the resources are
     extracted. ``manual`` holds instructions for licensed data that is never downloaded (ImageNet).
+    ``file_checksums`` maps extracted paths to published digests (re-checked by ``greg data verify``).
     """
 
     name: str
@@ -110,6 +111,9 @@ class DatasetSpec:
     manual: str | None = None
     source: str = ""
     sizes: dict[str, int] = field(default_factory=dict)  # expected number of images per split
+    # published digests ("md5:<hex>"/"sha256:<hex>") of extracted files, by path under <root>/<data_dir>;
+    # checked by `greg data verify` and by loaders that read those files (CIFAR batches)
+    file_checksums: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

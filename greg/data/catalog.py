@@ -12,13 +12,15 @@ URLs and checksums (see docs/DATASETS.md for the table and their sources):
 from __future__ import annotations
 
 import functools
+import math
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 
 from greg.data.base import DatasetSpec, RawImages, Resource, add, list_images
-from greg.data.downloader import ManualDownloadRequired, require
+from greg.data.downloader import CorruptDataError, ManualDownloadRequired, check_file_checksums, require
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -32,17 +34,50 @@ IMAGENET10_WNIDS: dict[str, int] = {
 
 
 # ------------------------------------------------------------------------------------------------ loaders
+def open_npy(path: Path, fix: str = "") -> np.ndarray:
+    """``np.load(path, mmap_mode="r")`` after checking the file holds as many bytes as its header promises:
+    numpy's own error for a truncated file ("mmap length is greater than file size") names no file.
+    Raises :class:`CorruptDataError` naming the file, the header's dtype/shape and both sizes; ``fix`` is
+    appended (what to run)."""
+    path = Path(path)
+    size = path.stat().st_size  # FileNotFoundError names the path
+    hint = f"; {fix}" if fix else ""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }
+            shape, _, dtype = read_header[version](f) if version in read_header else (None, None, None)
+        except (ValueError, OSError, SyntaxError) as e:  # bad magic / header cut off
+            raise CorruptDataError(f"{path} ({size} bytes) is not a readable .npy file: {e}{hint}") from e
+        offset = f.tell()
+    if shape is not None and not dtype.hasobject:
+        need = offset + math.prod(shape) * dtype.itemsize
+        if size < need:
+            raise CorruptDataError(
+                f"{path} is truncated: its header declares {dtype} {tuple(shape)} = {need} bytes "
+                f"(header {offset} + data {need - offset}), the file has {size} bytes{hint}"
+            )
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise CorruptDataError(f"{path} ({size} bytes) cannot be memory-mapped: {e}{hint}") from e
+
+
 class LazyNpy:
     """Memory-mapped ``.npy`` opened on first access (and again after pickling into a worker)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fix: str = ""):
         self.path = Path(path)
+        self.fix = fix
         self._arr = None
 
     @property
     def array(self) -> np.ndarray:
         if self._arr is None:
-            self._arr = np.load(self.path, mmap_mode="r")
+            self._arr = open_npy(self.path, self.fix)
         return self._arr
 
     def __getitem__(self, i):
@@ -52,15 +87,59 @@ class LazyNpy:
         return len(self.array)
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_arr": None}
+        return {"path": self.path, "fix": self.fix, "_arr": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"fix": "", **state})
+
+
+def _fix_hint(s: DatasetSpec, root: Path) -> str:
+    return f"run `greg data verify {s.name} --root {root}`, then `greg data download {s.name} --root {root} --force`"
+
+
+# The python-pickle CIFAR batches, their md5s as published by torchvision (torchvision.datasets.CIFAR10/100
+# train_list, test_list, meta; tests/test_data.py checks they match the installed torchvision).
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", {
+        "train": {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+                  "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+                  "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"},
+        "test": {"test_batch": "40351d587109b95175f43aff81a1287e"},
+        "meta": {"batches.meta": "5ff9c542aee3614f3951f8cda6e48888"},
+    }),
+    "cifar100": ("cifar-100-python", {
+        "train": {"train": "16019d7e3df5f24257cddd939b257f8d"},
+        "test": {"test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
+        "meta": {"meta": "7973b15100ade9c7d40fb424638fde48"},
+    }),
+}  # fmt: skip
+
+
+def _cifar_checksums(name: str) -> dict[str, str]:
+    """``{path under the dataset dir: "md5:<hex>"}`` of every CIFAR batch file (for ``DatasetSpec``)."""
+    base, groups = _CIFAR_FILES[name]
+    return {f"{base}/{f}": f"md5:{md5}" for files in groups.values() for f, md5 in files.items()}
 
 
 def _cifar(s: DatasetSpec, split: str, root: Path) -> RawImages:
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    cls = CIFAR10 if s.name == "cifar10" else CIFAR100
-    ds = cls(str(require(s, root)), train=split == "train", download=False)
-    return RawImages(labels=np.asarray(ds.targets, dtype=np.int64), images=ds.data)
+    """The python-pickle batches of ``split``, each checked against its published md5 before it is
+    unpickled (as torchvision's ``CIFAR10`` does, but naming the bad file and both digests)."""
+    d = require(s, root)
+    base, groups = _CIFAR_FILES[s.name]
+    rel = [f"{base}/{f}" for f in groups[split]]
+    check_file_checksums(s, root, rel)
+    data, labels = [], []
+    for r in rel:
+        try:
+            with open(d / r, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+            # only reachable when the spec's checksums were replaced (tests) or absent
+            raise CorruptDataError(f"{d / r}: not a CIFAR python batch ({type(e).__name__}: {e})") from e
+    images = np.concatenate(data).transpose(0, 2, 3, 1)  # NCHW -> NHWC (a view, as torchvision's .data)
+    return RawImages(labels=np.asarray(labels, dtype=np.int64), images=images)
 
 
 @functools.lru_cache(maxsize=2)
@@ -77,10 +156,10 @@ def _svhn(s: DatasetSpec, split: str, root: Path) -> RawImages:
 
 
 def _random300k(s: DatasetSpec, split: str, root: Path) -> RawImages:
-    arr = LazyNpy(require(s, root) / "300K_random_images.npy")
+    arr = LazyNpy(require(s, root) / "300K_random_images.npy", _fix_hint(s, root))
     a = arr.array
     if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1:] != (32, 32, 3):
-        raise ValueError(f"{arr.path}: expected uint8 N x 32 x 32 x 3, got {a.dtype} {a.shape}")
+        raise CorruptDataError(f"{arr.path}: expected uint8 N x 32 x 32 x 3, got {a.dtype} {a.shape}")
     return RawImages(labels=np.full(len(a), -1, dtype=np.int64), images=arr)
 
 
@@ -187,6 +266,7 @@ add(DatasetSpec(
     resources=(Resource("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
                         "md5:c58f30108f718f92721af3b95e74349a"),),
     layout=("cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch"),
+    file_checksums=_cifar_checksums("cifar10"),
     source="CIFAR-10 (Krizhevsky 2009), via torchvision's URL/md5", sizes={"train": 50000, "test": 10000},
 ))  # fmt: skip
 add(DatasetSpec(
@@ -195,6 +275,7 @@ add(DatasetSpec(
     resources=(Resource("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
                         "md5:eb9058c3a382ffc7106e4002c42a8d85"),),
     layout=("cifar-100-python/train", "cifar-100-python/test"),
+    file_checksums=_cifar_checksums("cifar100"),
     source="CIFAR-100 (Krizhevsky 2009), via torchvision's URL/md5", sizes={"train": 50000, "test": 10000},
 ))  # fmt: skip
 add(DatasetSpec(

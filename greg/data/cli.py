@@ -1,4 +1,10 @@
-"""``greg data list | download NAME... --root DIR | verify NAME... --root DIR``."""
+"""``greg data list | download NAME... --root DIR | verify NAME... --root DIR``.
+
+Every named dataset is tried; each failure is one line ``greg data: <message>`` (naming the file, the
+expected and actual digests, or the command to run). Exit status (:data:`EXIT_HELP`): 0 when every dataset
+is fine, 1 when any failed -- like ``md5sum -c``, a failed check is this command's answer rather than a
+usage error (argparse's usage errors exit 2).
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,24 @@ from pathlib import Path
 
 from greg.data import downloader as dl
 from greg.data.base import ROLES, names, spec
+from greg.errors import CAUGHT, error_text
+
+EXIT_HELP = (
+    "exit status: 0 every dataset OK; 1 any dataset failed (missing, checksum mismatch, truncated, download "
+    "failed, manual placement needed, unknown name), one line each; 2 usage error."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_HELP
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
     p = sub.add_parser("list", help="list the registered datasets")
     p.add_argument("--role", choices=ROLES, help="only datasets with this role")
     p.add_argument("--root", type=Path, help="also show whether each dataset is present under DIR")
-    p = sub.add_parser("download", help="download, verify and extract datasets (a second run is a no-op)")
+    p = sub.add_parser(
+        "download", help="download, verify and extract datasets (a second run is a no-op)", epilog=EXIT_HELP
+    )
     p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("--root", type=Path, required=True, help="data directory")
     p.add_argument(
@@ -25,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--force", action="store_true", help="redo the checks and extraction even if complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p = sub.add_parser("verify", help="re-check checksums and layout of downloaded datasets")
+    p = sub.add_parser(
+        "verify",
+        help="re-check checksums (kept files, extracted files) and layout of downloaded datasets",
+        epilog=EXIT_HELP,
+    )
     p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("--root", type=Path, required=True, help="data directory")
 
@@ -64,9 +83,7 @@ def run(args: argparse.Namespace) -> int:
                 for line in dl.verify(name, args.root):
                     print(f"{name}: {line}" if not line.startswith(name) else line)
                 print(f"{name}: OK")
-        except (KeyError, ValueError, RuntimeError, OSError) as e:
-            # KeyError's str() adds quotes; show its message plainly
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            print(f"error: {msg}", file=sys.stderr)
+        except CAUGHT as e:
+            print(f"greg data: {error_text(e)}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0

@@ -8,7 +8,10 @@ Flow of :func:`download` for one dataset (all under ``<root>/<data_dir>/``):
    ``<root>/checksums.lock.json``, else record one there and say so), only then rename to ``<file>``.
    A mismatch renames the file to ``<file>.corrupt`` and raises :class:`ChecksumError` with both digests.
 3. extract archives (tar/tar.gz with tarfile's ``data`` filter; zip with a path check),
-4. check the expected layout, write ``.complete`` (JSON with the verified digests) last.
+4. check the expected layout and the published digests of extracted files (``DatasetSpec.file_checksums``,
+   e.g. the CIFAR batches), write ``.complete`` last: JSON with the verified digests (``files``) and the
+   sha256 of every extracted file (``extracted``), which :func:`verify` re-checks even after the archive is
+   deleted.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ CHUNK = 1 << 20
 class DownloadError(RuntimeError):
     """Network failure or truncated transfer."""
 
+    exit_code = 1  # an I/O failure for greg.errors.cli_errors (not bad input)
+
 
 class ChecksumError(RuntimeError):
     """A file's digest differs from the expected one."""
@@ -45,6 +50,10 @@ class ChecksumError(RuntimeError):
 
 class ManualDownloadRequired(RuntimeError):
     """Licensed data (ImageNet) that must be placed by hand; the message says where."""
+
+
+class CorruptDataError(ValueError):
+    """A data file on disk is truncated or malformed (the message names it and what was expected)."""
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -181,8 +190,9 @@ def fetch(url: str, dest: Path, *, progress: bool = True, timeout: float = 60.0)
 
 
 # ------------------------------------------------------------------------------------------------ extract
-def extract(archive: Path, to: Path) -> None:
-    """Unpack a tar (any compression) or zip archive into ``to``, refusing paths that leave ``to``."""
+def extract(archive: Path, to: Path) -> list[str]:
+    """Unpack a tar (any compression) or zip archive into ``to``, refusing paths that leave ``to``.
+    Returns the regular files written, as POSIX paths relative to ``to``."""
     to.mkdir(parents=True, exist_ok=True)
     name = archive.name
     try:
@@ -194,11 +204,59 @@ def extract(archive: Path, to: Path) -> None:
                     if base != target and base not in target.parents:
                         raise RuntimeError(f"{archive}: member {member!r} would be written outside {to}")
                 z.extractall(to)
+                names = [i.filename for i in z.infolist() if not i.is_dir()]
         else:
             with tarfile.open(archive) as t:
                 t.extractall(to, filter="data")
+                names = [m.name for m in t.getmembers() if m.isfile()]
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
         raise RuntimeError(f"cannot extract {archive}: {e}") from e
+    # the data filter strips leading slashes; keep what is really there
+    files = {Path(os.path.normpath(n.lstrip("/"))).as_posix() for n in names}
+    return sorted(f for f in files if (to / f).is_file())
+
+
+# ----------------------------------------------------------------------------------- extracted files
+def _check_digest(path: Path, checksum: str, what: str, origin: str, fix: str) -> None:
+    """Raise ``FileNotFoundError``/:class:`ChecksumError` unless ``path`` has ``checksum`` ("algo:hex")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {fix}")
+    algo, _, expected = checksum.partition(":")
+    actual = file_digest(path, algo)
+    if actual != expected:
+        raise ChecksumError(
+            f"checksum mismatch for {what} ({path}): expected {algo} {expected} ({origin}), "
+            f"got {algo} {actual}; {fix}"
+        )
+
+
+def _fix(s: DatasetSpec, root: Path) -> str:
+    return f"run `greg data download {s.name} --root {root} --force`"
+
+
+def check_file_checksums(s: DatasetSpec, root: str | Path, paths: list[str] | None = None) -> int:
+    """Check extracted files against their published digests (``s.file_checksums``; all of them, or
+    ``paths``). Raises ``FileNotFoundError`` / :class:`ChecksumError` naming the file and both digests;
+    returns how many were checked."""
+    root = Path(root)
+    d = root / s.directory
+    paths = list(s.file_checksums) if paths is None else paths
+    for rel in paths:
+        _check_digest(d / rel, s.file_checksums[rel], rel, "published", _fix(s, root))
+    return len(paths)
+
+
+def read_marker(s: DatasetSpec, root: str | Path) -> dict:
+    """The ``.complete`` JSON of ``s`` (``{}`` for an empty or pre-JSON marker)."""
+    p = Path(root) / s.directory / MARKER
+    text = p.read_text(encoding="utf-8").strip()
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptDataError(f"{p} is not valid JSON ({e}); {_fix(s, Path(root))}") from e
+    return data if isinstance(data, dict) else {}
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -244,6 +302,7 @@ def download(
         return d
     d.mkdir(parents=True, exist_ok=True)
     verified: dict[str, str] = {}
+    extracted: set[str] = set()
     for res in s.resources:
         dest = d / res.filename
         if dest.exists():  # a verified earlier download, or a file placed by hand: check it all the same
@@ -264,27 +323,28 @@ def download(
             os.replace(part, dest)
         if res.is_archive:
             print(f"{s.name}: extracting {dest.name}")
-            extract(dest, d)
+            extracted.update(extract(dest, d))
     missing = missing_layout(s, root)
     if missing:
         raise RuntimeError(
             f"{s.name}: after extraction these expected paths are missing under {d}: {', '.join(missing)}"
         )
-    atomic_write_json(
-        marker,
-        {
-            "dataset": s.name,
-            "files": verified,
-            "completed": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        },
-    )
+    check_file_checksums(s, root)
+    record = {"dataset": s.name, "files": verified}
+    if extracted:  # re-checked by verify(), also once the archive is deleted
+        files = tqdm(sorted(extracted), desc=f"{s.name}: hashing extracted files", disable=not progress)
+        record["extracted"] = {f: f"sha256:{file_digest(d / f, 'sha256')}" for f in files}
+    record["completed"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    atomic_write_json(marker, record)
     print(f"{s.name}: ready in {d}")
     return d
 
 
 def verify(name_or_spec: str | DatasetSpec, root: str | Path) -> list[str]:
-    """Re-check a downloaded dataset: marker, digests of the kept files, layout. Returns a list of lines
-    describing what was checked; raises (``ChecksumError``/``FileNotFoundError``/...) on any problem."""
+    """Re-check a downloaded dataset: marker, digests of the kept files, layout, the published digests of
+    extracted files (``file_checksums``) and the sha256 of every extracted file recorded in ``.complete``
+    at extraction. Returns a list of lines describing what was checked; raises
+    (``ChecksumError``/``FileNotFoundError``/...) on any problem."""
     s = _as_spec(name_or_spec)
     root = Path(root)
     d = root / s.directory
@@ -310,8 +370,23 @@ def verify(name_or_spec: str | DatasetSpec, root: str | Path) -> list[str]:
     missing = missing_layout(s, root)
     if missing:
         raise FileNotFoundError(f"{s.name}: missing under {d}: {', '.join(missing)}")
-    lines.append(f"layout OK ({', '.join(s.layout) or 'no layout paths'})")
-    return lines
+    layout_ok = f"layout OK ({', '.join(s.layout) or 'no layout paths'})"
+    if s.file_checksums:
+        n = check_file_checksums(s, root)
+        lines.append(f"{n} extracted files match their published digests")
+    recorded = read_marker(s, root).get("extracted")
+    if recorded:
+        todo = {f: c for f, c in recorded.items() if f not in s.file_checksums}
+        origin = f"recorded in {d / MARKER} at extraction"
+        for f, c in todo.items():
+            _check_digest(d / f, c, f, origin, _fix(s, root))
+        lines.append(f"{len(todo)} extracted files match the sha256 recorded at extraction")
+    elif any(r.is_archive for r in s.resources) and not s.file_checksums:
+        lines.append(
+            "extracted files: no digests recorded (extracted by an older greg); "
+            f"`greg data download {s.name} --root {root} --force` records them"
+        )
+    return [*lines, layout_ok]  # the layout line last, as before
 
 
 def require(s: DatasetSpec, root: Path) -> Path:

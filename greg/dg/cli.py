@@ -3,10 +3,14 @@
     greg dg run --dataset colored_digits --algorithm hgp --restarts 10 --out DIR [--steps N]
                 [--device auto|cpu|cuda] [--seed S] [--hparams-seed K] [--set key=value ...]
     greg dg table --inputs DIR1 DIR2 ... --out results/tables/dg_colored_digits.tex
+    greg dg download --dataset colored_mnist [--data-root data]   (fetch MNIST ahead of `run`)
 
 ``run`` writes ``DIR/config.json`` (first), ``DIR/results.csv`` (one row per restart, rewritten after
 each restart) and ``DIR/summary.json`` (mean / std / stderr; ``complete`` once all restarts are in).
 Re-running skips the restarts already in ``results.csv``; a changed config is refused.
+Errors are one line ``greg dg: <message>``; exit status 2 for bad input (arguments, a changed config, a
+missing or malformed run directory), 1 for I/O failures (read-only or full disk, failed MNIST download),
+see :mod:`greg.errors`.
 ``table`` groups the input runs by (dataset, algorithm), picks per group the run with the highest mean
 training-domain validation accuracy (DomainBed's training-domain validation over hparam draws), and
 renders mean ± std over restarts, the best non-oracle test accuracy in bold.
@@ -19,12 +23,14 @@ import csv
 import io
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from greg.errors import EXIT_INPUT, EXIT_STATUS_HELP, InputError, cli_errors
 from greg.io import atomic_write_json, atomic_write_text
 
 RESULT_FIELDS = ["restart", "seed", "train_acc", "val_acc", "test_acc", "seconds"]
@@ -43,9 +49,12 @@ ORDER = list(DISPLAY)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_STATUS_HELP
     sub = parser.add_subparsers(dest="dg_command", metavar="SUBCOMMAND")
     sub.required = True
-    r = sub.add_parser("run", help="train an algorithm for several restarts (resumable)")
+    r = sub.add_parser(
+        "run", help="train an algorithm for several restarts (resumable)", epilog=EXIT_STATUS_HELP
+    )
     r.add_argument("--dataset", required=True)
     r.add_argument("--algorithm", required=True)
     r.add_argument("--restarts", type=int, default=10)
@@ -57,14 +66,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an hparam")
     r.add_argument("--data-root", default="data", help="where MNIST is downloaded (colored_mnist)")
     r.add_argument("--progress", action="store_true", help="tqdm bar per restart")
-    t = sub.add_parser("table", help="LaTeX + CSV table of several runs")
+    t = sub.add_parser("table", help="LaTeX + CSV table of several runs", epilog=EXIT_STATUS_HELP)
     t.add_argument("--inputs", nargs="+", required=True, type=Path)
     t.add_argument("--out", required=True, type=Path, help=".tex path; the .csv goes next to it")
     t.add_argument("--caption", default=None)
+    d = sub.add_parser(
+        "download",
+        help="fetch and check a dataset's files (MNIST for colored_mnist*; nothing for colored_digits*)",
+        epilog=EXIT_STATUS_HELP,
+    )
+    d.add_argument("--dataset", required=True)
+    d.add_argument("--data-root", default="data", help="where MNIST is downloaded (colored_mnist)")
 
 
+@cli_errors("greg dg")
 def run(args: argparse.Namespace) -> int:
+    if args.dg_command == "download":
+        return download_command(args)
     return run_command(args) if args.dg_command == "run" else table_command(args)
+
+
+def download_command(args: argparse.Namespace) -> int:
+    """Build the environments of restart 0 once: downloads and md5-checks what the dataset needs, so that
+    `greg dg run` later needs no network (the workflow runs this on the submitting node)."""
+    from greg.dg import datasets
+
+    try:
+        datasets.DG_DATASETS.get(args.dataset)
+    except KeyError as e:
+        raise InputError(e.args[0]) from None
+    datasets.load(args.dataset, 0, args.data_root)
+    print(f"[dg] {args.dataset}: data ready under {args.data_root}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -74,7 +107,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+        raise InputError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
     return name
 
 
@@ -82,10 +115,10 @@ def _parse_set(items: list[str], hparams: dict[str, Any]) -> dict[str, Any]:
     out = dict(hparams)
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+            raise InputError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         if key not in out:
-            raise SystemExit(f"--set {key}: unknown hparam; known: {', '.join(sorted(out))}")
+            raise InputError(f"--set {key}: unknown hparam; known: {', '.join(sorted(out))}")
         out[key] = yaml.safe_load(value)
     return out
 
@@ -139,7 +172,7 @@ def run_command(args: argparse.Namespace) -> int:
         DG_ALGORITHMS.get(args.algorithm)
         datasets.DG_DATASETS.get(args.dataset)
     except KeyError as e:
-        raise SystemExit(f"greg dg run: {e.args[0]}") from None
+        raise InputError(e.args[0]) from None
     hparams = _parse_set(
         args.set, hparams_registry.get_hparams(args.algorithm, args.dataset, args.hparams_seed)
     )
@@ -162,10 +195,13 @@ def run_command(args: argparse.Namespace) -> int:
             k: v for k, v in config.items() if k != "restarts"
         }
         if not same:
-            raise SystemExit(
-                f"{cfg_path}: existing run has a different config; use another --out.\n"
-                f"  existing: {old}\n  new:      {config}"
+            # a SystemExit, as before (tests/test_dg.py expects one), with the same line and code as InputError
+            print(
+                f"greg dg: {cfg_path}: existing run has a different config; use another --out.\n"
+                f"  existing: {old}\n  new:      {config}",
+                file=sys.stderr,
             )
+            raise SystemExit(EXIT_INPUT)
     atomic_write_json(cfg_path, config)
 
     device = resolve_device(args.device)

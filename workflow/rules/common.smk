@@ -34,7 +34,32 @@ def _check_names():
                 raise ValueError(f"config grid[{i}].runs: unknown variant {run!r} (known: {VARIANTS})")
 
 
+def _check_extras():
+    # pretrain.import, figures.fig_sam and dg name things defined elsewhere: fail at parse time, naming the key.
+    for dataset, by_arch in (config["pretrain"].get("import") or {}).items():
+        for arch, path in (by_arch or {}).items():
+            if path and (dataset not in config["datasets"] or arch not in config["archs"]):
+                raise ValueError(f"config pretrain.import.{dataset}.{arch}: unknown dataset or arch "
+                                 f"(datasets: {sorted(config['datasets'])}, archs: {sorted(config['archs'])})")
+    f = config["figures"].get("fig_sam")
+    if f:
+        for label, run in f["runs"].items():
+            if run != "pretrain" and run not in config["variants"]:
+                raise ValueError(f"config figures.fig_sam.runs[{label!r}]: unknown run {run!r} "
+                                 f"(pretrain or one of {VARIANTS})")
+    if config["dg"]["datasets"]:
+        from greg.dg.algorithms import DG_ALGORITHMS
+        from greg.dg.datasets import DG_DATASETS
+
+        for key, names, known in (("datasets", config["dg"]["datasets"], DG_DATASETS.names()),
+                                  ("algorithms", config["dg"]["algorithms"], DG_ALGORITHMS.names())):
+            bad = [n for n in names if n not in known]
+            if bad:
+                raise ValueError(f"config dg.{key}: unknown {bad} (known: {sorted(known)})")
+
+
 _check_names()
+_check_extras()
 
 
 def run_dir(dataset, arch, run, seed):
@@ -55,7 +80,9 @@ def table_outputs(name):
 
 
 def rules_inputs_all_tables():
-    return [f for name in TABLES for f in table_outputs(name)]
+    """config/tables.yaml's tables (Tables 1-10, table_sam) and, when dg.datasets is set, table_dg."""
+    names = list(TABLES) + (["table_dg"] if config["dg"]["datasets"] else [])
+    return [f for name in names for f in table_outputs(name)]
 
 
 def figure_outputs(name):
@@ -63,7 +90,7 @@ def figure_outputs(name):
 
 
 def rules_inputs_all_figures():
-    return [f for name in ("fig3", "fig4") if name in config["figures"] for f in figure_outputs(name)]
+    return [f for name in ("fig3", "fig4", "fig_sam") if name in config["figures"] for f in figure_outputs(name)]
 
 
 def rules_inputs_all_runs():
@@ -89,6 +116,32 @@ def figure_runs(name):
     return [(label, dataset, arch, run) for label, run in f["runs"].items() if cell_ok(dataset, arch, run, det)]
 
 
+def fig_sam_sets():
+    """(ID dataset, OOD sets) of fig_sam, aliased; ood `all` = every OOD set of the dataset."""
+    f = config["figures"]["fig_sam"]
+    dataset = R.alias(config, "dataset", f["dataset"])
+    ood = R.ood_sets(config, dataset) if f["ood"] == "all" else [R.alias(config, "ood", o) for o in f["ood"]]
+    return dataset, ood
+
+
+def fig_sam_ckpts(wc):
+    """label -> final.pt of the first seed, for each implemented run of fig_sam (first: before fine-tuning)."""
+    return {label: f"{run_dir(d, ar, run, SEEDS[0])}/final.pt" for label, d, ar, run in figure_runs("fig_sam")}
+
+
+def fig_sam_args(wc):
+    f = config["figures"]["fig_sam"]
+    dataset, ood = fig_sam_sets()
+    labels = {s: config["labels"][s] for s in ood if s in config["labels"]}
+    labels["id"] = config["labels"].get(dataset, dataset)
+    args = []
+    for label, ckpt in fig_sam_ckpts(wc).items():
+        args += ["--model", f"{label}={ckpt}"]
+    args += ["--id", dataset, "--ood", ",".join(ood), "--max-samples", str(f["max_samples"]),
+             "--keys", ",".join(f["keys"]), "--labels-json", json.dumps(labels, sort_keys=True)]
+    return quote_args(args)
+
+
 def data_stamp(name):
     return f"{config['data_root']}/.greg-ready/{name}"
 
@@ -104,8 +157,8 @@ def quote_args(args):
 
 def train_inputs(wc):
     spec = R.run_spec(config, wc.run, wc.dataset)
-    ins = {"data": [data_stamp(wc.dataset), data_stamp(config["datasets"][wc.dataset]["aux"])],
-           "presets": spec["configs"]}
+    aux = [data_stamp(config["datasets"][wc.dataset]["aux"])] if R.run_needs_aux(config, wc.run, wc.dataset) else []
+    ins = {"data": [data_stamp(wc.dataset), *aux], "presets": spec["configs"]}
     if spec["init"] == "pretrain":
         ins["init"] = f"{run_dir(wc.dataset, wc.arch, 'pretrain', wc.seed)}/final.pt"
     return ins
@@ -139,9 +192,30 @@ def fig4_args(wc):
     return quote_args(args)
 
 
+# Hessian-alignment DG runs (dg.smk)
+DG = config["dg"]
+
+
+def dg_dir(dataset, algorithm):
+    return f"{RESULTS}/dg/{dataset}/{algorithm}"
+
+
+def dg_summaries():
+    return [f"{dg_dir(d, a)}/summary.json" for d in DG["datasets"] for a in DG["algorithms"]]
+
+
+def dg_caption():
+    steps = "the protocol's 501" if DG["steps"] is None else str(DG["steps"])
+    return (f"Domain generalization (Hessian alignment), test-environment accuracy (\\%) of the last step, "
+            f"mean $\\pm$ std over {DG['restarts']} restarts, {steps} full-batch steps; best non-oracle test "
+            "accuracy in bold.")
+
+
 wildcard_constraints:
     dataset="|".join(sorted(config["datasets"])),
     arch="|".join(sorted(config["archs"])),
     seed=r"\d+",
     detector=r"[A-Za-z0-9_]+",
     name=r"[A-Za-z0-9_]+",
+    dg_dataset=r"[A-Za-z0-9_]+",
+    algorithm=r"[A-Za-z0-9_]+",

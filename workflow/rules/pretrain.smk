@@ -1,11 +1,15 @@
 # CE pretraining per (dataset, arch, seed). Requeue-safe: `greg train` resumes from DIR/state.pt (not a
 # declared output, so Snakemake never deletes it) and exits 0 at once when DIR/final.pt exists.
+# Pairs listed in `pretrain.import` (the released DenseNet-100 CIFAR checkpoints) are not trained: the same
+# `greg train` call with train.epochs 0 imports the file as final.pt (the file is an input, so a missing one
+# fails before any job and a replaced one reruns the job).
 
 
 rule pretrain:
     input:
         data=lambda wc: [data_stamp(wc.dataset)],
         presets=config["pretrain"]["configs"],
+        imported=lambda wc: R.pretrain_import(config, wc.dataset, wc.arch) or [],
     output:
         f"{RESULTS}/{{dataset}}/{{arch}}/pretrain/seed{{seed}}/final.pt",
     log:

@@ -99,6 +99,38 @@ rule fig4:
         "greg report fig4 {params.args} --out {output.pdf} > {log} 2>&1"
 
 
+rule fig_sam:
+    """SAM appendix: head-gradient norm, max logit and energy distributions, ID vs each OOD set, per model."""
+    input:
+        ckpts=lambda wc: list(fig_sam_ckpts(wc).values()),
+        data=lambda wc: [data_stamp(d) for d in [fig_sam_sets()[0], *fig_sam_sets()[1]]],
+    output:
+        pdf=report(
+            f"{RESULTS}/figures/fig_sam.pdf",
+            caption="../report/fig_sam.rst",
+            category="Figures",
+            labels={"figure": "fig_sam", "format": "PDF"},
+        ),
+        png=report(
+            f"{RESULTS}/figures/fig_sam.png",
+            caption="../report/fig_sam.rst",
+            category="Figures",
+            labels={"figure": "fig_sam", "format": "PNG"},
+        ),
+        npz=f"{RESULTS}/figures/fig_sam.npz",
+    log:
+        f"{RESULTS}/logs/report/fig_sam.log",
+    params:
+        args=fig_sam_args,
+        root=config["data_root"],
+        device=config["device"],
+    conda:
+        ENV_GPU
+    shell:
+        "greg report fig-sam {params.args} --root {params.root} --device {params.device}"
+        " --out {output.pdf} --npz {output.npz} > {log} 2>&1"
+
+
 rule all_tables:
     input:
         rules_inputs_all_tables(),

@@ -1,0 +1,130 @@
+"""One-line CLI errors and the exit codes every ``greg`` command uses.
+
+A user of ``greg evaluate`` with a truncated data file, a wrong checkpoint or a full disk should see one line
+naming the file and what was expected, not a Python traceback. :func:`cli_errors` does that for a
+command's ``run(args)``::
+
+    @cli_errors("greg evaluate")          # as a decorator: returns the exit code on error
+    def run(args) -> int: ...
+
+    def run(args) -> int:                 # or as a context manager: ``ce.code`` after the block
+        with cli_errors("greg train") as ce:
+            return Trainer(...).run()
+        return ce.code
+
+Exit codes (:data:`EXIT_INPUT`, :data:`EXIT_IO`):
+
+- ``2`` bad input: invalid arguments or config, an input file that is missing, or whose content is wrong
+  (checkpoint of another architecture, truncated/corrupted data, checksum mismatch);
+- ``1`` I/O failure: a file that cannot be written or read for another reason (read-only or full disk,
+  permission denied), a failed download, out of memory.
+
+Only the exceptions a user can cause are caught (``OSError``, ``ValueError``, ``RuntimeError``,
+``KeyError``, ``EOFError``, ``MemoryError`` and their subclasses such as ``greg.models.CheckpointError``);
+anything else is a bug and keeps its traceback. ``GREG_TRACEBACK=1`` prints the traceback of caught errors
+too (for debugging). An exception class may set an ``exit_code`` attribute to choose its code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+EXIT_IO = 1
+EXIT_INPUT = 2
+CAUGHT: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, KeyError, EOFError, MemoryError)
+#: Help text for a command's ``epilog`` (argparse).
+EXIT_STATUS_HELP = (
+    "exit status: 0 success; 2 bad input (invalid arguments or config, a missing input file, a file whose "
+    "content is wrong: checkpoint of another architecture, truncated or corrupted data); 1 I/O failure "
+    "(read-only or full disk, permission denied, failed download, out of memory). Errors are one line "
+    "naming the file; GREG_TRACEBACK=1 also prints the traceback."
+)
+# OSErrors that mean "the input named on the command line / in the config is not there".
+_MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+class InputError(ValueError):
+    """A bad argument or option value; the message says which and what was expected (exit 2)."""
+
+    exit_code = EXIT_INPUT
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit code of a caught error (see the module doc)."""
+    code = getattr(e, "exit_code", None)
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    if isinstance(e, _MISSING):
+        return EXIT_INPUT
+    if isinstance(e, (OSError, MemoryError)) or type(e).__name__ == "OutOfMemoryError":  # torch's CUDA OOM
+        return EXIT_IO
+    return EXIT_INPUT
+
+
+def error_text(e: BaseException) -> str:
+    """The message of ``e``: OSErrors keep ``[Errno N]`` and get their file name; a foreign error (numpy,
+    torch, a bare ``KeyError('x')``) is prefixed with its type, whose name is part of the information."""
+    if isinstance(e, KeyError) and e.args and " " in str(e.args[0]):
+        return str(e.args[0])  # a sentence (greg's registries: "unknown dataset ..."); str() would quote it
+    text = str(e)
+    if isinstance(e, OSError):
+        for name in (e.filename, e.filename2):
+            if name is not None and str(name) not in text:
+                text += f": {name}"
+        return text
+    own = type(e).__module__.startswith("greg.") or isinstance(e, InputError)
+    if not text:
+        return type(e).__name__
+    return text if own else f"{type(e).__name__}: {text}"
+
+
+def report_error(prog: str, e: BaseException, file: Any = None) -> int:
+    """Print ``<prog>: <message>`` to stderr (the traceback too with ``GREG_TRACEBACK=1``); return the
+    exit code."""
+    file = sys.stderr if file is None else file
+    if os.environ.get("GREG_TRACEBACK", "") not in ("", "0"):
+        traceback.print_exception(e, file=file)
+    print(f"{prog}: {error_text(e)}", file=file, flush=True)
+    return exit_code(e)
+
+
+class cli_errors:
+    """Catch the user-caused errors of a CLI command, print one line, give the exit code.
+
+    As a decorator the wrapped function returns the code instead of raising; as a context manager the
+    error is swallowed and ``.code`` / ``.error`` tell what happened (``code`` is 0 when nothing was
+    raised). ``SystemExit`` and ``KeyboardInterrupt`` pass through."""
+
+    def __init__(self, prog: str):
+        self.prog = prog
+        self.code = 0
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if e is None or not isinstance(e, CAUGHT):
+            return False
+        self.error = e
+        self.code = report_error(self.prog, e)
+        return True
+
+    def __call__(self, fn: Callable[..., int]) -> Callable[..., int]:
+        prog = self.prog
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> int:
+            with cli_errors(prog) as ce:
+                return fn(*args, **kwargs)
+            return ce.code
+
+        return wrapper
