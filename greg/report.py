@@ -1,6 +1,6 @@
 """``greg report``: aggregate ``greg evaluate`` metrics over seeds into LaTeX/CSV tables, and draw figures.
 
-Three sub-commands, each called by one Snakemake rule (workflow/rules/report.smk):
+Four sub-commands, each called by one Snakemake rule (workflow/rules/report.smk):
 
 - ``greg report table --spec SPEC.json --tex OUT.tex --csv OUT.csv``: one paper table. The spec is a
   *resolved* table (every cell lists its ``metrics.csv`` files, one per seed, or says why it is n/a); the
@@ -9,6 +9,9 @@ Three sub-commands, each called by one Snakemake rule (workflow/rules/report.smk
   mean input-gradient norm of the score during training (keys ``energy`` and ``score_grad_norm``).
 - ``greg report fig4 --model LABEL=EVAL_DIR[,EVAL_DIR...] ... --ood SET --out fig4.pdf``: energy-score
   histograms, ID vs one OOD set, from the per-sample scores ``EVAL_DIR/scores/{id,SET}.npz``.
+- ``greg report fig-sam --model LABEL=final.pt ... --id D --ood A,B --out fig_sam.pdf [--npz OUT.npz]``: the
+  SAM appendix's diagnostics (``greg.diagnostics``): per model (rows; the first is "before fine-tuning"),
+  per-sample head-gradient norm, max logit and energy distributions, ID vs each OOD set.
 
 Aggregation: for each cell, the value of each seed's ``metrics.csv`` row (an OOD set, or ``mean``) is read;
 the table shows the mean over seeds and the sample standard deviation (ddof=1; 0 with one seed). The best
@@ -308,6 +311,35 @@ def dg_run_args(config: dict, dataset: str, algorithm: str) -> list[str]:
     for k, v in ((dg.get("set_by_algorithm") or {}).get(algorithm) or {}).items():
         args += ["--set", f"{k}={yaml_value(v)}"]
     return args
+
+
+def check_extra_names(config: dict) -> None:
+    """Fail (``ReportError`` naming the config key) when ``pretrain.import``, ``figures.fig_sam.runs`` or the
+    ``dg`` section name a dataset, arch, run, DG dataset or DG algorithm that does not exist."""
+    for dataset, by_arch in ((config.get("pretrain") or {}).get("import") or {}).items():
+        for arch, path in (by_arch or {}).items():
+            if path and (dataset not in config["datasets"] or arch not in config["archs"]):
+                raise ReportError(f"config pretrain.import.{dataset}.{arch}: unknown dataset or arch (datasets: "
+                                  f"{sorted(config['datasets'])}, archs: {sorted(config['archs'])})")
+    variants = config.get("variants") or {}
+    fig = (config.get("figures") or {}).get("fig_sam") or {}
+    for label, run in (fig.get("runs") or {}).items():
+        if run != "pretrain" and run not in variants:
+            raise ReportError(f"config figures.fig_sam.runs[{label!r}]: unknown run {run!r} "
+                              f"(pretrain or one of {sorted(variants)})")
+    dg = config.get("dg") or {}
+    if dg.get("datasets"):
+        from greg.dg.algorithms import DG_ALGORITHMS
+        from greg.dg.datasets import DG_DATASETS
+
+        for key, known in (("datasets", DG_DATASETS.names()), ("algorithms", DG_ALGORITHMS.names())):
+            bad = [n for n in dg.get(key) or [] if n not in known]
+            if bad:
+                raise ReportError(f"config dg.{key}: unknown {bad} (known: {sorted(known)})")
+        for algorithm in dg.get("set_by_algorithm") or {}:
+            if algorithm not in DG_ALGORITHMS.names():
+                raise ReportError(f"config dg.set_by_algorithm: unknown algorithm {algorithm!r} "
+                                  f"(known: {sorted(DG_ALGORITHMS.names())})")
 
 
 def registry_checker(config: dict) -> Callable[[dict], str | None]:

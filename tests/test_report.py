@@ -216,7 +216,10 @@ def test_registry_checker():
 
 def test_load_tables_of_the_repo_resolve_against_the_configs():
     tables = R.load_tables(ROOT / "config/tables.yaml")
-    assert sorted(tables, key=lambda k: int(k[5:])) == [f"table{i}" for i in range(1, 11)]
+    assert sorted(tables) == sorted([f"table{i}" for i in range(1, 11)] + ["table_sam"])
+    sam_rows = [(r["run"], r["detector"]) for r in tables["table_sam"]["rows"]]
+    assert sam_rows == [(run, det) for run in ("pretrain", "sam_only_norm", "sam")
+                        for det in ("msp", "energy", "rankfeat")]
     full = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     for name, spec in tables.items():
         res = R.resolve_table(name, spec, full)
@@ -264,3 +267,154 @@ def test_cli_table(tmp_path):
     spec["rows"][0]["cells"][0]["files"].append(str(tmp_path / "missing.csv"))
     rc = greg_main(["report", "table", "--spec-json", json.dumps(spec), "--tex", str(tex), "--csv", str(out_csv)])
     assert rc == 2
+
+
+def test_pretrain_import_replaces_ce_training():
+    cfg = _config()
+    cfg["pretrain"]["import"] = {"tiny": {"small_cnn": "ext/tiny.pth", "densenet100": None}}
+    args = R.train_args(cfg, "tiny", "small_cnn", "pretrain", 4)
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    values = dict(a.split("=", 1) for a in sets)
+    assert len(values) == len(sets)  # one --set per key
+    # train_set's max_steps cap (3) is overridden: 0 steps, the file imported as the run checkpoint
+    assert {k: values[k] for k in ("init.checkpoint", "init.kind", "init.skip_head", "train.epochs",
+                                   "train.max_steps")} == {
+        "init.checkpoint": "ext/tiny.pth", "init.kind": "pretrained", "init.skip_head": "false",
+        "train.epochs": "0", "train.max_steps": "null"}
+    assert R.pretrain_import(cfg, "tiny", "small_cnn") == "ext/tiny.pth"
+    assert R.pretrain_import(cfg, "tiny", "densenet100") is None and R.pretrain_import(cfg, "cifar10", "x") is None
+    # fine-tuning still starts from the run's own pretrain/final.pt; other pairs train CE as before
+    greg = R.train_args(cfg, "tiny", "small_cnn", "greg", 4)
+    assert "init.checkpoint=res/tiny/small_cnn/pretrain/seed4/final.pt" in greg
+    assert not any(a.startswith("init.") for a in R.train_args(cfg, "tiny", "densenet100", "pretrain", 4))
+    assert not any(a.startswith("init.") for a in R.train_args(_config(), "tiny", "small_cnn", "pretrain", 4))
+
+
+def test_pretrain_import_runs_in_greg_train(tmp_path):
+    from greg.io import safe_torch_load
+
+    released = ROOT.parent / "shared" / "checkpoints" / "densenet100_cifar10.pth"
+    if not released.is_file():
+        pytest.skip(f"{released} not available")
+    cfg = _config()
+    cfg["data_root"] = str(tmp_path / "data")
+    cfg["archs"]["densenet100"] = {"model": "densenet100"}
+    cfg["pretrain"]["import"] = {"tiny": {"densenet100": str(released)}}  # tiny: 10 classes, 3x32x32 as CIFAR
+    out = tmp_path / "run"
+    args = R.train_args(cfg, "tiny", "densenet100", "pretrain", 2)
+    assert greg_main(["train", *args, "--out", str(out), "--device", "cpu"]) == 0
+    ckpt = safe_torch_load(out / "final.pt")
+    raw = safe_torch_load(released)["state_dict"]  # the CIFAR-10 file names its classifier `fc`
+    assert ckpt["arch"] == "densenet100" and ckpt["num_classes"] == 10
+    assert torch_equal(ckpt["state_dict"]["head.weight"], raw["fc.weight"])
+    assert torch_equal(ckpt["state_dict"]["head.bias"], raw["fc.bias"])
+    assert (out / "metrics.jsonl").read_text().strip() == ""  # 0 training steps
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+
+
+def test_run_needs_aux_and_sam_train_args():
+    cfg = _config()
+    cfg["variants"]["sam_only_norm"] = {"configs": [str(ROOT / "config/methods/sam_only_norm.yaml")],
+                                        "init": "pretrain", "detector": "energy"}
+    assert R.run_needs_aux(cfg, "greg", "tiny") and R.run_needs_aux(cfg, "future", "tiny")  # unknown: True
+    assert not R.run_needs_aux(cfg, "sam_only_norm", "tiny") and not R.run_needs_aux(cfg, "pretrain", "tiny")
+    sets = R.train_args(cfg, "tiny", "small_cnn", "sam_only_norm", 1)
+    assert not any(a.startswith("data.aux=") for a in sets)
+    assert "init.checkpoint=res/tiny/small_cnn/pretrain/seed1/final.pt" in sets
+    assert R.run_method(cfg, "sam_only_norm", "tiny") == "sam_only_norm"
+
+
+def test_dg_run_args():
+    cfg = {"data_root": "dat", "dg": {"datasets": ["colored_digits"], "algorithms": ["erm", "hgp"], "restarts": 3,
+                                      "steps": 20, "seed": 5, "hparams_seed": 0,
+                                      "set_by_algorithm": {"hgp": {"penalty_weight": 1.0e7, "alpha": 0.5}}}}
+    assert R.dg_run_args(cfg, "colored_digits", "erm") == [
+        "--dataset", "colored_digits", "--algorithm", "erm", "--restarts", "3", "--seed", "5",
+        "--hparams-seed", "0", "--data-root", "dat", "--steps", "20"]
+    hgp = R.dg_run_args(cfg, "colored_digits", "hgp")
+    assert hgp[-4:] == ["--set", "penalty_weight=10000000.0", "--set", "alpha=0.5"]
+    cfg["dg"]["steps"] = None
+    assert "--steps" not in R.dg_run_args(cfg, "colored_mnist", "erm")
+
+
+def _tiny_checkpoints(tmp_path):
+    import torch
+
+    from greg import models
+
+    paths = {}
+    for label, seed in (("CE (before)", 0), ("SAM", 1)):
+        torch.manual_seed(seed)
+        m = models.create("small_cnn", 10)
+        paths[label] = str(tmp_path / f"{seed}.pt")
+        models.save_checkpoint(paths[label], m, arch="small_cnn", num_classes=10)
+    return paths
+
+
+def test_fig_sam_cli_writes_figure_and_arrays(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from greg import data, models
+
+    paths = _tiny_checkpoints(tmp_path)
+    out, npz = tmp_path / "fig" / "fig_sam.pdf", tmp_path / "fig" / "fig_sam.npz"
+    argv = ["report", "fig-sam", "--id", "tiny", "--ood", "tiny_faces,tiny_gaussian", "--root", str(tmp_path),
+            "--device", "cpu", "--max-samples", "12", "--keys", "head_grad_norm,max_logit,energy",
+            "--labels-json", '{"id": "Tiny", "tiny_faces": "Faces"}', "--out", str(out), "--npz", str(npz)]
+    for label, path in paths.items():
+        argv += ["--model", f"{label}={path}"]
+    assert greg_main(argv) == 0
+    assert out.read_bytes()[:4] == b"%PDF" and out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert set(arrays) == {f"{label}/{s}/{k}" for label in paths for s in ("id", "tiny_faces", "tiny_gaussian")
+                           for k in ("head_grad_norm", "max_logit", "energy", "msp")}
+    # independent check on the "before" model, ID subsample: per-sample backward of CE(f, argmax f)
+    # w.r.t. the head weight, and max logit / -logsumexp of the same forward
+    model, _ = models.load_checkpoint(paths["CE (before)"], "cpu")
+    model.eval()
+    ds = data.subsample(data.load("tiny", "test", str(tmp_path)), 12, 0)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert arrays["CE (before)/id/head_grad_norm"].shape == (12,)
+    for i in range(12):
+        model.zero_grad()
+        f = model(x[i:i + 1])
+        F.cross_entropy(f, f.argmax(1)).backward()
+        assert arrays["CE (before)/id/head_grad_norm"][i] == pytest.approx(model.head.weight.grad.norm().item(),
+                                                                           rel=1e-4)
+        assert arrays["CE (before)/id/max_logit"][i] == pytest.approx(f.max().item(), rel=1e-5, abs=1e-6)
+        assert arrays["CE (before)/id/energy"][i] == pytest.approx(-torch.logsumexp(f, 1).item(), rel=1e-5)
+
+
+def test_fig_sam_errors(tmp_path):
+    paths = _tiny_checkpoints(tmp_path)
+    base = ["report", "fig-sam", "--id", "tiny", "--ood", "tiny_faces", "--root", str(tmp_path), "--device", "cpu",
+            "--out", str(tmp_path / "f.pdf")]
+    assert greg_main([*base, "--model", f"A={paths['SAM']}", "--keys", "max_logit,nope"]) == 2
+    assert greg_main([*base, "--model", "no-equals-sign"]) == 2
+    assert greg_main([*base, "--model", f"A={tmp_path / 'missing.pt'}"]) == 2
+    assert not (tmp_path / "f.pdf").exists()
+    with pytest.raises(R.ReportError, match="no models"):
+        R.plot_fig_sam({}, tmp_path / "g.pdf")
+
+
+def test_check_extra_names():
+    cfg = {**_config(), "pretrain": {"configs": [], "import": {"tiny": {"small_cnn": "x.pth"}}},
+           "figures": {"fig_sam": {"runs": {"before": "pretrain", "after": "greg"}}},
+           "dg": {"datasets": ["colored_digits"], "algorithms": ["erm", "hgp"], "set_by_algorithm": {"hgp": {}}}}
+    R.check_extra_names(cfg)  # all known
+    R.check_extra_names({**cfg, "pretrain": {"import": {"nope": {"small_cnn": None}}}})  # null: not imported
+    bad = [({**cfg, "pretrain": {"import": {"tiny": {"resnet50": "x.pth"}}}}, "pretrain.import.tiny.resnet50"),
+           ({**cfg, "figures": {"fig_sam": {"runs": {"a": "sam_typo"}}}}, "figures.fig_sam.runs"),
+           ({**cfg, "dg": {**cfg["dg"], "datasets": ["colored_mnst"]}}, "dg.datasets"),
+           ({**cfg, "dg": {**cfg["dg"], "algorithms": ["erm", "not_an_algorithm"]}}, "dg.algorithms"),
+           ({**cfg, "dg": {**cfg["dg"], "set_by_algorithm": {"hpg": {}}}}, "dg.set_by_algorithm")]
+    for c, key in bad:
+        with pytest.raises(R.ReportError, match=key.replace(".", r"\.").replace("[", r"\[")):
+            R.check_extra_names(c)

@@ -1,7 +1,8 @@
 """The Snakemake workflow: config validation, dry runs (full grid, SLURM profile), lint, and the smoke run.
 
-The smoke run executes every rule of the DAG on the tiny benchmark (CPU, 3 steps per run) into a temporary
-results/data directory and checks that the tables and figures exist and parse.
+The smoke run executes every rule of the DAG on the tiny benchmark (CPU, 3 steps per run; DG: colored_digits,
+2 restarts of 20 steps) into a temporary results/data directory and checks that the tables (Tables 1-10,
+table_sam, table_dg) and figures (fig3, fig4, fig_sam) exist and parse.
 """
 
 from __future__ import annotations
@@ -47,13 +48,20 @@ def test_full_config_dry_run_lists_the_expected_jobs():
     r = snakemake("-n", "all")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     counts = job_counts(r.stdout)
-    assert counts["table"] == 10 and counts["fig3"] == 1 and counts["fig4"] == 1 and counts["all"] == 1
-    # CE models: (cifar10 + cifar100) x 3 archs + imagenet10 x densenet121, 3 seeds each
+    assert counts["table"] == 11 and counts["fig3"] == 1 and counts["fig4"] == 1 and counts["all"] == 1
+    assert counts["fig_sam"] == 1 and counts["table_dg"] == 1
+    # Hessian alignment: (colored_digits, colored_mnist) x 8 algorithms, one download check per dataset
+    assert counts["dg_run"] == 2 * 8 and counts["dg_download"] == 2
+    # CE models: (cifar10 + cifar100) x 3 archs + imagenet10 x densenet121, 3 seeds each (imported ones too)
     assert counts["pretrain"] == (2 * 3 + 1) * 3
     assert counts["train"] >= 18 * 4 and counts["evaluate"] > counts["train"]
     out = r.stdout
     assert "results/cifar100/densenet100/greg_plus/seed42/final.pt" in out
     assert "results/cifar10/resnet18/pretrain/seed1234/eval/mahalanobis/metrics.csv" in out
+    for run in ("pretrain", "sam_only_norm", "sam"):  # table_sam: three detectors per model
+        for det in ("msp", "energy", "rankfeat"):
+            assert f"results/cifar10/densenet100/{run}/seed42/eval/{det}/metrics.csv" in out
+    assert "results/dg/colored_mnist/hutchinson/summary.json" in out and "results/tables/table_dg.tex" in out
     assert "greg train --config config/methods/greg.yaml" in out or "rule train" in out
     for method in ("poem", "dos", "openmix"):  # not implemented: never in the DAG
         if method not in METHODS:
@@ -64,7 +72,33 @@ def test_profile_dry_run_all_tables():
     r = snakemake("--profile", "slurm", "all_tables", "-n")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     counts = job_counts(r.stdout)
-    assert counts["table"] == 10 and counts["all_tables"] == 1 and counts["pretrain"] > 0
+    assert counts["table"] == 11 and counts["all_tables"] == 1 and counts["pretrain"] > 0
+    assert counts["table_dg"] == 1 and counts["dg_run"] == 16
+
+
+def test_dry_run_commands_of_the_new_targets():
+    """Released DenseNet-100 checkpoints imported (0 steps) as the CE models; ImageNet drops the 1k head;
+    SAM runs fine-tune the CE model without outliers; fig_sam / dg commands as documented."""
+    r = snakemake("-n", "-p", "--forceall", "results/cifar100/densenet100/sam/seed2/final.pt",
+                  "results/imagenet10/densenet121/pretrain/seed2/final.pt", "results/figures/fig_sam.pdf",
+                  "results/dg/colored_mnist/hgp/summary.json")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    cmds = [ln.split("Shell command:", 1)[1].strip() for ln in out.splitlines() if "Shell command:" in ln]
+    pre = next(c for c in cmds if "--out results/cifar100/densenet100/pretrain/seed2" in c)
+    assert "init.checkpoint=../shared/checkpoints/densenet100_cifar100.pth" in pre
+    assert "init.kind=pretrained" in pre and "train.epochs=0" in pre and "train.max_steps=null" in pre
+    assert "input: data/.greg-ready/cifar100, config/methods/ce.yaml, ../shared/checkpoints/" in out
+    inet = next(c for c in cmds if "--out results/imagenet10/densenet121/pretrain/seed2" in c)
+    assert "init.skip_head=true" in inet and "train.epochs=20" in inet
+    sam = next(c for c in cmds if "--out results/cifar100/densenet100/sam/seed2" in c)
+    assert "--config config/methods/sam.yaml" in sam and "data.aux=" not in sam
+    assert "init.checkpoint=results/cifar100/densenet100/pretrain/seed2/final.pt" in sam
+    fig = next(c for c in cmds if c.startswith("greg report fig-sam"))
+    assert "--model 'CE (before)=results/cifar10/densenet100/pretrain/seed2/final.pt'" in fig
+    assert "--ood textures,svhn,places365,lsun_crop,lsun_resize,isun" in fig and "--npz results/figures" in fig
+    assert any(c.startswith("greg dg download --dataset colored_mnist --data-root data") for c in cmds)
+    assert any(c.startswith("greg dg run --dataset colored_mnist --algorithm hgp --restarts 10") for c in cmds)
 
 
 def test_wrong_config_key_fails_naming_it():
@@ -116,9 +150,28 @@ def test_smoke_run_end_to_end(tmp_path):
         for row in rows:
             if row["mean"] != "n/a":
                 assert 0.0 <= float(row["mean"]) <= 100.0 and row["n_seeds"] == "1"
-    for fig in ("fig3", "fig4"):
+    for fig in ("fig3", "fig4", "fig_sam"):
         assert (results / "figures" / f"{fig}.pdf").read_bytes()[:4] == b"%PDF"
         assert (results / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
+    # fig_sam: per-sample diagnostics of 3 models (CE before, SAM-only-norm, SAM) on ID + 5 tiny OOD sets
+    import numpy as np
+
+    with np.load(results / "figures" / "fig_sam.npz") as z:
+        names = set(z.files)
+        assert z["CE (before)/id/head_grad_norm"].ndim == 1 and z["SAM/tiny_faces/max_logit"].size > 0
+    assert {n.split("/")[0] for n in names} == {"CE (before)", "SAM-only-norm", "SAM"}
+    assert {n.split("/")[1] for n in names} == {"id", "tiny_textures", "tiny_faces", "tiny_photos",
+                                               "tiny_gaussian", "tiny_uniform"}
+    # table_sam is a config/tables.yaml table (checked above); table_dg: 8 algorithms, 2 restarts each
+    tex = (results / "tables" / "table_dg.tex").read_text()
+    assert r"\begin{tabular}" in tex and "Hutchinson" in tex and r"\textbf{" in tex
+    with open(results / "tables" / "table_dg.csv", newline="") as f:
+        dg = list(csv.DictReader(f))
+    assert sorted(r["algorithm"] for r in dg) == sorted(["erm", "irm", "vrex", "fishr", "coral", "hgp",
+                                                          "hutchinson", "oracle"])
+    for row in dg:
+        assert row["dataset"] == "colored_digits" and row["n_restarts"] == "2"
+        assert all(0.0 <= float(row[f"{m}_mean"]) <= 100.0 for m in ("train_acc", "val_acc", "test_acc"))
     # the run layout of docs/WORKFLOW.md
     run = results / "tiny" / "small_cnn" / "greg_plus" / "seed42"
     assert (run / "final.pt").exists() and (run / "metrics.jsonl").exists()
@@ -129,7 +182,7 @@ def test_smoke_run_end_to_end(tmp_path):
                   "--report", str(html), "all_tables", "all_figures")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     text = html.read_text()
-    for name in [*tables, "fig3", "fig4"]:
+    for name in [*tables, "table_dg", "fig3", "fig4", "fig_sam"]:
         assert f"{name}." in text
     assert "Figure 3" in text and "Figure 4" in text
     shutil.rmtree(tmp_path, ignore_errors=True)

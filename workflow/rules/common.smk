@@ -34,32 +34,8 @@ def _check_names():
                 raise ValueError(f"config grid[{i}].runs: unknown variant {run!r} (known: {VARIANTS})")
 
 
-def _check_extras():
-    # pretrain.import, figures.fig_sam and dg name things defined elsewhere: fail at parse time, naming the key.
-    for dataset, by_arch in (config["pretrain"].get("import") or {}).items():
-        for arch, path in (by_arch or {}).items():
-            if path and (dataset not in config["datasets"] or arch not in config["archs"]):
-                raise ValueError(f"config pretrain.import.{dataset}.{arch}: unknown dataset or arch "
-                                 f"(datasets: {sorted(config['datasets'])}, archs: {sorted(config['archs'])})")
-    f = config["figures"].get("fig_sam")
-    if f:
-        for label, run in f["runs"].items():
-            if run != "pretrain" and run not in config["variants"]:
-                raise ValueError(f"config figures.fig_sam.runs[{label!r}]: unknown run {run!r} "
-                                 f"(pretrain or one of {VARIANTS})")
-    if config["dg"]["datasets"]:
-        from greg.dg.algorithms import DG_ALGORITHMS
-        from greg.dg.datasets import DG_DATASETS
-
-        for key, names, known in (("datasets", config["dg"]["datasets"], DG_DATASETS.names()),
-                                  ("algorithms", config["dg"]["algorithms"], DG_ALGORITHMS.names())):
-            bad = [n for n in names if n not in known]
-            if bad:
-                raise ValueError(f"config dg.{key}: unknown {bad} (known: {sorted(known)})")
-
-
 _check_names()
-_check_extras()
+R.check_extra_names(config)
 
 
 def run_dir(dataset, arch, run, seed):
