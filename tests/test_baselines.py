@@ -16,52 +16,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from nets import FeatNet, IdentityNet
 
 from greg import methods, train
 from greg.io import safe_torch_load
 from greg.methods.dos import absent_class_loss
 from greg.methods.openmix import openmix_soft_targets, sample_beta, soft_cross_entropy
 from greg.methods.poem import StatsWindow, blr_posterior, boundary_select, thompson_sample
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-class FeatNet(nn.Module):
-    """``features(x) = x`` (through a Dropout: wrong numbers if mining forgot eval mode), fixed linear head."""
-
-    def __init__(self, head_weight: torch.Tensor):
-        super().__init__()
-        self.drop = nn.Dropout(0.5)
-        self.head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
-        with torch.no_grad():
-            self.head.weight.copy_(head_weight)
-
-    def features(self, x):
-        return self.drop(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-class IdentityNet(nn.Module):
-    """``model(x) = x``: the inputs are the logits (and the features)."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = nn.Identity()
-
-    def features(self, x):
-        return x
-
-    def forward(self, x):
-        return x
 
 
 def _roundtrip(state):

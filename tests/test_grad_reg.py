@@ -7,43 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import IdentityNet, TinyNet
 from torch import nn
 from torch.autograd.functional import jacobian
 from torch.func import functional_call
 
 from greg import methods
 from greg.methods import grad_reg
-
-
-class TinyNet(nn.Module):
-    """conv + BN + activation + global pool + linear, with ``features`` / ``head`` like the model zoo."""
-
-    def __init__(self, act: nn.Module | None = None, c_in: int = 2, width: int = 3, k: int = 3):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, width, 3, padding=1)
-        self.bn = nn.BatchNorm2d(width)
-        self.act = act if act is not None else nn.ReLU()
-        self.head = nn.Linear(width, k)
-
-    def features(self, x):
-        return self.act(self.bn(self.conv(x))).mean(dim=(2, 3))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-class IdentityNet(nn.Module):
-    """``model(x) = x``: the inputs are the logits, so every gradient can be computed by hand."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = nn.Identity()
-
-    def features(self, x):
-        return x
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 def energy(logits):
@@ -53,7 +23,7 @@ def energy(logits):
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
-    model = TinyNet().double().train()
+    model = TinyNet(c_in=2, width=3).double().train()
     x_id = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     y_id = torch.tensor([0, 1, 2])
     x_aux = torch.randn(4, 2, 4, 4, dtype=torch.float64) * 2
@@ -155,7 +125,9 @@ def test_paper_reduction_eval_mode_formula_and_official_relation(setup):
 
 def test_double_backprop_matches_finite_differences():
     torch.manual_seed(1)
-    model = TinyNet(act=nn.Tanh()).double().train()  # smooth, so finite differences are valid
+    model = (
+        TinyNet(c_in=2, width=3, act=nn.Tanh()).double().train()
+    )  # smooth, so finite differences are valid
     x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
     names = ["conv.weight", "bn.weight", "head.weight"]
     params = {k: v.detach() for k, v in model.named_parameters()}

@@ -7,43 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from nets import IdentityNet, TinyNet
 
 from greg import methods
 from greg.methods import grad_reg
 from greg.methods.base import Method
 from greg.methods.energy import energy_loss
 from greg.methods.oe import oe_loss
-
-
-class TinyNet(nn.Module):
-    """conv + BN + ReLU + global pool + linear, with ``features`` / ``head`` like the model zoo."""
-
-    def __init__(self, c_in: int = 3, width: int = 4, k: int = 3):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, width, 3, padding=1)
-        self.bn = nn.BatchNorm2d(width)
-        self.head = nn.Linear(width, k)
-
-    def features(self, x):
-        return torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-class IdentityNet(nn.Module):
-    """``model(x) = x``: the inputs are the logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = nn.Identity()
-
-    def features(self, x):
-        return x
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 class FakeSampler:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from nets import FeatNet
 
 from greg.sampling import KMEANS, ClusterSampler, inertia_of, kmeans, select_from_clusters
 from greg.sampling import clustering as kmeans_mod
@@ -219,23 +219,6 @@ def test_faiss_random_init_option():
 
 
 # ----------------------------------------------------------------------------------------- ClusterSampler
-
-
-class FeatNet(nn.Module):
-    """features = input (through a Dropout: wrong results if the sampler forgot eval mode); fixed head."""
-
-    def __init__(self, head_weight: torch.Tensor):
-        super().__init__()
-        self.drop = nn.Dropout(0.5)
-        self.head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
-        with torch.no_grad():
-            self.head.weight.copy_(head_weight)
-
-    def features(self, x):
-        return self.drop(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 def _two_cluster_candidates() -> torch.Tensor:
