@@ -410,9 +410,17 @@ class Trainer:
             if len(self.aux) == 0:
                 raise ConfigError(f"auxiliary dataset {c_data['aux']!r} is empty (root {c_data['root']})")
             abs_ = c_data["aux_batch_size"]
+            how = ""
             if abs_ == "ratio":
                 abs_ = max(1, round(len(self.aux) / len(self.id_train) * c_data["batch_size"]))
+                how = f" ('ratio': {len(self.aux)} auxiliary / {len(self.id_train)} ID images x batch_size)"
             self.aux_bs = int(abs_)
+            if self.aux_bs < self.method.aux_needed():
+                raise ConfigError(
+                    f"data.aux_batch_size is {self.aux_bs}{how}, but method {cfg['method']['name']!r} selects "
+                    f"{self.method.aux_needed()} auxiliary samples per step (method.hparams.n_selected): "
+                    "raise data.aux_batch_size or lower n_selected"
+                )
 
         self.steps_per_epoch = len(self.id_train) // c_data["batch_size"]
         total = c_train["epochs"] * self.steps_per_epoch

@@ -222,3 +222,9 @@ def test_skip_head_keeps_fresh_head(tmp_path):
     own = t.model.state_dict()
     assert all(torch.equal(own[k], w[k]) for k in w if not k.startswith("head."))
     assert not torch.equal(own["head.weight"], w["head.weight"])
+
+
+def test_too_few_aux_candidates_is_a_config_error(tmp_path):
+    cfg = _cfg(tmp_path, **{"data.aux_batch_size": "ratio", "method.hparams.n_selected": 128})
+    with pytest.raises(train.ConfigError, match=r"aux_batch_size is 12 \('ratio': 1000 auxiliary / 1297 ID"):
+        Trainer(cfg, tmp_path / "run", "cpu")

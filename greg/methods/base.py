@@ -60,6 +60,11 @@ class Method:
     def compute_loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def aux_needed(self) -> int:
+        """Fewest auxiliary candidates per step the method can work with (methods that select
+        ``n_selected`` of them need at least that many); the trainer checks it before training."""
+        return int(self.hparams.get("n_selected", 1)) if self.needs_aux else 0
+
     def state_dict(self) -> dict[str, Any]:
         return {} if self.generator is None else {"generator": self.generator.get_state()}
 
