@@ -89,6 +89,15 @@ class Algorithm(nn.Module):
         self.update_count += 1
         return objective.item()
 
+    def _penalized_step(
+        self, losses: torch.Tensor, penalty: torch.Tensor, **logged: float
+    ) -> dict[str, float]:
+        """One step on ``mean_e L_e + w * penalty`` with the annealed weight ``w``; the logged numbers."""
+        w = self.current_penalty_weight()
+        nll = losses.mean()
+        loss = self._step(nll + w * penalty, w)
+        return {"loss": loss, "nll": nll.item(), "penalty": penalty.item(), "penalty_weight": w, **logged}
+
     def _forward_domains(self, minibatches: Minibatches):
         feats, logits, losses = [], [], []
         for x, y in minibatches:
@@ -135,10 +144,7 @@ class IRM(Algorithm):
     def update(self, minibatches: Minibatches) -> dict[str, float]:
         _, logits, losses = self._forward_domains(minibatches)
         penalty = torch.stack([P.irm_penalty(z, y) for z, (_, y) in zip(logits, minibatches)]).mean()
-        w = self.current_penalty_weight()
-        nll = losses.mean()
-        loss = self._step(nll + w * penalty, w)
-        return {"loss": loss, "nll": nll.item(), "penalty": penalty.item(), "penalty_weight": w}
+        return self._penalized_step(losses, penalty)
 
 
 @DG_ALGORITHMS.register("vrex")
@@ -150,10 +156,7 @@ class VREx(Algorithm):
     def update(self, minibatches: Minibatches) -> dict[str, float]:
         _, _, losses = self._forward_domains(minibatches)
         penalty = P.vrex_penalty(losses)
-        w = self.current_penalty_weight()
-        nll = losses.mean()
-        loss = self._step(nll + w * penalty, w)
-        return {"loss": loss, "nll": nll.item(), "penalty": penalty.item(), "penalty_weight": w}
+        return self._penalized_step(losses, penalty)
 
 
 @DG_ALGORITHMS.register("fishr")
@@ -187,10 +190,7 @@ class Fishr(Algorithm):
             grads = P.per_sample_head_gradients(self.network.head, h, y)
             variances.append(self._smooth(e, P.gradient_variance(grads)))
         penalty = P.fishr_penalty(variances)
-        w = self.current_penalty_weight()
-        nll = losses.mean()
-        loss = self._step(nll + w * penalty, w)
-        return {"loss": loss, "nll": nll.item(), "penalty": penalty.item(), "penalty_weight": w}
+        return self._penalized_step(losses, penalty)
 
 
 @DG_ALGORITHMS.register("coral")
@@ -228,16 +228,9 @@ class _HessianAlignment(Algorithm):
         hess_pen = P.alignment_penalty(hess)
         grad_pen = P.alignment_penalty(grads)
         penalty = self.hparams["alpha"] * hess_pen + self.hparams["beta"] * grad_pen
-        w = self.current_penalty_weight()
-        nll = losses.mean()
-        loss = self._step(nll + w * penalty, w)
-        return {
-            "loss": loss,
-            "nll": nll.item(),
-            "hess_penalty": hess_pen.item(),
-            "grad_penalty": grad_pen.item(),
-            "penalty_weight": w,
-        }
+        return self._penalized_step(
+            losses, penalty, hess_penalty=hess_pen.item(), grad_penalty=grad_pen.item()
+        )
 
 
 @DG_ALGORITHMS.register("hgp")
