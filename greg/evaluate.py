@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -41,20 +40,9 @@ from greg import io as gio
 from greg.detectors import DETECTORS, Detector, eval_mode
 from greg.detectors import create as create_detector
 from greg.errors import EXIT_STATUS_HELP, InputError, cli_errors
-from greg.metrics import ood_metrics
+from greg.metrics import METRIC_COLUMNS, metrics_table, ood_metrics  # noqa: F401  (re-exported)
+from greg.metrics import TABLE_COLUMNS as COLUMNS  # noqa: F401  (re-exported: metrics.csv columns)
 
-COLUMNS = [
-    "ood_set",
-    "n_id",
-    "n_ood",
-    "id_acc",
-    "fpr95_idpos",
-    "fpr95_oodpos",
-    "auroc",
-    "aupr_in",
-    "aupr_out",
-]
-METRIC_COLUMNS = ["fpr95_idpos", "fpr95_oodpos", "auroc", "aupr_in", "aupr_out"]
 FLOAT_FORMAT = "%.4f"
 CONVENTIONS = {
     "orientation": "scores: higher = more OOD",
@@ -126,38 +114,6 @@ def score_loader(
         out["labels"] = torch.cat(labels).numpy()
         out["pred"] = torch.cat(preds).numpy()
     return out
-
-
-def metrics_table(
-    scores_id: np.ndarray, ood_scores: Mapping[str, np.ndarray], id_acc: float | None = None
-) -> pd.DataFrame:
-    """One row per OOD set plus ``mean``; metric columns and ``id_acc`` (fractions in) in percent."""
-    rows = []
-    for name, s_ood in ood_scores.items():
-        try:
-            m = ood_metrics(scores_id, s_ood)
-        except ValueError as e:
-            raise ValueError(f"metrics for OOD set {name!r}: {e}") from e
-        rows.append(
-            {
-                "ood_set": name,
-                "n_id": int(np.size(scores_id)),
-                "n_ood": int(np.size(s_ood)),
-                "id_acc": math.nan if id_acc is None else 100.0 * id_acc,
-                **{c: 100.0 * m[c] for c in METRIC_COLUMNS},
-            }
-        )
-    if not rows:
-        raise ValueError("no OOD sets to evaluate")
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    mean = {
-        "ood_set": "mean",
-        "n_id": int(np.size(scores_id)),
-        "n_ood": int(df["n_ood"].sum()),
-        "id_acc": rows[0]["id_acc"],
-        **{c: float(df[c].mean()) for c in METRIC_COLUMNS},
-    }
-    return pd.concat([df, pd.DataFrame([mean], columns=COLUMNS)], ignore_index=True)
 
 
 def format_csv(df: pd.DataFrame) -> str:
@@ -454,9 +410,8 @@ def _run_robustness(
         alpha=args.attack_alpha,
         steps=args.attack_steps,
         norm=args.attack_norm,
+        scale=100.0,
     )
-    for c in METRIC_COLUMNS:
-        df[c] = 100.0 * df[c]
     gio.atomic_write_text(out / "robustness.csv", format_csv(df))
     return {
         "certified": summary,

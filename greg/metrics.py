@@ -27,6 +27,8 @@ All values in the dict returned by :func:`ood_metrics` are fractions in [0, 1]; 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -166,3 +168,45 @@ def accuracy(logits: Any, labels: Any) -> float:
     if labels.size == 0:
         raise ValueError("accuracy of an empty set is undefined")
     return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+METRIC_COLUMNS = ["fpr95_idpos", "fpr95_oodpos", "auroc", "aupr_in", "aupr_out"]
+TABLE_COLUMNS = ["ood_set", "n_id", "n_ood", "id_acc", *METRIC_COLUMNS]
+
+
+def metrics_table(
+    scores_id: np.ndarray,
+    ood_scores: Mapping[str, np.ndarray],
+    id_acc: float | None = None,
+    scale: float = 100.0,
+):
+    """One row per OOD set plus ``mean`` (unweighted over sets; its ``n_ood`` is the total), columns
+    :data:`TABLE_COLUMNS`; metrics and ``id_acc`` (a fraction) multiplied by ``scale`` (percent by default)."""
+    import pandas as pd
+
+    rows = []
+    for name, s_ood in ood_scores.items():
+        try:
+            m = ood_metrics(scores_id, s_ood)
+        except ValueError as e:
+            raise ValueError(f"metrics for OOD set {name!r}: {e}") from e
+        rows.append(
+            {
+                "ood_set": name,
+                "n_id": int(np.size(scores_id)),
+                "n_ood": int(np.size(s_ood)),
+                "id_acc": math.nan if id_acc is None else scale * id_acc,
+                **{c: scale * m[c] for c in METRIC_COLUMNS},
+            }
+        )
+    if not rows:
+        raise ValueError("no OOD sets to evaluate")
+    df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    mean = {
+        "ood_set": "mean",
+        "n_id": int(np.size(scores_id)),
+        "n_ood": int(df["n_ood"].sum()),
+        "id_acc": rows[0]["id_acc"],
+        **{c: float(df[c].mean()) for c in METRIC_COLUMNS},
+    }
+    return pd.concat([df, pd.DataFrame([mean], columns=TABLE_COLUMNS)], ignore_index=True)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from greg.metrics import id_threshold, ood_metrics
+from greg.metrics import METRIC_COLUMNS, id_threshold, metrics_table
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 NORMS = ("l2", "linf")
@@ -195,21 +195,16 @@ def attack_metrics(
     alpha: float,
     steps: int,
     norm: str = "linf",
+    scale: float = 1.0,
 ) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
-    """Detection metrics (fractions) when ID is attacked up and every OOD set down. Returns the attacked
+    """Detection metrics (times ``scale``: fractions by default) when ID is attacked up and every OOD set down. Returns the attacked
     scores (``"id"`` and each OOD name) and one row per OOD set plus ``mean``."""
     kw = {"eps": eps, "alpha": alpha, "steps": steps, "norm": norm}
     scores = {"id": attacked_scores(score_fn, id_loader, device, direction=1, desc="attack id", **kw)}
-    rows = []
     for name, loader in ood_loaders.items():
         scores[name] = attacked_scores(score_fn, loader, device, direction=-1, desc=f"attack {name}", **kw)
-        rows.append({"ood_set": name, **ood_metrics(scores["id"], scores[name])})
-    df = pd.DataFrame(rows)
-    cols = ["fpr95_idpos", "fpr95_oodpos", "auroc", "aupr_in", "aupr_out"]
-    df = df[["ood_set", *cols]]
-    if len(df):
-        mean = {"ood_set": "mean", **{c: float(df[c].mean()) for c in cols}}
-        df = pd.concat([df, pd.DataFrame([mean])], ignore_index=True)
+    ood = {k: v for k, v in scores.items() if k != "id"}
+    df = metrics_table(scores["id"], ood, scale=scale)[["ood_set", *METRIC_COLUMNS]]
     for k, v in kw.items():
         df[k] = v
     return scores, df
