@@ -80,15 +80,55 @@ def test_select_random_fill():
 
     g = torch.Generator().manual_seed(0)
     scores, labels = torch.randn(384, generator=g), torch.randint(0, 32, (384,), generator=g)
-    a = select_from_clusters(scores, labels, n_total=128, generator=torch.Generator().manual_seed(5))
-    b = select_from_clusters(scores, labels, n_total=128, generator=torch.Generator().manual_seed(5))
-    c = select_from_clusters(scores, labels, n_total=128, generator=torch.Generator().manual_seed(6))
+    # one per cluster (64 picks) and 64 random: the released rule would give 2 per cluster and no fill
+    a, b, c = (
+        select_from_clusters(scores, labels, n_total=128, generator=torch.Generator().manual_seed(s), per_cluster=1)
+        for s in (5, 5, 6)
+    )
     picked = select_from_clusters(scores, labels)
     assert a.numel() == 128 and a.unique().numel() == 128
     assert a.dtype == torch.long
     assert torch.equal(a, b)
     assert torch.equal(a[: picked.numel()], picked) and torch.equal(c[: picked.numel()], picked)
     assert not torch.equal(a, c)
+
+
+def _striped(k: int, n: int = 384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate i has score i and cluster i % k: cluster c = {c, c + k, c + 2k, ...} in increasing score."""
+    return torch.arange(n, dtype=torch.float32), torch.arange(n) % k
+
+
+@pytest.mark.parametrize("k", [64, 32, 16])
+def test_select_released_per_cluster_rule(k):
+    # 64 ID per step: two-way 128 outliers, p = 128 // (2k) = 64 // k lowest AND highest per cluster
+    # (released train_sea.py: int(batch_size_sampled_ood / k)); 16 -> 4 + 4, all 128 chosen by score.
+    n, p = 384, 64 // k
+    scores, labels = _striped(k, n)
+    lows = [c + j * k for c in range(k) for j in range(p)]
+    highs = [n - k + c - j * k for c in range(k) for j in range(p)]
+    g = torch.Generator().manual_seed(0)
+    assert select_from_clusters(scores, labels, n_total=128, generator=g).tolist() == lows + highs
+    assert select_from_clusters(scores, labels, per_cluster=p).tolist() == lows + highs
+    # one-way (DOS): 64 outliers, the 64 // k lowest per cluster, no fill needed
+    assert select_from_clusters(scores, labels, two_way=False, n_total=64, generator=g).tolist() == lows
+
+
+# Small clusters (per_cluster 2): A = {0} is taken whole; B = {1: 3, 2: 1, 3: 2} has 3 < 2p members: lows
+# 2, 3 and the remaining 1; C = {4: 10, 5: 14, 6: 12, 7: 11, 8: 13}: lows 4, 7, highs 5, 8 (6 left);
+# D = {9..16} with scores 27..20: lows 16, 15, highs 9, 10 (11..14 left).
+SMALL_SCORES = torch.tensor([5.0, 3, 1, 2, 10, 14, 12, 11, 13] + [27.0 - j for j in range(8)])
+SMALL_LABELS = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2, 2] + [3] * 8)
+
+
+def test_select_small_clusters_whole_and_fill_short_total():
+    g = torch.Generator().manual_seed(1)
+    out = select_from_clusters(SMALL_SCORES, SMALL_LABELS, n_total=16, generator=g).tolist()  # p = 16 // 8
+    assert out[:12] == [0, 2, 3, 4, 7, 16, 15, 1, 5, 8, 9, 10]
+    assert len(set(out[12:])) == 4 and set(out[12:]) <= {6, 11, 12, 13, 14}  # random fill of the 4 missing
+    out = select_from_clusters(SMALL_SCORES, SMALL_LABELS, two_way=False, n_total=8, generator=g).tolist()
+    assert out[:7] == [0, 2, 3, 4, 7, 16, 15] and out[7] not in out[:7]  # p = 8 // 4 = 2, one fill
+    with pytest.raises(ValueError, match="exceed n_total"):
+        select_from_clusters(SMALL_SCORES, SMALL_LABELS, n_total=16, per_cluster=3)
 
 
 def test_select_n_total_errors():
@@ -262,7 +302,7 @@ def test_cluster_sampler_dos_lowest_absent_class_probability():
     out = sampler.select(model, _two_cluster_candidates(), torch.Generator().manual_seed(0))
     # absent-class probability: cluster 0 min is 0 (0.107), cluster 1 min is 5 (0.070)
     assert sorted(out.tolist()) == [0, 5]
-    filled = ClusterSampler(k=2, n_total=5, two_way=False, score="absent_class").select(
+    filled = ClusterSampler(k=2, n_total=5, two_way=False, score="absent_class", per_cluster=1).select(
         model, _two_cluster_candidates(), torch.Generator().manual_seed(0)
     )
     assert sorted(filled[:2].tolist()) == [0, 5] and filled.unique().numel() == 5
@@ -312,6 +352,10 @@ def test_cluster_sampler_restores_modes_also_on_error():
 def test_cluster_sampler_config_errors():
     with pytest.raises(ValueError, match="n_total"):
         ClusterSampler(k=64, n_total=100)  # two-way: up to 128 picks
+    with pytest.raises(ValueError, match="n_total"):
+        ClusterSampler(k=16, n_total=128, per_cluster=5)  # 16 x 2 x 5 = 160 picks
+    assert ClusterSampler(k=16, n_total=128).picks_per_cluster() == 4  # released: int(64 / 16)
+    assert ClusterSampler(k=32, n_total=64, two_way=False).picks_per_cluster() == 2
     with pytest.raises(ValueError, match="candidates"):
         ClusterSampler(k=2, n_total=10).select(FeatNet(torch.randn(3, 4)), torch.randn(5, 4))
     with pytest.raises(KeyError, match="unknown score"):
@@ -363,3 +407,15 @@ def test_cluster_sampler_on_a_zoo_model():
         members = torch.nonzero(labels == c).flatten()
         assert int(members[s[members].argmin()]) in idx.tolist()
         assert int(members[s[members].argmax()]) in idx.tolist()
+
+
+def test_greg_plus_and_dos_use_the_released_per_cluster_rule():
+    from greg.methods import METHODS
+
+    # GReg+ k = 16, 32, 64 with 128 outliers two-way: 4, 2, 1 per end of each cluster (64 ID per step)
+    for k, p in [(16, 4), (32, 2), (64, 1)]:
+        assert METHODS.create("greg_plus", n_clusters=k).sampler.picks_per_cluster() == p
+    assert METHODS.create("greg_plus", n_clusters=16, per_cluster=1).sampler.picks_per_cluster() == 1
+    assert METHODS.create("dos", n_clusters=16).sampler.picks_per_cluster() == 4  # 64 // 16, one-way
+    with pytest.raises(ValueError, match="n_total"):
+        METHODS.create("greg_plus", n_clusters=16, per_cluster=5).sampler  # noqa: B018 (16 x 2 x 5 > 128)

@@ -14,9 +14,9 @@ Facts from the released code (github.com/lygjwy/DOS, ``train_diverse.py``):
   epochs, batch 64.
 
 The selection is ``greg.sampling.ClusterSampler(score="absent_class", two_way=False)``, the same sampler as
-GReg+ with the other criterion. Difference: with fewer clusters than outliers (``k < n_selected``) DOS takes
-the ``n_selected // k`` lowest of each cluster, the sampler takes one per cluster and fills at random
-(identical at the default ``k = n_selected = 64``).
+GReg+ with the other criterion; with fewer clusters than outliers (``k < n_selected``) it takes the
+``n_selected // k`` lowest of each cluster (a smaller cluster whole), then fills at random, as released
+(hparam ``per_cluster`` overrides the count).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import nn
 
 from greg.methods._registry import METHODS
 from greg.methods.base import Batch, ClusterSelection, Method
+from greg.methods.greg_plus import with_per_cluster
 
 
 def absent_class_loss(
@@ -61,6 +62,7 @@ class DOS(ClusterSelection, Method):
         "kmeans_backend": "torch",
         "kmeans_n_init": 5,
         "kmeans_kwargs": None,
+        "per_cluster": None,  # None: n_selected // n_clusters lowest per cluster (the released rule)
         "seed": 0,
     }
     needs_aux = True
@@ -82,6 +84,9 @@ class DOS(ClusterSelection, Method):
             raise ValueError(f"method {self.name!r}: beta must be >= 0, got {hp['beta']!r}")
 
     selection_score = "absent_class"
+
+    def make_sampler(self) -> Any:
+        return with_per_cluster(super().make_sampler(), self.hparams.get("per_cluster"))
 
     def kmeans_kwargs(self) -> dict[str, Any]:
         return {"n_init": int(self.hparams["kmeans_n_init"]), **super().kmeans_kwargs()}

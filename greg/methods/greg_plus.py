@@ -13,13 +13,23 @@ from greg.methods.base import Batch, ClusterSelection
 from greg.methods.greg import GReg
 
 
+def with_per_cluster(sampler: Any, per_cluster: Any) -> Any:
+    """``sampler`` with its per-cluster pick count set (None keeps the released rule) and re-checked."""
+    if per_cluster is not None:
+        sampler.per_cluster = int(per_cluster)
+        sampler.check()
+    return sampler
+
+
 @METHODS.register("greg_plus")
 class GRegPlus(ClusterSelection, GReg):
     """Per step (REFERENCE.md §2): ``batch["x_aux"]`` holds the *candidates* (CIFAR: 384 =
     300000 / 50000 * 64). ``greg.sampling.ClusterSampler`` scores them in eval mode without grad, clusters
     the L2-normalized penultimate features into ``n_clusters`` clusters (K-Means), takes from each cluster
-    the lowest-energy member (feeds the energy loss) and, with ``two_way``, the highest-energy one (feeds the
-    gradient loss), and fills at random up to ``n_selected`` (= 2 * batch_id, 128). ``n_clusters = None``: no
+    the ``per_cluster`` lowest-energy members (feed the energy loss) and, with ``two_way``, the ``per_cluster``
+    highest-energy ones (feed the gradient loss), and fills at random up to ``n_selected`` (= 2 * batch_id,
+    128). ``per_cluster=None`` is the released rule ``n_selected // (n_clusters * ways)`` (k = 64: 1 + 1,
+    k = 16: 4 + 4), see ``greg.sampling.select_from_clusters``. ``n_clusters = None``: no
     clustering, a random choice of ``n_selected``. The GReg loss then runs on ``[x_id; x_aux[idx]]``; all
     selected samples enter both terms and the hinges pick which act.
 
@@ -36,6 +46,7 @@ class GRegPlus(ClusterSelection, GReg):
         "kmeans_backend": "torch",
         "kmeans_kwargs": None,
         "two_way": True,
+        "per_cluster": None,  # None: n_selected // (n_clusters * ways), the released rule (select_from_clusters)
         "seed": 0,
     }
 
@@ -48,6 +59,9 @@ class GRegPlus(ClusterSelection, GReg):
             raise ValueError(f"method {self.name!r}: n_selected must be >= 1, got {n!r}")
 
     selection_score = "energy"
+
+    def make_sampler(self) -> Any:
+        return with_per_cluster(super().make_sampler(), self.hparams.get("per_cluster"))
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         x_cand = self._require_aux(batch)

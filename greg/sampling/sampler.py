@@ -22,9 +22,10 @@ class ClusterSampler:
        ``s = score(logits)`` (``greg.scores``; higher = more OOD);
     2. L2-normalize ``h`` per row; k-means into ``k`` clusters (``backend`` from ``greg.sampling.KMEANS``)
        with a seed drawn from ``generator``, so a run is reproducible and resumes identically;
-    3. ``select_from_clusters(s, labels, two_way, n_total, generator)``.
+    3. ``select_from_clusters(s, labels, two_way, n_total, generator, per_cluster)``: ``per_cluster``
+       lowest (and, two-way, highest) per cluster, default the released ``n_total // (k * ways)``.
 
-    GReg+: ``ClusterSampler(k=64, n_total=128)`` (energy, lowest and highest per cluster, random fill).
+    GReg+: ``ClusterSampler(k=64, n_total=128)`` (energy, lowest and highest per cluster; k=16: 4 + 4).
     DOS: ``ClusterSampler(k=64, n_total=64, two_way=False, score="absent_class")`` (per cluster the
     candidate with the lowest absent-class probability). ``k=None``: no clustering, ``n_total`` random
     candidates (no forward pass). The model's train/eval flags (per submodule) are restored afterwards,
@@ -40,24 +41,41 @@ class ClusterSampler:
         score: str | Callable[[torch.Tensor], torch.Tensor] = "energy",
         kmeans_kwargs: dict | None = None,
         forward_batch_size: int = 1024,
+        per_cluster: int | None = None,
     ):
-        if k is not None and k < 1:
-            raise ValueError(f"ClusterSampler: k must be None or >= 1, got {k}")
-        if n_total < 1:
-            raise ValueError(f"ClusterSampler: n_total must be >= 1, got {n_total}")
-        per_cluster = 2 if two_way else 1
-        if k is not None and k * per_cluster > n_total:
-            raise ValueError(
-                f"ClusterSampler: k={k} clusters give up to {k * per_cluster} picks (two_way={two_way}), "
-                f"more than n_total={n_total}"
-            )
         self.k = k
         self.n_total = n_total
         self.backend = backend
         self.two_way = two_way
+        self.per_cluster = per_cluster
         self.score_fn = score_fns.get(score) if isinstance(score, str) else score
         self.kmeans_kwargs = dict(kmeans_kwargs or {})
         self.forward_batch_size = forward_batch_size
+        self.check()
+
+    def picks_per_cluster(self) -> int:
+        """Members taken from each end of a cluster: ``per_cluster``, or the released rule
+        ``n_total // (k * ways)`` with the requested ``k`` (o4lc/Greg-OOD train_sea.py:337-340)."""
+        ways = 2 if self.two_way else 1
+        return int(self.per_cluster) if self.per_cluster is not None else self.n_total // (self.k * ways)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` on an inconsistent configuration (re-run after changing attributes)."""
+        k, n_total = self.k, self.n_total
+        if k is not None and k < 1:
+            raise ValueError(f"ClusterSampler: k must be None or >= 1, got {k}")
+        if n_total < 1:
+            raise ValueError(f"ClusterSampler: n_total must be >= 1, got {n_total}")
+        if self.per_cluster is not None and int(self.per_cluster) < 1:
+            raise ValueError(f"ClusterSampler: per_cluster must be None or >= 1, got {self.per_cluster}")
+        if k is not None:
+            ways = 2 if self.two_way else 1
+            p = self.picks_per_cluster()
+            if p < 1 or k * ways * p > n_total:
+                raise ValueError(
+                    f"ClusterSampler: k={k} clusters x {ways} ways x {max(p, 1)} per cluster give up to "
+                    f"{k * ways * max(p, 1)} picks (two_way={self.two_way}), more than n_total={n_total}"
+                )
 
     @torch.no_grad()
     def score_and_features(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +108,10 @@ class ClusterSampler:
         s, h = self.score_and_features(model, x_candidates)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gen_dev))
         labels = kmeans(h, self.k, backend=self.backend, seed=seed, **self.kmeans_kwargs).labels
-        return select_from_clusters(s, labels.to(s.device), self.two_way, self.n_total, generator).to(
-            x_candidates.device
+        idx = select_from_clusters(
+            s, labels.to(s.device), self.two_way, self.n_total, generator, per_cluster=self.picks_per_cluster()
         )
+        return idx.to(x_candidates.device)
 
 
 # The name docs/ARCHITECTURE.md uses for it.

@@ -11,26 +11,37 @@ def select_from_clusters(
     two_way: bool = True,
     n_total: int | None = None,
     generator: torch.Generator | None = None,
+    per_cluster: int | None = None,
 ) -> torch.Tensor:
-    """Indices of the per-cluster extremes of ``scores``, then a uniform random fill up to ``n_total``.
+    """Indices of the ``per_cluster`` lowest (and, two-way, highest) scores of every cluster, then a uniform
+    random fill up to ``n_total``.
 
-    GReg+ (Sec. 4 of the GReg paper; ``two_way=True``): from each cluster the lowest-score member (most
-    ID-like, feeds the energy loss) and the highest-score member (most OOD-like, feeds the gradient loss);
-    a one-member cluster gives its one member once. DOS (Jiang et al. 2024; ``two_way=False``): only the
-    lowest-score member (with ``scores`` = absent-class probability).
+    The released GReg+ / DOS rule (o4lc/Greg-OOD ``train_sea.py:337-361`` at the paper's commit 4761101):
+    with ``k`` clusters and ``n_total`` outliers per step, ``p = n_total // (k * ways)`` per cluster
+    (``ways`` = 2 two-way, else 1), i.e. ``floor(batch_sampled / k)``: k = 64 -> 1, 32 -> 2, 16 -> 4 with
+    64 ID (n_total 128 two-way, 64 one-way). From each cluster: its ``p`` lowest-score members (GReg+: feed
+    the energy loss; DOS, ``scores`` = absent-class probability: the hardest outliers) and, with
+    ``two_way``, its ``p`` highest-score members (GReg+: feed the gradient loss). A cluster with at most
+    ``p`` members is taken whole (once); one with ``p < size < 2p`` gives its lowest ``p`` and the rest
+    (the union of both ends, no repeats, as the released ``np.unique``). When clusters are small the picks
+    fall short of ``n_total`` and the random fill (from the not-yet-chosen candidates, as released) makes
+    up the difference.
 
-    Output order: the minima in increasing cluster label, then the maxima in increasing cluster label
-    (clusters with at least two members), then the random fill. No index appears twice. Ties go to the
-    lowest index; the maximum of a cluster whose scores are all equal is its second-lowest index, so it
-    never repeats the minimum.
+    ``per_cluster=None``: the released rule, with ``k`` = the number of distinct labels here
+    (``ClusterSampler`` passes ``p`` computed from its requested ``k``, which counts empty clusters as the
+    released code does); ``1`` without ``n_total``.
+
+    Output order: the low picks by increasing cluster label (within a cluster by increasing score), then
+    the high picks by increasing label (within a cluster by decreasing score), then the fill. No index
+    appears twice. Ties go to the lowest index, on both ends (so a cluster whose scores all tie gives
+    its lowest-index members as lows and the next ones as highs).
 
     ``n_total=None``: no fill. Otherwise the fill draws ``n_total - n_picked`` of the not-yet-chosen
     indices uniformly without replacement using ``generator`` (the global RNG if None). If the
-    per-cluster picks alone exceed ``n_total`` this raises ``ValueError`` (a configuration error, e.g.
-    ``k > n_total / 2`` with two-way picks; the paper uses ``k = batch_id``, ``n_total = 2 * batch_id``),
-    as it does if ``n_total`` exceeds the number of candidates.
+    per-cluster picks can exceed ``n_total`` (``per_cluster * k * ways > n_total``, or the rule gives 0)
+    this raises ``ValueError``, as it does if ``n_total`` exceeds the number of candidates.
 
-    Vectorized with two stable sorts (no loop over clusters); runs on ``scores``' device.
+    Vectorized with stable sorts (no loop over clusters); runs on ``scores``' device.
     """
     if scores.dim() != 1 or labels.dim() != 1 or scores.shape[0] != labels.shape[0]:
         raise ValueError(
@@ -46,30 +57,39 @@ def select_from_clusters(
     if bool(torch.isnan(scores).any()):
         raise ValueError("select_from_clusters: scores contain NaN")
     labels = labels.to(dev)
-
-    # Lexicographic (label, score, index) order via two stable sorts: the index order survives the ties.
-    def order(descending: bool) -> torch.Tensor:
-        by_score = torch.sort(scores, descending=descending, stable=True).indices
-        return by_score[torch.sort(labels[by_score], stable=True).indices]
-
-    _, counts = torch.unique_consecutive(torch.sort(labels).values, return_counts=True)
+    _, inv, counts = torch.unique(labels, sorted=True, return_inverse=True, return_counts=True)
+    k = counts.numel()
+    ways = 2 if two_way else 1
+    if per_cluster is None:
+        per_cluster = 1 if n_total is None else n_total // (k * ways)
+    p = int(per_cluster)
+    if p < 1 or (n_total is not None and p * k * ways > n_total):
+        raise ValueError(
+            f"select_from_clusters: the per-cluster picks ({max(p, 1)} x {k} clusters x {ways} ways) exceed "
+            f"n_total={n_total}; use fewer clusters, a smaller per_cluster or a larger n_total"
+        )
     starts = torch.cumsum(counts, 0) - counts  # first position of each cluster in the sorted orders
-    lows = order(descending=False)[starts]
-    multi = counts > 1
-    by_high = order(descending=True)
-    highs = by_high[starts[multi]]
-    # All scores of a cluster tie: its highest (lowest index first) is its lowest; take the next one.
-    second = by_high[starts[multi] + 1]
-    highs = torch.where(highs == lows[multi], second, highs)
-    picked = torch.cat([lows, highs]) if two_way else lows
+    arange = torch.arange(n, device=dev)
+
+    # Lexicographic (cluster, key..., index) orders via stable sorts: the index order survives the ties.
+    def by_cluster(perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        perm = perm[torch.sort(inv[perm], stable=True).indices]
+        return perm, arange - starts[inv[perm]]  # the order and each entry's rank inside its cluster
+
+    asc, rank = by_cluster(torch.sort(scores, stable=True).indices)
+    lows = asc[rank < p]
+    picked = lows
+    if two_way:
+        is_low = torch.zeros(n, dtype=torch.bool, device=dev)
+        is_low[lows] = True
+        by_score = torch.sort(scores, descending=True, stable=True).indices
+        # Non-low members first inside each cluster, so the p highest are drawn from the rest only.
+        desc, rank = by_cluster(by_score[torch.sort(is_low[by_score].to(torch.uint8), stable=True).indices])
+        highs = desc[(rank < p) & ~is_low[desc]]
+        picked = torch.cat([lows, highs])
 
     if n_total is None:
         return picked
-    if picked.numel() > n_total:
-        raise ValueError(
-            f"select_from_clusters: the per-cluster picks ({picked.numel()} from {counts.numel()} clusters, "
-            f"two_way={two_way}) exceed n_total={n_total}; use fewer clusters or a larger n_total"
-        )
     free = torch.ones(n, dtype=torch.bool, device=dev)
     free[picked] = False
     rest = torch.nonzero(free).flatten()
