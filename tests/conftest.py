@@ -18,3 +18,10 @@ def shared_dir() -> Path:
     if not (path / "checkpoints").is_dir():
         pytest.skip(f"shared checkpoints not found under {path} (set GREG_SHARED)")
     return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint_mirror(shared_dir) -> Path:
+    """The local mirror of the released checkpoints (``../shared/checkpoints``) for ``--mirror`` /
+    ``$GREG_MIRROR``; tests that need the real files skip (with the reason) on a clone without it."""
+    return shared_dir / "checkpoints"

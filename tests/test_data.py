@@ -157,9 +157,13 @@ def test_spec_lookup_and_argument_errors():
         gd.load("tiny", "test", "unused-root", id_dataset="tiny_faces")
     with pytest.raises(ValueError, match="role"):
         gd.names("weird")
-    for role in ("id", "aux", "ood"):
+    for role in ("id", "aux", "ood", "weights"):
         assert all(gd.spec(n).role == role for n in gd.names(role))
-    assert set(gd.names()) == set(gd.names("id")) | set(gd.names("aux")) | set(gd.names("ood"))
+    assert set(gd.names()) == set().union(*(gd.names(r) for r in ("id", "aux", "ood", "weights")))
+    with pytest.raises(ValueError, match="released checkpoint"):
+        gd.load("densenet100_cifar10_released", "test", "unused-root")
+    with pytest.raises(ValueError, match="not a released checkpoint"):
+        gd.weights_path("cifar10", "data")
     with pytest.raises(ValueError, match="checksum"):
         gd.Resource("http://x/y.tar", "y.tar", "md5:abc")
     with pytest.raises(ValueError, match="role"):
@@ -170,6 +174,7 @@ def test_registry_contents():
     expected = {
         "cifar10", "cifar100", "random300k", "textures", "svhn", "places365", "lsun_crop", "lsun_resize", "isun",
         "imagenet10", "imagenet990", "inaturalist", "sun", "places", "textures_imagenet", *TINY_SETS,
+        "densenet100_cifar10_released", "densenet100_cifar100_released",
     }  # fmt: skip
     assert set(gd.names()) == expected
     assert set(gd.names("id")) == {"cifar10", "cifar100", "imagenet10", "tiny"}
@@ -264,3 +269,125 @@ def test_channel_stats_helper():
     mean, std = base.channel_stats(imgs)
     np.testing.assert_allclose(mean, [0.25] * 3)
     np.testing.assert_allclose(std, [np.sqrt(0.25 * 0.75)] * 3)
+
+
+# ------------------------------------------------------------------------------- unreadable image files
+def _png_bytes(w: int = 4, h: int = 3) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(w * h * 3, dtype=np.uint8).reshape(h, w, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width x height`` (valid CRC): what a decompression bomb's header says."""
+    import struct
+    import zlib
+
+    b = bytearray(_png_bytes(1, 1))
+    assert b[12:16] == b"IHDR"
+    b[16:24] = struct.pack(">II", width, height)
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))
+    return bytes(b)
+
+
+def _files_dataset(*paths) -> base.ImageDataset:
+    raw = base.RawImages(labels=np.full(len(paths), -1, dtype=np.int64), files=list(paths))
+    return base.ImageDataset(raw, base.ImageTransform(gd.spec("tiny")), name="folder", split="test")
+
+
+def test_images_over_the_pixel_cap_are_refused_naming_the_file(tmp_path):
+    ok, bomb = tmp_path / "ok.png", tmp_path / "ood" / "bomb.png"
+    bomb.parent.mkdir()
+    ok.write_bytes(_png_bytes())
+    bomb.write_bytes(_png_claiming(8192, 8193))  # one row over 8192 x 8192
+    ds = _files_dataset(ok, bomb)
+    assert ds[0][0].shape == (3, 32, 32)
+    with pytest.raises(gd.CorruptDataError) as e:
+        ds[1]
+    assert str(e.value) == (
+        f"{bomb}: 8192 x 8193 pixels exceeds the cap of 67108864 (greg.data.base.MAX_IMAGE_PIXELS; "
+        "a decompression bomb?)"
+    )
+    bomb.write_bytes(_png_claiming(8192, 8192))  # exactly at the cap: decoded (and then found truncated)
+    with pytest.raises(gd.CorruptDataError, match="truncated"):
+        ds[1]
+
+
+def test_pil_decompression_bomb_error_and_warning_name_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    f = tmp_path / "big.png"
+    f.write_bytes(_png_bytes(20, 10))  # 200 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # 150 < 200 <= 300: PIL warns
+    with pytest.raises(gd.CorruptDataError, match=f"^{f}: refused by PIL as a possible decompression bomb"):
+        _files_dataset(f)[0]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 200 > 2 x 50: PIL raises
+    with pytest.raises(gd.CorruptDataError, match=f"^{f}: refused by PIL"):
+        _files_dataset(f)[0]
+
+
+def test_truncated_or_non_image_files_name_the_file(tmp_path):
+    cut, junk = tmp_path / "cut.png", tmp_path / "junk.jpg"
+    cut.write_bytes(_png_bytes(64, 64)[:-200])
+    junk.write_bytes(b"not an image at all")
+    ds = _files_dataset(cut, junk)
+    with pytest.raises(gd.CorruptDataError, match=f"^{cut}: not a readable image or truncated"):
+        ds[0]
+    with pytest.raises(gd.CorruptDataError, match=f"^{junk}: not a readable image.*UnidentifiedImageError"):
+        ds[1]
+
+
+def test_corrupt_data_error_keeps_its_one_line_message_through_a_dataloader_worker():
+    # torch re-raises a worker's exception as type(e)("Caught ... in DataLoader worker ...\nOriginal Traceback...")
+    wrapped = (
+        "Caught CorruptDataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\ngreg.data.base.CorruptDataError: /d/bomb.png: too big\n'
+    )
+    assert str(gd.CorruptDataError(wrapped)) == "/d/bomb.png: too big"
+    assert str(gd.CorruptDataError("/d/a.png: truncated")) == "/d/a.png: truncated"
+
+
+def _svhn_root(tmp_path, content: bytes, monkeypatch=None):
+    import dataclasses
+    import hashlib
+
+    d = tmp_path / "svhn"
+    d.mkdir(parents=True)
+    (d / ".complete").write_text("{}")
+    (d / "test_32x32.mat").write_bytes(content)
+    if monkeypatch is not None:  # publish this file's md5, so the content check is what fails
+        fake = dataclasses.replace(
+            gd.spec("svhn"), file_checksums={"test_32x32.mat": f"md5:{hashlib.md5(content).hexdigest()}"}
+        )
+        monkeypatch.setitem(gd.DATASETS._items, "svhn", lambda: fake)
+    return d / "test_32x32.mat"
+
+
+def test_svhn_is_checked_against_its_md5_on_load(tmp_path):
+    mat = _svhn_root(tmp_path, b"MATLAB 5.0 but replaced")
+    with pytest.raises(gd.ChecksumError) as e:
+        gd.load("svhn", "test", tmp_path)
+    msg = str(e.value)
+    assert str(mat) in msg and "eb5a983be6a315427106f1b164d9cef3" in msg and "greg data download svhn" in msg
+    assert gd.spec("svhn").file_checksums == {"test_32x32.mat": "md5:eb5a983be6a315427106f1b164d9cef3"}
+
+
+def test_bad_svhn_mat_names_the_file(tmp_path, monkeypatch):
+    import io
+
+    from scipy.io import savemat
+
+    mat = _svhn_root(tmp_path / "a", b"\x00" * 300, monkeypatch)
+    with pytest.raises(gd.CorruptDataError, match=f"^{mat}: not an SVHN .mat file"):
+        gd.load("svhn", "test", tmp_path / "a")
+    buf = io.BytesIO()
+    savemat(buf, {"X": np.zeros((32, 32, 3), dtype=np.uint8)})  # 3-d: no image axis
+    mat = _svhn_root(tmp_path / "b", buf.getvalue(), monkeypatch)
+    with pytest.raises(
+        gd.CorruptDataError, match=rf"^{mat}: expected 'X' uint8 32 x 32 x 3 x N, got uint8 \(32, 32, 3\)"
+    ):
+        gd.load("svhn", "test", tmp_path / "b")

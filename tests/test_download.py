@@ -3,6 +3,7 @@ the ImageNet placement check and the ``greg data`` CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import io
@@ -294,11 +295,23 @@ def test_not_downloaded_dataset_says_how_to_get_it(tmp_path):
         gd.load("svhn", "test", tmp_path)
 
 
-def test_svhn_and_random300k_loaders(tmp_path):
+def _trust(monkeypatch, name: str, path: Path) -> None:
+    """Register ``name`` with the md5 of ``path`` (a stand-in file in its data directory) as the published
+    digest of that file."""
+    s = gd.spec(name)
+    fake = dataclasses.replace(
+        s, file_checksums={path.name: f"md5:{hashlib.md5(path.read_bytes()).hexdigest()}"}
+    )
+    monkeypatch.setitem(DATASETS._items, name, lambda: fake)
+
+
+def test_svhn_and_random300k_loaders(tmp_path, monkeypatch):
     from scipy.io import savemat
 
     x = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3, 7), dtype=np.uint8)
-    savemat(_mark(tmp_path, "svhn") / "test_32x32.mat", {"X": x, "y": np.ones((7, 1))})
+    mat = _mark(tmp_path, "svhn") / "test_32x32.mat"
+    savemat(mat, {"X": x, "y": np.ones((7, 1))})
+    _trust(monkeypatch, "svhn", mat)
     ds = gd.load("svhn", "test", tmp_path, id_dataset="cifar10")
     assert len(ds) == 7 and ds[2][1] == -1
     s = gd.spec("cifar10")
@@ -383,3 +396,91 @@ def test_cli_download_verify_list(server, tmp_path, monkeypatch, capsys):
     assert greg_main(["data", "list", "--role", "ood"]) == 0
     out = capsys.readouterr().out
     assert "svhn" in out and "cifar10 " not in out
+
+
+# ----------------------------------------------------------------- mirror, offline hint, released checkpoints
+def test_offline_download_is_one_line_that_says_what_to_do(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(downloader.MIRROR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    dead = server.base
+    server.close()  # nothing listens there any more: as on a node without network
+    name = "densenet100_cifar10_released"
+    assert greg_main(["data", "download", name, "--url-base", dead, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    sha = "deaefd082911a1c6c92aacdcfecf03c71b932acc5c08b779c85c44eccdc0c817"
+    dest = Path("data") / name / "densenet100_cifar10.pth"  # --root defaults to data, like the other commands
+    assert "\n" not in err and err.startswith("greg data: downloading densenet100_cifar10.pth")
+    assert f"place the file by hand at {dest} (sha256 {sha})" in err
+    assert "--mirror DIR ($GREG_MIRROR)" in err and "--url-base URL" in err
+    assert not (tmp_path / "data" / name / ".complete").exists()
+
+
+def test_mirror_copies_verifies_and_never_touches_the_network(server, tmp_path, monkeypatch):
+    blob = _npy()
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "arr.npy").write_bytes(blob)
+    s = _spec("fake_mirror", server.url("arr.npy"), "arr.npy", f"sha256:{_sha256(blob)}", layout=("arr.npy",))
+    gd.download(s, tmp_path / "a", progress=False, mirror=mirror)
+    assert (tmp_path / "a" / "fake_mirror" / "arr.npy").read_bytes() == blob
+    monkeypatch.setenv(downloader.MIRROR_ENV, str(mirror))
+    gd.download(s, tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "fake_mirror" / "arr.npy").read_bytes() == blob
+    assert server.requests == []
+
+    # a mirror file with other bytes fails like a download; the mirror's own file is left as it was
+    (mirror / "arr.npy").write_bytes(blob[:-1] + b"\x09")
+    with pytest.raises(gd.ChecksumError, match=_sha256(blob)):
+        gd.download(s, tmp_path / "c", progress=False)
+    assert (mirror / "arr.npy").exists() and (tmp_path / "c" / "fake_mirror" / "arr.npy.corrupt").exists()
+    # a file the mirror does not hold comes from the URL
+    monkeypatch.setenv(downloader.MIRROR_ENV, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="mirror directory"):
+        gd.download(s, tmp_path / "d", progress=False)
+    (tmp_path / "empty").mkdir()
+    server.files["arr.npy"] = blob
+    gd.download(s, tmp_path / "d", progress=False)
+    assert server.requests == [("arr.npy", None)]
+
+
+def test_released_checkpoints_have_their_published_urls_and_sha256():
+    for ds, file, blob, sha in (
+        ("cifar10", "densenet100_cifar10.pth", "cifar10DensenetPretrained.pth",
+         "deaefd082911a1c6c92aacdcfecf03c71b932acc5c08b779c85c44eccdc0c817"),
+        ("cifar100", "densenet100_cifar100.pth", "baseline_100.pth",
+         "7f18c6f76cf1696ffca0178f1086173d561de0ddadbfad8e00f3f83d4ab2baf9"),
+    ):  # fmt: skip
+        s = gd.spec(f"densenet100_{ds}_released")
+        (r,) = s.resources
+        assert (
+            r.url
+            == f"https://github.com/o4lc/Greg-OOD/raw/2b0d8c021c072ef8b7d5ff6b1e5bc81c8700bbd7/models/{blob}"
+        )
+        assert (r.filename, r.checksum, s.role, s.benchmark) == (file, f"sha256:{sha}", "weights", ds)
+        assert gd.weights_path(s.name, "data") == Path("data") / s.name / file
+
+
+def test_released_checkpoint_from_the_local_mirror(checkpoint_mirror, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(downloader.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(downloader.URL_BASE_ENV, raising=False)
+    name = "densenet100_cifar100_released"
+    args = ["data", "download", name, "--root", str(tmp_path), "--no-progress"]
+    assert greg_main([*args, "--mirror", str(checkpoint_mirror)]) == 0
+    path = gd.weights_path(name, tmp_path)
+    assert path.read_bytes() == (checkpoint_mirror / "densenet100_cifar100.pth").read_bytes()
+    assert greg_main(["data", "verify", name, "--root", str(tmp_path)]) == 0
+    assert f"{name}: OK" in capsys.readouterr().out
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert "state_dict" in state  # the file the import rule hands to `greg train` as init.checkpoint
+
+
+def test_downloader_does_not_import_the_catalog():
+    # the catalog builds on the downloader (require, checksums); the reverse edge made an import cycle
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(downloader))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "greg.data.catalog" not in imported and "greg.data" not in imported
+    assert "greg.data.base" in imported

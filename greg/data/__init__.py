@@ -7,7 +7,9 @@ from greg.data import catalog as _catalog  # noqa: F401  (registers the real dat
 from greg.data import tiny as _tiny  # noqa: F401  (registers the tiny benchmark)
 from greg.data.base import (
     DATASETS,
+    MAX_IMAGE_PIXELS,
     N_OOD,
+    CorruptDataError,
     DatasetSpec,
     ImageDataset,
     ImageTransform,
@@ -17,10 +19,10 @@ from greg.data.base import (
     names,
     spec,
     subsample,
+    weights_path,
 )
 from greg.data.downloader import (
     ChecksumError,
-    CorruptDataError,
     DownloadError,
     ManualDownloadRequired,
     download,
@@ -29,6 +31,7 @@ from greg.data.downloader import (
 
 __all__ = [
     "DATASETS",
+    "MAX_IMAGE_PIXELS",
     "N_OOD",
     "ChecksumError",
     "CorruptDataError",
@@ -45,4 +48,5 @@ __all__ = [
     "spec",
     "subsample",
     "verify",
+    "weights_path",
 ]

@@ -9,6 +9,7 @@ the **ID** dataset's spec: resize/center-crop to the ID image size and normalize
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,50 @@ from torch.utils.data import Dataset, Subset
 
 from greg.registry import Registry
 
-ROLES = ("id", "aux", "ood")
+#: ``weights``: a released checkpoint, downloaded and verified like a dataset but never loaded as images.
+ROLES = ("id", "aux", "ood", "weights")
 #: OOD test sets are subsampled to this many images (the paper's protocol); pass ``n_max=N_OOD`` to ``load``.
 N_OOD = 10000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+#: Largest image file decoded (width x height; 8192 x 8192): the biggest real images of the catalog (ImageNet,
+#: ~12 Mpx) are far below; above it a file is refused before decoding (a decompression bomb would take GBs).
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class CorruptDataError(ValueError):
+    """A data file on disk is truncated or malformed (the message names it and what was expected)."""
+
+    def __init__(self, *args: object):
+        # DataLoader workers re-raise as ``CorruptDataError("Caught ... Original Traceback ...")``: keep our
+        # own one-line message (the traceback's last line) so the CLI still prints one line naming the file.
+        if len(args) == 1 and isinstance(args[0], str) and "\nOriginal Traceback" in args[0]:
+            last = args[0].rstrip().rsplit("\n", 1)[-1]
+            args = (last.split("CorruptDataError: ", 1)[-1],)
+        super().__init__(*args)
+
+
+def read_image(path: Path) -> Any:
+    """The image file ``path`` as an RGB PIL image; :class:`CorruptDataError` naming the file when it is not
+    a readable image, is truncated, or has more than :data:`MAX_IMAGE_PIXELS` pixels (checked from the
+    header, before decoding; PIL's own ``DecompressionBombError``/``Warning`` are caught as well)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise CorruptDataError(
+                        f"{path}: {im.width} x {im.height} pixels exceeds the cap of {MAX_IMAGE_PIXELS} "
+                        f"(greg.data.base.MAX_IMAGE_PIXELS; a decompression bomb?)"
+                    )
+                return im.convert("RGB")
+    except CorruptDataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CorruptDataError(f"{path}: refused by PIL as a possible decompression bomb ({e})") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise CorruptDataError(f"{path}: not a readable image or truncated ({type(e).__name__}: {e})") from e
 
 
 @dataclass(frozen=True)
@@ -90,7 +131,9 @@ class DatasetSpec:
     ``mean``/``std``/``image_size``/``eval_resize``/``train_aug`` matter when the dataset is the ID set of a
     run; aux/OOD specs carry the values of their benchmark's ID set so ``load(name)`` alone is sensible.
     ``layout`` lists paths (relative to ``<root>/<data_dir>``) that must exist once the resources are
-    extracted. ``manual`` holds instructions for licensed data that is never downloaded (ImageNet).
+    extracted. ``manual`` holds instructions for licensed data that is never downloaded (ImageNet);
+    ``placement_check`` (``(spec, root) -> lines``) checks such data is in place, raising
+    ``ManualDownloadRequired`` otherwise (the catalog provides it, so the downloader needs no catalog import).
     ``file_checksums`` maps extracted paths to published digests (re-checked by ``greg data verify``).
     """
 
@@ -114,6 +157,7 @@ class DatasetSpec:
     # published digests ("md5:<hex>"/"sha256:<hex>") of extracted files, by path under <root>/<data_dir>;
     # checked by `greg data verify` and by loaders that read those files (CIFAR batches)
     file_checksums: dict[str, str] = field(default_factory=dict)
+    placement_check: Callable[[DatasetSpec, Path], list[str]] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -138,6 +182,17 @@ def add(s: DatasetSpec) -> DatasetSpec:
 def spec(name: str) -> DatasetSpec:
     """The :class:`DatasetSpec` of ``name``; ``KeyError`` lists the known names."""
     return DATASETS.create(name)
+
+
+def weights_path(name: str, root: str | Path) -> Path:
+    """Where ``greg data download NAME --root ROOT`` puts the file of a ``weights`` entry (a released
+    checkpoint): ``<root>/<data_dir>/<file name>``."""
+    s = spec(name)
+    if s.role != "weights" or len(s.resources) != 1:
+        raise ValueError(
+            f"{name!r} is not a released checkpoint (role 'weights'); those are: {names('weights')}"
+        )
+    return Path(root) / s.directory / s.resources[0].filename
 
 
 def names(role: str | None = None) -> list[str]:
@@ -258,13 +313,7 @@ class ImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if self.raw.images is not None:
-            img = self.raw.images[i]
-        else:
-            from PIL import Image
-
-            with Image.open(self.raw.files[i]) as im:
-                img = im.convert("RGB")
+        img = self.raw.images[i] if self.raw.images is not None else read_image(self.raw.files[i])
         return self.transform(img), int(self.labels[i])
 
     def __repr__(self) -> str:
@@ -305,6 +354,11 @@ def load(
     augmentation. ``n_max`` (e.g. :data:`N_OOD`) subsamples with :func:`subsample` and ``subsample_seed``.
     """
     s = spec(name)
+    if s.role == "weights":
+        raise ValueError(
+            f"{name!r} is a released checkpoint, not images: pass its file as init.checkpoint "
+            f"(`greg data download {name}` puts it under the data root)"
+        )
     id_spec = spec(id_dataset or (name if s.role == "id" or s.benchmark is None else s.benchmark))
     if id_spec.role != "id":
         raise ValueError(

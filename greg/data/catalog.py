@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from greg.data.base import DatasetSpec, RawImages, Resource, add, list_images
-from greg.data.downloader import CorruptDataError, ManualDownloadRequired, check_file_checksums, require
+from greg.data.base import CorruptDataError, DatasetSpec, RawImages, Resource, add, list_images, spec
+from greg.data.downloader import ManualDownloadRequired, check_file_checksums, require
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -145,13 +145,28 @@ def _cifar(s: DatasetSpec, split: str, root: Path) -> RawImages:
 @functools.lru_cache(maxsize=2)
 def _svhn_array(path: str) -> np.ndarray:
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
-    x = loadmat(path)["X"]  # 32 x 32 x 3 x N
+    try:
+        x = loadmat(path)["X"]  # 32 x 32 x 3 x N
+    except (MatReadError, ValueError, OSError, KeyError, TypeError, EOFError, NotImplementedError) as e:
+        # scipy's messages ("Unknown mat file type", a bare 'X') name no file
+        raise CorruptDataError(
+            f"{path}: not an SVHN .mat file with an 'X' array ({type(e).__name__}: {e})"
+        ) from e
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and x.shape[:3] == (32, 32, 3)):
+        shape = getattr(x, "shape", None)
+        raise CorruptDataError(
+            f"{path}: expected 'X' uint8 32 x 32 x 3 x N, got {getattr(x, 'dtype', type(x))} {shape}"
+        )
     return np.ascontiguousarray(np.transpose(x, (3, 0, 1, 2)))
 
 
 def _svhn(s: DatasetSpec, split: str, root: Path) -> RawImages:
-    x = _svhn_array(str(require(s, root) / "test_32x32.mat"))
+    d = require(s, root)
+    # as CIFAR: a replaced or truncated file is named by its digest, never parsed
+    check_file_checksums(s, root, ["test_32x32.mat"])
+    x = _svhn_array(str(d / "test_32x32.mat"))
     return RawImages(labels=np.full(len(x), -1, dtype=np.int64), images=x)
 
 
@@ -296,7 +311,8 @@ add(DatasetSpec(
     name="svhn", loader=_svhn,
     resources=(Resource("http://ufldl.stanford.edu/housenumbers/test_32x32.mat", "test_32x32.mat",
                         "md5:eb5a983be6a315427106f1b164d9cef3"),),
-    layout=("test_32x32.mat",), source="SVHN test split (Netzer et al. 2011), via torchvision's URL/md5",
+    layout=("test_32x32.mat",), file_checksums={"test_32x32.mat": "md5:eb5a983be6a315427106f1b164d9cef3"},
+    source="SVHN test split (Netzer et al. 2011), via torchvision's URL/md5",
     sizes={"test": 26032}, **_CIFAR_OOD,
 ))  # fmt: skip
 add(DatasetSpec(
@@ -331,14 +347,14 @@ add(DatasetSpec(
 add(DatasetSpec(
     name="imagenet10", role="id", num_classes=10, image_size=224, eval_resize=256, train_aug="rrc_flip",
     mean=IMAGENET_MEAN, std=IMAGENET_STD, loader=_imagenet10, splits=("train", "test"), data_dir="imagenet",
-    manual=IMAGENET_INSTRUCTIONS,
+    manual=IMAGENET_INSTRUCTIONS, placement_check=check_manual,
     source="ILSVRC-2012, 10 classes of the released GReg code (test = the official val images)",
     sizes={"test": 500},
 ))  # fmt: skip
 add(DatasetSpec(
     name="imagenet990", role="aux", num_classes=0, image_size=224, eval_resize=256, train_aug="rrc_flip",
     mean=IMAGENET_MEAN, std=IMAGENET_STD, loader=_imagenet990, splits=("train",), data_dir="imagenet",
-    manual=IMAGENET_INSTRUCTIONS, benchmark="imagenet10",
+    manual=IMAGENET_INSTRUCTIONS, placement_check=check_manual, benchmark="imagenet10",
     source="ILSVRC-2012 train images of the 990 classes not in ImageNet-10 (auxiliary outliers)",
 ))  # fmt: skip
 _MOS = "http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset/"
@@ -357,3 +373,27 @@ add(DatasetSpec(
     data_dir="textures", source="DTD, all 5640 images, at ImageNet resolution (as in MOS)", sizes={"test": 5640},
     **_IMAGENET_OOD,
 ))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ released checkpoints
+def _weights(s: DatasetSpec, split: str, root: Path) -> RawImages:
+    raise ValueError(f"{s.name!r} is a released checkpoint, not images")
+
+
+# The two DenseNet-BC-100 checkpoints the GReg authors committed to o4lc/Greg-OOD (commit 2b0d8c0, removed from
+# the tree in a later cleanup; the raw URLs of that commit stay valid). sha256 of the files as recovered from
+# that commit. mean/std/num_classes: what the weights expect (the ID set's normalization, docs/DATASETS.md).
+_GREG_OOD_RAW = "https://github.com/o4lc/Greg-OOD/raw/2b0d8c021c072ef8b7d5ff6b1e5bc81c8700bbd7/models/"
+for _id, _file, _blob, _sha in (
+    ("cifar10", "densenet100_cifar10.pth", "cifar10DensenetPretrained.pth",
+     "deaefd082911a1c6c92aacdcfecf03c71b932acc5c08b779c85c44eccdc0c817"),
+    ("cifar100", "densenet100_cifar100.pth", "baseline_100.pth",
+     "7f18c6f76cf1696ffca0178f1086173d561de0ddadbfad8e00f3f83d4ab2baf9"),
+):  # fmt: skip
+    _id_spec = spec(_id)
+    add(DatasetSpec(
+        name=f"densenet100_{_id}_released", role="weights", num_classes=_id_spec.num_classes, image_size=32,
+        mean=_id_spec.mean, std=_id_spec.std, loader=_weights, splits=(), benchmark=_id,
+        resources=(Resource(_GREG_OOD_RAW + _blob, _file, f"sha256:{_sha}"),), layout=(_file,),
+        source=f"DenseNet-BC-100 trained with CE on {_id} by the GReg authors (o4lc/Greg-OOD models/{_blob})",
+    ))  # fmt: skip

@@ -1,4 +1,4 @@
-"""``greg data list | download NAME... --root DIR | verify NAME... --root DIR``.
+"""``greg data list | download NAME... [--root DIR] [--mirror DIR] | verify NAME... [--root DIR]``.
 
 Every named dataset is tried; each failure is one line ``greg data: <message>`` (naming the file, the
 expected and actual digests, or the command to run). Exit status (:data:`EXIT_HELP`): 0 when every dataset
@@ -33,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "download", help="download, verify and extract datasets (a second run is a no-op)", epilog=EXIT_HELP
     )
     p.add_argument("names", nargs="+", metavar="NAME")
-    p.add_argument("--root", type=Path, required=True, help="data directory")
+    p.add_argument("--root", type=Path, default=Path("data"), help="data directory (default: data)")
+    p.add_argument(
+        "--mirror",
+        metavar="DIR",
+        help=f"take files from the local directory DIR (by file name) before any URL, checksums verified "
+        f"as for a download (also ${dl.MIRROR_ENV})",
+    )
     p.add_argument(
         "--url-base",
         help=f"fetch <URL_BASE>/<file name> instead of the public URLs (also ${dl.URL_BASE_ENV})",
@@ -46,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         epilog=EXIT_HELP,
     )
     p.add_argument("names", nargs="+", metavar="NAME")
-    p.add_argument("--root", type=Path, required=True, help="data directory")
+    p.add_argument("--root", type=Path, default=Path("data"), help="data directory (default: data)")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -77,7 +83,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             if args.data_command == "download":
                 dl.download(
-                    name, args.root, url_base=args.url_base, progress=not args.no_progress, force=args.force
+                    name,
+                    args.root,
+                    url_base=args.url_base,
+                    mirror=args.mirror,
+                    progress=not args.no_progress,
+                    force=args.force,
                 )
             else:
                 for line in dl.verify(name, args.root):

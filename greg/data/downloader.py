@@ -3,7 +3,8 @@
 Flow of :func:`download` for one dataset (all under ``<root>/<data_dir>/``):
 
 1. ``.complete`` exists -> nothing to do (no network).
-2. per resource: fetch ``URL`` into ``<file>.part`` (HTTP Range resumes a previous partial file), check the
+2. per resource: copy ``<mirror>/<file>`` (``--mirror DIR`` / ``$GREG_MIRROR``) when the mirror holds it,
+   else fetch ``URL`` into ``<file>.part`` (HTTP Range resumes a previous partial file), check the
    length the server announced, verify the checksum (published md5/sha256, else the sha256 in
    ``<root>/checksums.lock.json``, else record one there and say so), only then rename to ``<file>``.
    A mismatch renames the file to ``<file>.corrupt`` and raises :class:`ChecksumError` with both digests.
@@ -21,6 +22,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -29,10 +31,22 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from greg.data.base import DatasetSpec, Resource, spec
+from greg.data.base import CorruptDataError, DatasetSpec, Resource, spec
 from greg.io import atomic_write_json
 
+__all__ = [
+    "ChecksumError",
+    "CorruptDataError",
+    "DownloadError",
+    "ManualDownloadRequired",
+    "download",
+    "verify",
+]
+
 URL_BASE_ENV = "GREG_DATA_URL_BASE"
+#: A local directory holding files under their catalog file names (CI: ../shared/checkpoints); copied, then
+#: verified against the same checksums as a download.
+MIRROR_ENV = "GREG_MIRROR"
 LOCK_NAME = "checksums.lock.json"
 MARKER = ".complete"
 CHUNK = 1 << 20
@@ -52,10 +66,6 @@ class ManualDownloadRequired(RuntimeError):
     """Licensed data (ImageNet) that must be placed by hand; the message says where."""
 
 
-class CorruptDataError(ValueError):
-    """A data file on disk is truncated or malformed (the message names it and what was expected)."""
-
-
 def file_digest(path: Path, algorithm: str) -> str:
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
@@ -69,6 +79,29 @@ def resolve_url(resource: Resource, url_base: str | None = None) -> str:
     a mirror, or a local server in tests."""
     base = url_base or os.environ.get(URL_BASE_ENV)
     return f"{base.rstrip('/')}/{resource.filename}" if base else resource.url
+
+
+def mirror_file(s: DatasetSpec, resource: Resource, mirror: str | Path | None) -> Path | None:
+    """``<mirror>/<file>`` (or ``<mirror>/<data_dir>/<file>``) when ``mirror`` (argument, else
+    ``$GREG_MIRROR``) is set and holds the file; else ``None``."""
+    base = mirror or os.environ.get(MIRROR_ENV)
+    if not base:
+        return None
+    if not Path(base).is_dir():
+        raise FileNotFoundError(f"mirror directory {base} (--mirror / ${MIRROR_ENV}) does not exist")
+    for candidate in (Path(base) / resource.filename, Path(base) / s.directory / resource.filename):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _offline_hint(s: DatasetSpec, resource: Resource, dest: Path) -> str:
+    """What to do when a download cannot happen (no network on the node, a dead URL)."""
+    check = f"{resource.algorithm} {resource.digest}" if resource.checksum else "its sha256 is then recorded"
+    return (
+        f"to proceed without this URL, place the file by hand at {dest} ({check}), or pass --mirror DIR "
+        f"(${MIRROR_ENV}) with a directory holding {resource.filename}, or --url-base URL (${URL_BASE_ENV})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- lock file
@@ -269,6 +302,12 @@ def missing_layout(s: DatasetSpec, root: Path) -> list[str]:
     return [p for p in s.layout if not (d / p).exists()]
 
 
+def _check_placement(s: DatasetSpec, root: Path) -> list[str]:
+    if s.placement_check is None:
+        raise ManualDownloadRequired(f"{s.name}: never downloaded by greg; {s.manual}")
+    return s.placement_check(s, root)
+
+
 def is_complete(s: DatasetSpec, root: Path) -> bool:
     return (Path(root) / s.directory / MARKER).is_file()
 
@@ -278,10 +317,12 @@ def download(
     root: str | Path,
     *,
     url_base: str | None = None,
+    mirror: str | Path | None = None,
     progress: bool = True,
     force: bool = False,
 ) -> Path:
     """Download, verify and extract a dataset into ``<root>/<data_dir>``; idempotent (see module doc).
+    ``mirror`` (else ``$GREG_MIRROR``): a local directory tried before the network (:func:`mirror_file`).
 
     ImageNet-based sets are never downloaded: their placement is checked, and
     :class:`ManualDownloadRequired` explains where the licensed files go."""
@@ -289,9 +330,7 @@ def download(
     root = Path(root)
     d = root / s.directory
     if s.manual is not None:
-        from greg.data.catalog import check_manual
-
-        check_manual(s, root)
+        _check_placement(s, root)
         return d
     if not s.resources:
         print(f"{s.name}: generated locally (no download needed)")
@@ -312,9 +351,20 @@ def download(
                 os.replace(dest, dest.with_name(dest.name + ".corrupt"))
                 raise
         else:
-            url = resolve_url(res, url_base)
-            print(f"{s.name}: downloading {url}")
-            part = fetch(url, dest, progress=progress)
+            src = mirror_file(s, res, mirror)
+            if src is not None:
+                print(f"{s.name}: copying {src} (mirror)")
+                part = dest.with_name(dest.name + ".part")
+                shutil.copyfile(src, part)
+            else:
+                url = resolve_url(res, url_base)
+                if mirror or os.environ.get(MIRROR_ENV):
+                    print(f"{s.name}: {res.filename} is not in the mirror; falling back to the URL")
+                print(f"{s.name}: downloading {url}")
+                try:
+                    part = fetch(url, dest, progress=progress)
+                except DownloadError as e:
+                    raise DownloadError(f"{e}; {_offline_hint(s, res, dest)}") from e
             try:
                 verified[res.filename] = verify_file(part, s, res, root)
             except ChecksumError:
@@ -349,9 +399,7 @@ def verify(name_or_spec: str | DatasetSpec, root: str | Path) -> list[str]:
     root = Path(root)
     d = root / s.directory
     if s.manual is not None:
-        from greg.data.catalog import check_manual
-
-        return check_manual(s, root)
+        return _check_placement(s, root)
     if not s.resources:
         return [f"{s.name}: generated locally, nothing to verify"]
     if not is_complete(s, root):
