@@ -76,7 +76,7 @@ SETTINGS = {
 
 
 def test_registry_lists_every_detector():
-    assert set(D.names()) == set(SETTINGS) | {"absent_class"}
+    assert set(D.names()) == set(SETTINGS) | {"absent_class", "msp_known"}
     with pytest.raises(KeyError, match="Did you mean 'react'"):
         D.create("reakt")
     with pytest.raises(TypeError, match="detector 'react'"):
@@ -126,6 +126,9 @@ def test_logit_detectors_use_scores_module():
         assert torch.equal(D.create("max_logit").score(model, x), scores.max_logit(logits))
         assert torch.equal(D.create("energy").score(model, x), scores.energy(logits))
         assert torch.allclose(D.create("absent_class").score(model, x), torch.softmax(logits, 1)[:, -1])
+        # OpenMix's evaluation: softmax over all but the last logit, renormalized
+        known = torch.exp(logits[:, :-1]) / torch.exp(logits[:, :-1]).sum(1, keepdim=True)
+        assert torch.allclose(D.create("msp_known").score(model, x), -known.max(1).values)
 
 
 def test_react_p100_equals_energy_on_fit_data():

@@ -58,3 +58,13 @@ class AbsentClass(Detector):
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return scores.absent_class(model(x))
+
+
+@DETECTORS.register("msp_known")
+class MSPKnown(Detector):
+    """MSP over the K known-class logits of a (K+1)-class network, the extra reject logit dropped before the
+    softmax: ``-max_k softmax(f(x)_{1..K})_k``. OpenMix's released evaluation (Impression2805/OpenMix
+    utils/metrics.py:186, ``output[:, :classnumber]``; Zhu et al., CVPR 2023)."""
+
+    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return scores.msp(model(x)[:, :-1])

@@ -207,9 +207,13 @@ def kmeans_torch(
     n_init: int = 1,
     max_iter: int = 50,
     tol: float = 1e-4,
-    n_local_trials: int = 16,
+    n_local_trials: int | None = 16,
 ) -> KMeansResult:
     """Greedy k-means++ + Lloyd with torch on ``x.device``; the best of ``n_init`` batched restarts.
+
+    ``n_local_trials=None`` is scikit-learn's ``2 + int(log k)``: with ``n_init=3, max_iter=300, tol=1e-4``
+    this is ``sklearn.cluster.KMeans(n_init=3)``'s algorithm (greedy k-means++, Lloyd, the same stopping
+    rule), the released GReg+ choice, run on the tensor's device.
 
     ``tol`` is relative, as in scikit-learn: Lloyd stops when the summed squared centre shift is below
     ``tol * mean per-feature variance of x``, or when no label changes.
@@ -223,6 +227,8 @@ def kmeans_torch(
     """
     # inference_mode skips autograd bookkeeping (a third of the per-op cost on these tiny tensors);
     # the results are cloned outside it so callers get ordinary tensors.
+    if n_local_trials is None:
+        n_local_trials = 2 + int(np.log(k))
     with torch.inference_mode():
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         x_sq = (xf * xf).sum(1)
