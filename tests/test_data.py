@@ -391,3 +391,28 @@ def test_bad_svhn_mat_names_the_file(tmp_path, monkeypatch):
         gd.CorruptDataError, match=rf"^{mat}: expected 'X' uint8 32 x 32 x 3 x N, got uint8 \(32, 32, 3\)"
     ):
         gd.load("svhn", "test", tmp_path / "b")
+
+
+def test_ood_eval_geometry_as_released():
+    # LSUN-C: 36x36 images are center-cropped to 32, no resize; Textures / Places: PIL bilinear Resize(32) +
+    # CenterCrop(32) (o4lc/Greg-OOD datasets/__init__.py:133-140).
+    from PIL import Image
+
+    from greg.data import base
+
+    cifar = base.spec("cifar10")
+    assert base.spec("lsun_crop").eval_geometry == "crop"
+    assert base.spec("textures").eval_geometry == base.spec("places365").eval_geometry == "pil_resize_crop"
+    img = np.random.default_rng(0).integers(0, 256, (36, 36, 3), dtype=np.uint8)
+    x = base.ImageTransform(cifar, geometry="crop")(img)
+    mean = np.asarray(cifar.mean, dtype=np.float32).reshape(1, 1, 3)
+    std = np.asarray(cifar.std, dtype=np.float32).reshape(1, 1, 3)
+    want = (img[2:34, 2:34].astype(np.float32) / 255.0 - mean) / std
+    assert np.allclose(x.permute(1, 2, 0).numpy(), want, atol=1e-5)
+
+    tall = np.random.default_rng(1).integers(0, 256, (60, 40, 3), dtype=np.uint8)  # H 60, W 40
+    ref = np.asarray(Image.fromarray(tall).resize((32, 48), Image.BILINEAR))[8:40]  # shorter side 32, crop
+    x = base.ImageTransform(cifar, geometry="pil_resize_crop")(tall)
+    assert np.allclose(x.permute(1, 2, 0).numpy(), (ref.astype(np.float32) / 255.0 - mean) / std, atol=1e-5)
+    with pytest.raises(ValueError, match="eval_geometry"):
+        base.ImageTransform(cifar, geometry="bicubic")

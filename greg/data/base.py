@@ -150,6 +150,11 @@ class DatasetSpec:
     data_dir: str | None = None
     eval_resize: int | None = None  # shorter side before the center crop; None = image_size
     train_aug: str = "crop_flip"  # "crop_flip" (pad 4 + random crop + flip) or "rrc_flip" (RandomResizedCrop)
+    # How an OOD set's eval images are brought to the ID size, as the released code does per set
+    # (o4lc/Greg-OOD datasets/__init__.py:133-141): "resize_crop" (default; tensor bilinear resize of the shorter
+    # side + center crop), "crop" (center crop only, no resize: LSUN-C's 36x36 images), "pil_resize_crop" (PIL
+    # bilinear Resize + CenterCrop as torchvision's on PIL images: Textures, Places365).
+    eval_geometry: str = "resize_crop"
     benchmark: str | None = None  # the ID dataset this aux/OOD set belongs to
     manual: str | None = None
     source: str = ""
@@ -214,6 +219,23 @@ def resize_shorter(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
+EVAL_GEOMETRIES = ("resize_crop", "crop", "pil_resize_crop")
+
+
+def pil_resize_shorter(img: Any, size: int) -> Any:
+    """torchvision ``Resize(size)`` on a PIL image: shorter side ``size`` (longer ``int(size * long / short)``),
+    PIL bilinear (PIL's own antialiasing filter), what the released code applies to Textures and Places."""
+    from PIL import Image
+
+    if not isinstance(img, Image.Image):
+        img = Image.fromarray(np.asarray(img, dtype=np.uint8))
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return img.resize((nw, nh), Image.BILINEAR)
+
+
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     top, left = round((h - size) / 2.0), round((w - size) / 2.0)
@@ -275,7 +297,10 @@ class ImageTransform:
     torchvision import (it is slow) and the same arithmetic for arrays and image files.
     """
 
-    def __init__(self, id_spec: DatasetSpec, train: bool = False):
+    def __init__(self, id_spec: DatasetSpec, train: bool = False, geometry: str = "resize_crop"):
+        if geometry not in EVAL_GEOMETRIES:
+            raise ValueError(f"eval_geometry must be one of {EVAL_GEOMETRIES}, got {geometry!r}")
+        self.geometry = geometry
         self.size = id_spec.image_size
         self.resize = id_spec.eval_resize or id_spec.image_size
         self.train = train
@@ -284,9 +309,13 @@ class ImageTransform:
         self.std = torch.tensor(id_spec.std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, img: Any) -> torch.Tensor:
+        if self.geometry == "pil_resize_crop" and not self.train:
+            img = pil_resize_shorter(img, self.resize)
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).div_(255.0)
         if self.train and self.mode == "rrc_flip":
             x = random_resized_crop_flip(x, self.size)
+        elif self.geometry != "resize_crop" and not self.train:
+            x = center_crop(x, self.size)  # already resized by PIL, or LSUN-C: crop only
         else:
             x = center_crop(resize_shorter(x, self.resize), self.size)
             if self.train:
@@ -294,7 +323,10 @@ class ImageTransform:
         return ((x - self.mean) / self.std).contiguous()
 
     def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, resize={self.resize}, train={self.train}, mode={self.mode})"
+        return (
+            f"ImageTransform(size={self.size}, resize={self.resize}, train={self.train}, mode={self.mode}, "
+            f"geometry={self.geometry})"
+        )
 
 
 class ImageDataset(Dataset):
@@ -370,7 +402,8 @@ def load(
     raw = s.loader(s, split, Path(root))
     if not (s.role == "id" and s.name == id_spec.name):
         raw = RawImages(labels=np.full(len(raw), -1, dtype=np.int64), images=raw.images, files=raw.files)
-    ds: Dataset = ImageDataset(raw, ImageTransform(id_spec, train=train), name=name, split=split)
+    tf = ImageTransform(id_spec, train=train, geometry=s.eval_geometry)
+    ds: Dataset = ImageDataset(raw, tf, name=name, split=split)
     if n_max is not None:
         ds = subsample(ds, n_max, subsample_seed)
     return ds

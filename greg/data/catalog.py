@@ -305,7 +305,7 @@ add(DatasetSpec(
 add(DatasetSpec(
     name="textures", loader=_folder("dtd/images"), resources=(_DTD,), layout=("dtd/images",),
     source="Describable Textures Dataset (Cimpoi et al. 2014), all 5640 images", sizes={"test": 5640},
-    **_CIFAR_OOD,
+    eval_geometry="pil_resize_crop", **_CIFAR_OOD,
 ))  # fmt: skip
 add(DatasetSpec(
     name="svhn", loader=_svhn,
@@ -320,14 +320,14 @@ add(DatasetSpec(
     resources=(Resource("http://data.csail.mit.edu/places/places365/val_256.tar", "val_256.tar",
                         "md5:e27b17d8d44f4af9a78502beb927f808"),),
     layout=("val_256",), source="Places365-Standard validation images, 256x256 (Zhou et al. 2017)",
-    sizes={"test": 36500}, **_CIFAR_OOD,
+    sizes={"test": 36500}, eval_geometry="pil_resize_crop", **_CIFAR_OOD,
 ))  # fmt: skip
 add(DatasetSpec(
     name="lsun_crop", loader=_folder("LSUN"),
     resources=(Resource("https://www.dropbox.com/s/fhtsw1m3qxlwj6h/LSUN.tar.gz?dl=1", "LSUN.tar.gz",
                         "md5:458a0a0ab8e5f1cb4516d7400568e460"),),
     layout=("LSUN",), source="LSUN crop, as distributed with the ODIN code (Liang et al. 2018)",
-    sizes={"test": 10000}, **_CIFAR_OOD,
+    sizes={"test": 10000}, eval_geometry="crop", **_CIFAR_OOD,
 ))  # fmt: skip
 add(DatasetSpec(
     name="lsun_resize", loader=_folder("LSUN_resize"),
