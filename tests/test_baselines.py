@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from nets import FeatNet, IdentityNet
 
-from greg import methods, train
+from greg import config, methods, trainer
 from greg.io import safe_torch_load
 from greg.methods.dos import absent_class_loss
 from greg.methods.openmix import openmix_soft_targets, sample_beta, soft_cross_entropy
@@ -43,10 +43,10 @@ def test_registry_attributes_and_presets(tmp_path):
         assert "seed" in m.defaults  # the trainer derives one from the run seed
     over = ["data.id=tiny", "data.aux=tiny_aux"]
     for preset, name in [("poem", "poem"), ("poem_grad", "poem"), ("dos", "dos"), ("openmix", "openmix")]:
-        cfg = train.load_config([f"config/methods/{preset}.yaml"], over)
-        m = train.make_method(cfg)
+        cfg = config.load_config([f"config/methods/{preset}.yaml"], over)
+        m = config.make_method(cfg)
         assert m.name == name
-    poem_grad = train.make_method(train.load_config(["config/methods/poem_grad.yaml"], over))
+    poem_grad = config.make_method(config.load_config(["config/methods/poem_grad.yaml"], over))
     assert poem_grad.hparams["lambda_grad"] == 1.0 and poem_grad.hparams["grad_score"] == "energy"
     for bad in ({"n_clusters": 65}, {"n_selected": 0}):
         with pytest.raises(ValueError, match="n_clusters|n_selected"):
@@ -412,8 +412,8 @@ def test_greg_plus_cluster_count_ablation(k):
 
 
 def _run_cfg(tmp_path, name, hparams, **train_over):
-    cfg = train.deep_merge(
-        train.DEFAULTS,
+    cfg = config.deep_merge(
+        config.DEFAULTS,
         {
             "seed": 3,
             "model": {"name": "small_cnn", "kwargs": {"widths": [8, 16]}},
@@ -436,7 +436,7 @@ def _run_cfg(tmp_path, name, hparams, **train_over):
             },
         },
     )
-    train.validate(cfg)
+    config.validate(cfg)
     return cfg
 
 
@@ -455,7 +455,7 @@ def test_tiny_run_then_greg_evaluate(tmp_path, run):
 
     name = {"poem_grad": "poem", "greg_plus_random": "greg_plus"}.get(run, run)
     out = tmp_path / "run"
-    assert train.Trainer(_run_cfg(tmp_path, name, RUNS[run]), out, "cpu").run() == 0
+    assert trainer.Trainer(_run_cfg(tmp_path, name, RUNS[run]), out, "cpu").run() == 0
     ck = safe_torch_load(out / "final.pt")
     method = methods.create(name)
     assert ck["num_classes"] == 10 + method.extra_classes
@@ -497,9 +497,9 @@ def test_tiny_run_then_greg_evaluate(tmp_path, run):
 def test_poem_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     hp = {"n_selected": 8, "update_every": 2, "buffer_updates": 1}
     ref = tmp_path / "ref"
-    assert train.Trainer(_run_cfg(tmp_path, "poem", hp, max_steps=5), ref, "cpu").run() == 0
+    assert trainer.Trainer(_run_cfg(tmp_path, "poem", hp, max_steps=5), ref, "cpu").run() == 0
     out = tmp_path / "cut"
-    t = train.Trainer(_run_cfg(tmp_path, "poem", hp, max_steps=5), out, "cpu")
+    t = trainer.Trainer(_run_cfg(tmp_path, "poem", hp, max_steps=5), out, "cpu")
     orig = t.method.compute_loss
 
     def compute_loss(model, batch):
@@ -508,8 +508,8 @@ def test_poem_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
         return orig(model, batch)
 
     monkeypatch.setattr(t.method, "compute_loss", compute_loss)
-    assert t.run() == train.EXIT_PREEMPTED
-    assert train.Trainer(_run_cfg(tmp_path, "poem", hp, max_steps=5), out, "cpu").run() == 0
+    assert t.run() == trainer.EXIT_PREEMPTED
+    assert trainer.Trainer(_run_cfg(tmp_path, "poem", hp, max_steps=5), out, "cpu").run() == 0
     a, b = safe_torch_load(ref / "final.pt")["state_dict"], safe_torch_load(out / "final.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = safe_torch_load(ref / "state.pt")["method"], safe_torch_load(out / "state.pt")["method"]

@@ -31,7 +31,7 @@ import yaml
 
 import greg.models as gm
 from greg import io as gio
-from greg import train
+from greg import trainer
 from greg.cli import main as greg_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ INJECT = r"""
 import contextlib, io, json, os, signal, sys
 fault = json.loads(os.environ.get("GREG_FAULT", "null") or "null")
 if fault and fault["kind"] == "step":
-    from greg import train as T
+    from greg import trainer as T
     orig_step = T.Trainer._train_step
     def _train_step(self, batch):
         if self.step == fault["at"]:
@@ -178,10 +178,10 @@ def test_random_preemptions_end_with_identical_weights_and_log(reference, inject
     # steps advance between faults: each entry is (fault, expected return code)
     a, b, c = sorted(rng.sample(range(1, STEPS - 1), 3))
     plan = [
-        ({"kind": "step", "at": a, "signal": "TERM"}, train.EXIT_PREEMPTED),  # SLURM preemption/timeout
+        ({"kind": "step", "at": a, "signal": "TERM"}, trainer.EXIT_PREEMPTED),  # SLURM preemption/timeout
         ({"kind": "write", "name": "state.pt", "at": 1}, -signal.SIGKILL),  # killed inside a checkpoint write
         ({"kind": "step", "at": b, "signal": "KILL"}, -signal.SIGKILL),  # node failure / OOM killer
-        ({"kind": "step", "at": c, "signal": "TERM"}, train.EXIT_PREEMPTED),
+        ({"kind": "step", "at": c, "signal": "TERM"}, trainer.EXIT_PREEMPTED),
     ]
     last_state = 0
     for fault, rc in plan:
@@ -227,7 +227,7 @@ def test_external_sigterm_at_random_time_exits_143_then_resumes(reference, injec
             proc.kill()
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived (machine too fast for 12 steps)")
-    assert proc.returncode == train.EXIT_PREEMPTED, err[-2000:]
+    assert proc.returncode == trainer.EXIT_PREEMPTED, err[-2000:]
     step = check_run_dir(out)
     assert step is not None and step >= target and log_steps(out) == list(range(step))
     r = greg_proc(inject, train_argv(cfg, out))

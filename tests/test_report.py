@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from greg import report as R
+from greg import figures as F
+from greg import plan as P
+from greg import tables as T
 from greg.cli import main as greg_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,23 +32,23 @@ def write_metrics(path: Path, rows: dict[str, tuple[float, float, float]], acc: 
 
 
 def test_mean_std_by_hand():
-    m, s = R.mean_std([1.0, 2.0, 3.0])
+    m, s = T.mean_std([1.0, 2.0, 3.0])
     assert m == 2.0 and s == pytest.approx(1.0)  # sqrt(((1)^2 + 0 + 1^2) / 2)
-    assert R.mean_std([5.0]) == (5.0, 0.0)
-    with pytest.raises(R.ReportError):
-        R.mean_std([])
+    assert T.mean_std([5.0]) == (5.0, 0.0)
+    with pytest.raises(T.ReportError):
+        T.mean_std([])
 
 
 def test_read_metrics_csv(tmp_path):
     p = write_metrics(tmp_path / "m.csv", {"svhn": (10, 20, 95), "mean": (10, 20, 95)})
-    d = R.read_metrics_csv(p)
+    d = T.read_metrics_csv(p)
     assert d["svhn"]["fpr95_idpos"] == 10.0 and d["mean"]["aupr_out"] == 93.0
     bad = tmp_path / "bad.csv"
     bad.write_text("ood_set,auroc\nmean,1\n")
-    with pytest.raises(R.ReportError, match="fpr95_idpos"):
-        R.read_metrics_csv(bad)
+    with pytest.raises(T.ReportError, match="fpr95_idpos"):
+        T.read_metrics_csv(bad)
     with pytest.raises(FileNotFoundError, match="nope.csv"):
-        R.read_metrics_csv(tmp_path / "nope.csv")
+        T.read_metrics_csv(tmp_path / "nope.csv")
 
 
 def _spec(tmp_path, fpr="fpr95_idpos"):
@@ -62,7 +64,7 @@ def _spec(tmp_path, fpr="fpr95_idpos"):
     cell = lambda row, na=None: {"dataset": "d", "arch": "n", "run": row, "detector": "energy", "na": na,
                                  "files": [] if na else files[row]}
     return {
-        "name": "tableT", "caption": "Test 100% table", "fpr": fpr, "fpr_note": R.FPR_CONVENTIONS[fpr],
+        "name": "tableT", "caption": "Test 100% table", "fpr": fpr, "fpr_note": T.FPR_CONVENTIONS[fpr],
         "metrics": ["fpr95", "auroc"], "digits": 1, "show_std": True,
         "groups": [{"label": "G_1", "dataset": "d", "arch": "n",
                     "columns": [{"ood": "x", "label": "X"}, {"ood": "mean", "label": "Average"}]}],
@@ -73,7 +75,7 @@ def _spec(tmp_path, fpr="fpr95_idpos"):
 
 
 def test_build_table_aggregates_and_marks(tmp_path):
-    t = R.build_table(_spec(tmp_path))
+    t = T.build_table(_spec(tmp_path))
     assert [c[1:] for c in t.columns] == [("x", "fpr95"), ("x", "auroc"), ("mean", "fpr95"), ("mean", "auroc")]
     a, b, c = (vals for _, _, vals in t.rows)
     # row a, OOD x, FPR95 (ID-positive): seeds 10 and 20 -> mean 15, std sqrt(50)
@@ -86,7 +88,7 @@ def test_build_table_aggregates_and_marks(tmp_path):
 
 
 def test_build_table_other_fpr_convention(tmp_path):
-    t = R.build_table(_spec(tmp_path, fpr="fpr95_oodpos"))
+    t = T.build_table(_spec(tmp_path, fpr="fpr95_oodpos"))
     a, b, _ = (vals for _, _, vals in t.rows)
     assert a[0].mean == 45.0 and b[0].mean == 6.0 and b[0].style == "best"
 
@@ -96,13 +98,13 @@ def test_ties_are_marked_alike(tmp_path):
     # make row b's x FPR95 equal to row a's: both best, nobody second
     for i, f in enumerate(spec["rows"][1]["cells"][0]["files"]):
         write_metrics(Path(f), {"x": (10 + 10 * i, 5, 96), "mean": (16, 46, 97)})
-    a, b, _ = (vals for _, _, vals in R.build_table(spec).rows)
+    a, b, _ = (vals for _, _, vals in T.build_table(spec).rows)
     assert a[0].style == b[0].style == "best"
 
 
 def test_render_tex_and_csv(tmp_path):
-    t = R.build_table(_spec(tmp_path))
-    tex = R.render_tex(t)
+    t = T.build_table(_spec(tmp_path))
+    tex = T.render_tex(t)
     assert r"\begin{tabular}{lcccc}" in tex and r"\label{tab:tableT}" in tex
     assert "Test 100\\% table" in tex and "paper convention" in tex and "G\\_1" in tex
     lines = {ln.split("&")[0].strip(): ln for ln in tex.splitlines() if "&" in ln}
@@ -111,7 +113,7 @@ def test_render_tex_and_csv(tmp_path):
     assert lines["C"].count("n/a") == 4
     assert r"\textit{S1}" in tex and r"\textit{S2}" in tex
     assert tex.count(r"\multicolumn{2}{c}{X}") == 1 and r"FPR95$\downarrow$" in tex
-    rows = list(csv.DictReader(io.StringIO(R.render_csv(t))))
+    rows = list(csv.DictReader(io.StringIO(T.render_csv(t))))
     assert len(rows) == 12
     first = rows[0]
     assert (first["row"], first["ood_set"], first["metric"], first["column"]) == ("A", "x", "fpr95", "fpr95_idpos")
@@ -144,7 +146,7 @@ def _config():
 def test_resolve_table_aliases_and_na():
     spec = {"caption": "c", "groups": [{"dataset": "cifar10", "arch": "densenet100", "ood": "all"}],
             "rows": [{"label": "MSP", "run": "pretrain", "detector": "msp"}, {"label": "POEM", "run": "poem"}]}
-    res = R.resolve_table("t", spec, _config(), lambda cell: "nope" if cell["run"] == "poem" else None)
+    res = P.resolve_table("t", spec, _config(), lambda cell: "nope" if cell["run"] == "poem" else None)
     g = res["groups"][0]
     assert g["dataset"] == "tiny" and g["label"] == "Tiny" and g["arch"] == "small_cnn"
     assert [c["ood"] for c in g["columns"]] == ["tiny_faces", "tiny_photos", "mean"]
@@ -153,49 +155,49 @@ def test_resolve_table_aliases_and_na():
     assert msp["cells"][0]["files"] == ["res/tiny/small_cnn/pretrain/seed1/eval/msp/metrics.csv",
                                         "res/tiny/small_cnn/pretrain/seed2/eval/msp/metrics.csv"]
     assert poem["cells"][0]["na"] == "nope" and poem["cells"][0]["files"] == []
-    assert R.table_inputs(res) == msp["cells"][0]["files"]
+    assert P.table_inputs(res) == msp["cells"][0]["files"]
     assert json.loads(json.dumps(res)) == res
     spec_list = {**spec, "groups": [{"dataset": "cifar10", "arch": "densenet100", "ood": ["svhn", "mean"]}]}
-    assert [c["ood"] for c in R.resolve_table("t", spec_list, _config())["groups"][0]["columns"]] == \
+    assert [c["ood"] for c in P.resolve_table("t", spec_list, _config())["groups"][0]["columns"]] == \
         ["tiny_photos", "mean"]
 
 
 def test_resolve_table_errors():
     cfg = _config()
     base = {"caption": "c", "groups": [{"dataset": "cifar10", "arch": "densenet100", "ood": "mean"}]}
-    with pytest.raises(R.ReportError, match="'bogus'"):
-        R.resolve_table("t", {**base, "rows": [{"run": "bogus", "detector": "msp"}]}, cfg)
-    with pytest.raises(R.ReportError, match="needs a detector"):
-        R.resolve_table("t", {**base, "rows": [{"run": "pretrain"}]}, cfg)
-    with pytest.raises(R.ReportError, match="unknown metric"):
-        R.resolve_table("t", {**base, "metrics": ["fpr"], "rows": []}, cfg)
+    with pytest.raises(T.ReportError, match="'bogus'"):
+        P.resolve_table("t", {**base, "rows": [{"run": "bogus", "detector": "msp"}]}, cfg)
+    with pytest.raises(T.ReportError, match="needs a detector"):
+        P.resolve_table("t", {**base, "rows": [{"run": "pretrain"}]}, cfg)
+    with pytest.raises(T.ReportError, match="unknown metric"):
+        P.resolve_table("t", {**base, "metrics": ["fpr"], "rows": []}, cfg)
     bad_ood = {"caption": "c", "groups": [{"dataset": "tiny", "arch": "small_cnn", "ood": ["lsun"]}], "rows": []}
-    with pytest.raises(R.ReportError, match="lsun"):
-        R.resolve_table("t", bad_ood, cfg)
+    with pytest.raises(T.ReportError, match="lsun"):
+        P.resolve_table("t", bad_ood, cfg)
 
 
 def test_train_args():
     cfg = _config()
-    args = R.train_args(cfg, "tiny", "small_cnn", "greg", 7)
+    args = P.train_args(cfg, "tiny", "small_cnn", "greg", 7)
     assert args[:2] == ["--config", str(ROOT / "config/methods/greg.yaml")]
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     assert "seed=7" in sets and "model.name=small_cnn" in sets and "model.kwargs={w: 1}" in sets
     assert "data.aux=tiny_aux" in sets and "data.root=dat" in sets and "data.batch_size=8" in sets
     assert "init.checkpoint=res/tiny/small_cnn/pretrain/seed7/final.pt" in sets and "init.kind=run" in sets
     assert sets.index("train.epochs=2") < sets.index("train.max_steps=3")  # train_set comes last
-    pre = R.train_args(cfg, "tiny", "small_cnn", "pretrain", 1)
+    pre = P.train_args(cfg, "tiny", "small_cnn", "pretrain", 1)
     assert not any(s.startswith(("data.aux=", "init.")) for s in pre)
-    k16 = R.train_args(cfg, "tiny", "small_cnn", "k16", 1)
+    k16 = P.train_args(cfg, "tiny", "small_cnn", "k16", 1)
     assert "method.hparams.n_clusters=null" in k16 and "schedule.milestones=[10]" in k16
     assert not any(s.startswith("init.") for s in k16)
-    assert R.run_method(cfg, "k16", "tiny") == "greg_plus" and R.run_method(cfg, "pretrain", "tiny") == "ce"
+    assert P.run_method(cfg, "k16", "tiny") == "greg_plus" and P.run_method(cfg, "pretrain", "tiny") == "ce"
 
 
 def test_train_args_parse_back_in_greg_train(tmp_path):
-    from greg.train import load_config
+    from greg.config import load_config
 
     cfg = _config()
-    args = R.train_args(cfg, "tiny", "small_cnn", "k16", 3)
+    args = P.train_args(cfg, "tiny", "small_cnn", "k16", 3)
     configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     resolved = load_config(configs, sets)
@@ -205,24 +207,24 @@ def test_train_args_parse_back_in_greg_train(tmp_path):
 
 def test_registry_checker():
     cfg = _config()
-    check = R.registry_checker(cfg)
+    check = P.registry_checker(cfg)
     ok = {"dataset": "tiny", "arch": "small_cnn", "run": "greg", "detector": "energy"}
     assert check(ok) is None
     assert check({**ok, "run": "poem"}) is None
     assert "method 'not_a_method_yet'" in check({**ok, "run": "future"})
-    assert "model 'nope_net'" in R.registry_checker({**cfg, "archs": {"small_cnn": {"model": "nope_net"}}})(ok)
+    assert "model 'nope_net'" in P.registry_checker({**cfg, "archs": {"small_cnn": {"model": "nope_net"}}})(ok)
     assert "'no_such_detector'" in check({**ok, "detector": "no_such_detector"})
 
 
 def test_load_tables_of_the_repo_resolve_against_the_configs():
-    tables = R.load_tables(ROOT / "config/tables.yaml")
+    tables = P.load_tables(ROOT / "config/tables.yaml")
     assert sorted(tables) == sorted([f"table{i}" for i in range(1, 11)] + ["table_sam"])
     sam_rows = [(r["run"], r["detector"]) for r in tables["table_sam"]["rows"]]
     assert sam_rows == [(run, det) for run in ("pretrain", "sam_only_norm", "sam")
                         for det in ("msp", "energy", "rankfeat")]
     full = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     for name, spec in tables.items():
-        res = R.resolve_table(name, spec, full)
+        res = P.resolve_table(name, spec, full)
         assert res["rows"] and all(len(r["cells"]) == len(res["groups"]) for r in res["rows"])
 
 
@@ -238,19 +240,19 @@ def test_fig3_and_fig4(tmp_path):
             p.write_text("".join(json.dumps(r) + "\n" for r in recs))
             files.append(str(p))
         logs[run] = files
-    paths = R.plot_fig3(logs, tmp_path / "out" / "fig3.pdf")
+    paths = F.plot_fig3(logs, tmp_path / "out" / "fig3.pdf")
     assert [p.name for p in paths] == ["fig3.pdf", "fig3.png"]
     assert paths[0].read_bytes()[:4] == b"%PDF" and paths[1].read_bytes()[:4] == b"\x89PNG"
-    steps, means, stds = R.seed_mean([R.series(R.read_jsonl(f), "energy") for f in logs["e"]])
+    steps, means, stds = F.seed_mean([F.series(F.read_jsonl(f), "energy") for f in logs["e"]])
     assert steps == list(range(10)) and means[0] == pytest.approx(2.5) and stds[0] == pytest.approx(math.sqrt(0.5))
-    assert R.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    assert F.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
 
     rng = np.random.default_rng(0)
     d = tmp_path / "eval"
     (d / "scores").mkdir(parents=True)
     np.savez(d / "scores" / "id.npz", scores=rng.normal(-10, 1, 50), labels=np.zeros(50))
     np.savez(d / "scores" / "svhn.npz", scores=rng.normal(-4, 1, 40))
-    assert R.load_scores(d / "scores" / "svhn.npz").shape == (40,)
+    assert F.load_scores(d / "scores" / "svhn.npz").shape == (40,)
     rc = greg_main(["report", "fig4", "--model", f"GReg={d},{d}", "--ood", "svhn", "--out", str(tmp_path / "f4.pdf")])
     assert rc == 0 and (tmp_path / "f4.pdf").read_bytes()[:4] == b"%PDF" and (tmp_path / "f4.png").exists()
     assert greg_main(["report", "fig4", "--model", f"X={d}", "--ood", "lsun", "--out", str(tmp_path / "g.pdf")]) == 2
@@ -272,7 +274,7 @@ def test_cli_table(tmp_path):
 def test_pretrain_import_replaces_ce_training():
     cfg = _config()
     cfg["pretrain"]["import"] = {"tiny": {"small_cnn": "ext/tiny.pth", "densenet100": None}}
-    args = R.train_args(cfg, "tiny", "small_cnn", "pretrain", 4)
+    args = P.train_args(cfg, "tiny", "small_cnn", "pretrain", 4)
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     values = dict(a.split("=", 1) for a in sets)
     assert len(values) == len(sets)  # one --set per key
@@ -281,13 +283,13 @@ def test_pretrain_import_replaces_ce_training():
                                    "train.max_steps")} == {
         "init.checkpoint": "ext/tiny.pth", "init.kind": "pretrained", "init.skip_head": "false",
         "train.epochs": "0", "train.max_steps": "null"}
-    assert R.pretrain_import(cfg, "tiny", "small_cnn") == "ext/tiny.pth"
-    assert R.pretrain_import(cfg, "tiny", "densenet100") is None and R.pretrain_import(cfg, "cifar10", "x") is None
+    assert P.pretrain_import(cfg, "tiny", "small_cnn") == "ext/tiny.pth"
+    assert P.pretrain_import(cfg, "tiny", "densenet100") is None and P.pretrain_import(cfg, "cifar10", "x") is None
     # fine-tuning still starts from the run's own pretrain/final.pt; other pairs train CE as before
-    greg = R.train_args(cfg, "tiny", "small_cnn", "greg", 4)
+    greg = P.train_args(cfg, "tiny", "small_cnn", "greg", 4)
     assert "init.checkpoint=res/tiny/small_cnn/pretrain/seed4/final.pt" in greg
-    assert not any(a.startswith("init.") for a in R.train_args(cfg, "tiny", "densenet100", "pretrain", 4))
-    assert not any(a.startswith("init.") for a in R.train_args(_config(), "tiny", "small_cnn", "pretrain", 4))
+    assert not any(a.startswith("init.") for a in P.train_args(cfg, "tiny", "densenet100", "pretrain", 4))
+    assert not any(a.startswith("init.") for a in P.train_args(_config(), "tiny", "small_cnn", "pretrain", 4))
 
 
 def test_pretrain_import_runs_in_greg_train(tmp_path):
@@ -301,7 +303,7 @@ def test_pretrain_import_runs_in_greg_train(tmp_path):
     cfg["archs"]["densenet100"] = {"model": "densenet100"}
     cfg["pretrain"]["import"] = {"tiny": {"densenet100": str(released)}}  # tiny: 10 classes, 3x32x32 as CIFAR
     out = tmp_path / "run"
-    args = R.train_args(cfg, "tiny", "densenet100", "pretrain", 2)
+    args = P.train_args(cfg, "tiny", "densenet100", "pretrain", 2)
     assert greg_main(["train", *args, "--out", str(out), "--device", "cpu"]) == 0
     ckpt = safe_torch_load(out / "final.pt")
     raw = safe_torch_load(released)["state_dict"]  # the CIFAR-10 file names its classifier `fc`
@@ -321,25 +323,25 @@ def test_run_needs_aux_and_sam_train_args():
     cfg = _config()
     cfg["variants"]["sam_only_norm"] = {"configs": [str(ROOT / "config/methods/sam_only_norm.yaml")],
                                         "init": "pretrain", "detector": "energy"}
-    assert R.run_needs_aux(cfg, "greg", "tiny") and R.run_needs_aux(cfg, "future", "tiny")  # unknown: True
-    assert not R.run_needs_aux(cfg, "sam_only_norm", "tiny") and not R.run_needs_aux(cfg, "pretrain", "tiny")
-    sets = R.train_args(cfg, "tiny", "small_cnn", "sam_only_norm", 1)
+    assert P.run_needs_aux(cfg, "greg", "tiny") and P.run_needs_aux(cfg, "future", "tiny")  # unknown: True
+    assert not P.run_needs_aux(cfg, "sam_only_norm", "tiny") and not P.run_needs_aux(cfg, "pretrain", "tiny")
+    sets = P.train_args(cfg, "tiny", "small_cnn", "sam_only_norm", 1)
     assert not any(a.startswith("data.aux=") for a in sets)
     assert "init.checkpoint=res/tiny/small_cnn/pretrain/seed1/final.pt" in sets
-    assert R.run_method(cfg, "sam_only_norm", "tiny") == "sam_only_norm"
+    assert P.run_method(cfg, "sam_only_norm", "tiny") == "sam_only_norm"
 
 
 def test_dg_run_args():
     cfg = {"data_root": "dat", "dg": {"datasets": ["colored_digits"], "algorithms": ["erm", "hgp"], "restarts": 3,
                                       "steps": 20, "seed": 5, "hparams_seed": 0,
                                       "set_by_algorithm": {"hgp": {"penalty_weight": 1.0e7, "alpha": 0.5}}}}
-    assert R.dg_run_args(cfg, "colored_digits", "erm") == [
+    assert P.dg_run_args(cfg, "colored_digits", "erm") == [
         "--dataset", "colored_digits", "--algorithm", "erm", "--restarts", "3", "--seed", "5",
         "--hparams-seed", "0", "--data-root", "dat", "--steps", "20"]
-    hgp = R.dg_run_args(cfg, "colored_digits", "hgp")
+    hgp = P.dg_run_args(cfg, "colored_digits", "hgp")
     assert hgp[-4:] == ["--set", "penalty_weight=10000000.0", "--set", "alpha=0.5"]
     cfg["dg"]["steps"] = None
-    assert "--steps" not in R.dg_run_args(cfg, "colored_mnist", "erm")
+    assert "--steps" not in P.dg_run_args(cfg, "colored_mnist", "erm")
 
 
 def _tiny_checkpoints(tmp_path):
@@ -400,21 +402,21 @@ def test_fig_sam_errors(tmp_path):
     assert greg_main([*base, "--model", "no-equals-sign"]) == 2
     assert greg_main([*base, "--model", f"A={tmp_path / 'missing.pt'}"]) == 2
     assert not (tmp_path / "f.pdf").exists()
-    with pytest.raises(R.ReportError, match="no models"):
-        R.plot_fig_sam({}, tmp_path / "g.pdf")
+    with pytest.raises(T.ReportError, match="no models"):
+        F.plot_fig_sam({}, tmp_path / "g.pdf")
 
 
 def test_check_extra_names():
     cfg = {**_config(), "pretrain": {"configs": [], "import": {"tiny": {"small_cnn": "x.pth"}}},
            "figures": {"fig_sam": {"runs": {"before": "pretrain", "after": "greg"}}},
            "dg": {"datasets": ["colored_digits"], "algorithms": ["erm", "hgp"], "set_by_algorithm": {"hgp": {}}}}
-    R.check_extra_names(cfg)  # all known
-    R.check_extra_names({**cfg, "pretrain": {"import": {"nope": {"small_cnn": None}}}})  # null: not imported
+    P.check_extra_names(cfg)  # all known
+    P.check_extra_names({**cfg, "pretrain": {"import": {"nope": {"small_cnn": None}}}})  # null: not imported
     bad = [({**cfg, "pretrain": {"import": {"tiny": {"resnet50": "x.pth"}}}}, "pretrain.import.tiny.resnet50"),
            ({**cfg, "figures": {"fig_sam": {"runs": {"a": "sam_typo"}}}}, "figures.fig_sam.runs"),
            ({**cfg, "dg": {**cfg["dg"], "datasets": ["colored_mnst"]}}, "dg.datasets"),
            ({**cfg, "dg": {**cfg["dg"], "algorithms": ["erm", "not_an_algorithm"]}}, "dg.algorithms"),
            ({**cfg, "dg": {**cfg["dg"], "set_by_algorithm": {"hpg": {}}}}, "dg.set_by_algorithm")]
     for c, key in bad:
-        with pytest.raises(R.ReportError, match=key.replace(".", r"\.").replace("[", r"\[")):
-            R.check_extra_names(c)
+        with pytest.raises(T.ReportError, match=key.replace(".", r"\.").replace("[", r"\[")):
+            P.check_extra_names(c)

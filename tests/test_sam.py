@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from greg import diagnostics, io, methods, pseudo_ood, train
+from greg import config, diagnostics, io, methods, pseudo_ood
 from greg.optim.sam import SAM, frozen_norm_stats, norm_parameters
-from greg.train import EXIT_PREEMPTED, Trainer
+from greg.trainer import EXIT_PREEMPTED, Trainer
 
 
 class Net(nn.Module):
@@ -319,9 +319,9 @@ RUN = {
 
 
 def _cfg(tmp_path):
-    cfg = train.deep_merge(train.DEFAULTS, RUN)
+    cfg = config.deep_merge(config.DEFAULTS, RUN)
     cfg["data"]["root"] = str(tmp_path / "data")
-    train.validate(cfg)
+    config.validate(cfg)
     return cfg
 
 
@@ -366,7 +366,7 @@ def test_trainer_sam_only_norm_runs_and_resumes_to_identical_weights(tmp_path, m
 
 def test_presets_load():
     for name in ("sam", "sam_only_norm"):
-        cfg = train.load_config([f"config/methods/{name}.yaml"])
+        cfg = config.load_config([f"config/methods/{name}.yaml"])
         assert cfg["method"]["name"] == name
 
 

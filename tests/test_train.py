@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from greg import io, train
-from greg.train import EXIT_NONFINITE, EXIT_PREEMPTED, Trainer
+from greg import config, io, train, trainer
+from greg.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, Trainer
 
 BASE = {
     "seed": 5,
@@ -26,11 +26,11 @@ BASE = {
 
 def _cfg(tmp_path, method=None, **over):
     base = dict(BASE, method={"name": method, "hparams": {}}) if method else BASE
-    cfg = train.deep_merge(train.DEFAULTS, base)
+    cfg = config.deep_merge(config.DEFAULTS, base)
     cfg["data"]["root"] = str(tmp_path / "data")
     for k, v in over.items():
-        cfg = train.deep_merge(cfg, train.parse_set([f"{k}={json.dumps(v)}"]))
-    train.validate(cfg)
+        cfg = config.deep_merge(cfg, config.parse_set([f"{k}={json.dumps(v)}"]))
+    config.validate(cfg)
     return cfg
 
 
@@ -103,7 +103,7 @@ def test_sigkill_and_restart_with_same_command(tmp_path):
         **{"train.max_steps": 30, "train.checkpoint_every": 4},
     )
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(train._config_text(cfg))
+    cfg_file.write_text(config.config_text(cfg))
     ref, out = tmp_path / "ref", tmp_path / "cut"
     cmd = [sys.executable, "-m", "greg", "train", "--config", str(cfg_file), "--device", "cpu", "--out"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -138,7 +138,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
         return terms
 
     monkeypatch.setattr(t.method, "compute_loss", compute_loss)
-    with pytest.raises(train.NonFiniteError, match="step 3"):
+    with pytest.raises(trainer.NonFiniteError, match="step 3"):
         t.run()
     state = io.safe_torch_load(out / "state.pt")
     assert state["step"] == 2  # the checkpoint before the bad step
@@ -153,7 +153,7 @@ def test_cli_nonfinite_exit_code_and_config_errors(tmp_path, capsys):
     assert "train.epocs" in capsys.readouterr().err
     huge = tmp_path / "huge.yaml"
     huge.write_text(
-        train._config_text(_cfg(tmp_path, method="ce", **{"optim.lr": 1e30, "optim.momentum": 0.0}))
+        config.config_text(_cfg(tmp_path, method="ce", **{"optim.lr": 1e30, "optim.momentum": 0.0}))
     )
     assert train.run(train_args(huge, tmp_path / "y")) == EXIT_NONFINITE
     err = capsys.readouterr().err
@@ -173,7 +173,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path, monkeypatch):
     t = Trainer(_cfg(tmp_path), out, "cpu")
     t._stop_signal = signal.SIGTERM
     assert t.run() == EXIT_PREEMPTED
-    with pytest.raises(train.ConfigError, match="different config"):
+    with pytest.raises(config.ConfigError, match="different config"):
         Trainer(_cfg(tmp_path, **{"optim.lr": 0.01}), out, "cpu").run()
 
 
@@ -185,7 +185,7 @@ def test_finetune_from_run_checkpoint(tmp_path):
     _assert_same(_weights(pre / "final.pt"), {k: v for k, v in t.model.state_dict().items()})
     assert t.run() == 0
     wrong = _cfg(tmp_path, **{"model.name": "resnet18", "init.checkpoint": str(pre / "final.pt")})
-    with pytest.raises(train.ConfigError, match="holds small_cnn"):
+    with pytest.raises(config.ConfigError, match="holds small_cnn"):
         Trainer(wrong, tmp_path / "wrong", "cpu")
 
 
@@ -209,7 +209,7 @@ def test_zero_steps_imports_external_weights_as_a_run(tmp_path, shared_dir):
     ref = models.load_pretrained(models.create("densenet100", 10), src)
     _assert_same(ref.state_dict(), _weights(out / "final.pt"))
     assert io.safe_torch_load(out / "final.pt")["meta"]["steps"] == 0
-    with pytest.raises(train.ConfigError, match="only with init.checkpoint"):
+    with pytest.raises(config.ConfigError, match="only with init.checkpoint"):
         _cfg(tmp_path, **{"train.epochs": 0, "train.max_steps": None})
 
 
@@ -226,5 +226,5 @@ def test_skip_head_keeps_fresh_head(tmp_path):
 
 def test_too_few_aux_candidates_is_a_config_error(tmp_path):
     cfg = _cfg(tmp_path, **{"data.aux_batch_size": "ratio", "method.hparams.n_selected": 128})
-    with pytest.raises(train.ConfigError, match=r"aux_batch_size is 12 \('ratio': 1000 auxiliary / 1297 ID"):
+    with pytest.raises(config.ConfigError, match=r"aux_batch_size is 12 \('ratio': 1000 auxiliary / 1297 ID"):
         Trainer(cfg, tmp_path / "run", "cpu")

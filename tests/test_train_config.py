@@ -4,8 +4,10 @@ import math
 
 import pytest
 
-from greg import train
-from greg.train import ConfigError, StreamSampler, deep_merge, lr_multiplier, parse_set
+from greg import config
+from greg.config import ConfigError, deep_merge, parse_set
+from greg.stream import StreamSampler
+from greg.trainer import lr_multiplier
 
 
 def test_parse_set_nested_and_yaml_values():
@@ -21,22 +23,22 @@ def test_parse_set_nested_and_yaml_values():
 
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match=r"'optim\.lrr'.*known here: .*lr"):
-        deep_merge(train.DEFAULTS, {"optim": {"lrr": 0.1}})
+        deep_merge(config.DEFAULTS, {"optim": {"lrr": 0.1}})
     with pytest.raises(ConfigError, match=r"'sed'"):
-        deep_merge(train.DEFAULTS, {"sed": 1})
+        deep_merge(config.DEFAULTS, {"sed": 1})
 
 
 def test_wrong_type_is_named():
     with pytest.raises(ConfigError, match=r"'optim\.lr' must be float, got str"):
-        deep_merge(train.DEFAULTS, {"optim": {"lr": "fast"}})
+        deep_merge(config.DEFAULTS, {"optim": {"lr": "fast"}})
     with pytest.raises(ConfigError, match=r"'train\.epochs' must be int, got bool"):
-        deep_merge(train.DEFAULTS, {"train": {"epochs": True}})
+        deep_merge(config.DEFAULTS, {"train": {"epochs": True}})
     with pytest.raises(ConfigError, match=r"'data' must be a mapping"):
-        deep_merge(train.DEFAULTS, {"data": 3})
+        deep_merge(config.DEFAULTS, {"data": 3})
     # ints are fine where floats are expected; free-form kwargs mappings accept any key
-    cfg = deep_merge(train.DEFAULTS, {"optim": {"lr": 1}, "model": {"kwargs": {"stem": "imagenet"}}})
+    cfg = deep_merge(config.DEFAULTS, {"optim": {"lr": 1}, "model": {"kwargs": {"stem": "imagenet"}}})
     assert cfg["optim"]["lr"] == 1 and cfg["model"]["kwargs"] == {"stem": "imagenet"}
-    assert train.DEFAULTS["model"]["kwargs"] == {}  # defaults are not mutated
+    assert config.DEFAULTS["model"]["kwargs"] == {}  # defaults are not mutated
 
 
 def test_load_config_files_then_sets(tmp_path):
@@ -44,14 +46,14 @@ def test_load_config_files_then_sets(tmp_path):
     a.write_text("seed: 3\noptim: {lr: 0.5}\n")
     b = tmp_path / "b.yaml"
     b.write_text("optim: {lr: 0.25, name: adam}\n")
-    cfg = train.load_config([a, b], ["seed=7"])
+    cfg = config.load_config([a, b], ["seed=7"])
     assert (cfg["seed"], cfg["optim"]["lr"], cfg["optim"]["name"]) == (7, 0.25, "adam")
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {momentun: 0.9}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'optim\.momentun'"):
-        train.load_config([bad])
+        config.load_config([bad])
     with pytest.raises(ConfigError, match="not found"):
-        train.load_config([tmp_path / "missing.yaml"])
+        config.load_config([tmp_path / "missing.yaml"])
 
 
 def test_cosine_multiplier_matches_energy_code():
@@ -106,11 +108,11 @@ def test_stream_longer_than_data_cycles_through_all():
 
 
 def test_free_form_mappings_merge_key_by_key():
-    base = deep_merge(train.DEFAULTS, {"method": {"name": "greg_plus", "hparams": {"n_clusters": 8}}})
+    base = deep_merge(config.DEFAULTS, {"method": {"name": "greg_plus", "hparams": {"n_clusters": 8}}})
     cfg = deep_merge(base, parse_set(["method.hparams.lambda_grad=0", "model.kwargs.stem=imagenet"]))
     assert cfg["method"]["hparams"] == {"n_clusters": 8, "lambda_grad": 0}
     assert cfg["model"]["kwargs"] == {"stem": "imagenet"}
     # ... and their owner rejects a typo, naming it
     cfg = deep_merge(base, parse_set(["method.hparams.n_clusterz=4"]))
     with pytest.raises(ConfigError, match="n_clusterz"):
-        train.validate(cfg)
+        config.validate(cfg)

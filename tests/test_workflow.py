@@ -120,7 +120,8 @@ def test_lint_is_clean():
 def test_smoke_run_end_to_end(tmp_path):
     import yaml
 
-    from greg import report as R
+    from greg import plan as P
+    from greg import tables as T
     from greg.methods import METHODS
 
     results, data = tmp_path / "results", tmp_path / "data"
@@ -128,17 +129,17 @@ def test_smoke_run_end_to_end(tmp_path):
                   "--cores", "2", "all", timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
 
-    tables = R.load_tables(ROOT / "config/tables.yaml")
+    tables = P.load_tables(ROOT / "config/tables.yaml")
     full = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     for name, spec in tables.items():
         tex = (results / "tables" / f"{name}.tex").read_text()
         assert tex.startswith(f"% {name}") and r"\begin{tabular}" in tex and r"\bottomrule" in tex
         lines = [ln for ln in tex.splitlines() if ln.endswith(r"\\") and "&" in ln]
-        labels = [R.latex_escape(row["label"]) for row in spec["rows"]]
+        labels = [T.latex_escape(row["label"]) for row in spec["rows"]]
         for label, row in zip(labels, spec["rows"]):
             line = next(ln for ln in lines if ln.split("&")[0].strip() == label)
             run = row["run"]
-            method = "ce" if run == "pretrain" else R.run_method(full, run, "cifar10")
+            method = "ce" if run == "pretrain" else P.run_method(full, run, "cifar10")
             if method in METHODS:
                 assert "n/a" not in line, (name, line)
                 assert re.search(r"\d+\.\d\d", line)

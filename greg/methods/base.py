@@ -120,6 +120,12 @@ class ClusterSelection:
             kmeans_kwargs=self.kmeans_kwargs(),
         )
 
+    def check_selection(self) -> None:
+        """Raise ``ValueError`` if the hparams make an impossible sampler (e.g. GReg+'s ``2 * n_clusters >
+        n_selected``); called when the run config is validated, so it fails before step 0. The rule lives
+        in the sampler's constructor, which is cheap (k-means runs on ``select``)."""
+        self.make_sampler()
+
     @property
     def sampler(self) -> Any:
         """Built on first use, so the package imports without ``greg.sampling``."""

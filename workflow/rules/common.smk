@@ -1,5 +1,5 @@
 # Shared helpers: config validation, run paths, which cells are implemented, the inputs of the targets.
-# The logic lives in greg.report (unit-tested); this file only wires it to Snakemake.
+# The logic lives in greg.plan (unit-tested); this file only wires it to Snakemake.
 
 import json
 import os
@@ -7,7 +7,7 @@ import shlex
 
 from snakemake.utils import validate
 
-from greg import report as R
+from greg import plan as P
 
 
 validate(config, "../schemas/config.schema.yaml", set_default=True)
@@ -18,8 +18,8 @@ VARIANTS = sorted(config["variants"])
 # conda: paths are relative to the rule files (workflow/rules/), config paths to the repository root.
 ENV_GPU = os.path.join("../..", config["envs"]["gpu"])  # join keeps an absolute config path as it is
 ENV_CPU = os.path.join("../..", config["envs"]["cpu"])
-TABLES = R.load_tables(config["tables"])
-UNAVAILABLE = R.registry_checker(config)
+TABLES = P.load_tables(config["tables"])
+UNAVAILABLE = P.registry_checker(config)
 
 
 def _check_names():
@@ -35,11 +35,11 @@ def _check_names():
 
 
 _check_names()
-R.check_extra_names(config)
+P.check_extra_names(config)
 
 
 def run_dir(dataset, arch, run, seed):
-    return R.run_dir(RESULTS, dataset, arch, run, seed)
+    return P.run_dir(RESULTS, dataset, arch, run, seed)
 
 
 def cell_ok(dataset, arch, run, detector):
@@ -47,7 +47,7 @@ def cell_ok(dataset, arch, run, detector):
 
 
 RESOLVED = {
-    name: R.resolve_table(name, spec, config, UNAVAILABLE) for name, spec in TABLES.items()
+    name: P.resolve_table(name, spec, config, UNAVAILABLE) for name, spec in TABLES.items()
 }
 
 
@@ -79,15 +79,15 @@ def rules_inputs_all_runs():
                 cells += [(run, config["variants"][run]["detector"]) for run in g["runs"]]
                 for run, det in cells:
                     if cell_ok(dataset, arch, run, det):
-                        out += [R.eval_csv(RESULTS, dataset, arch, run, s, det) for s in SEEDS]
+                        out += [P.eval_csv(RESULTS, dataset, arch, run, s, det) for s in SEEDS]
     return list(dict.fromkeys(out))
 
 
 def figure_runs(name):
     """(label, dataset, arch, run) of the implemented runs of a figure."""
     f = config["figures"][name]
-    dataset = R.alias(config, "dataset", f["dataset"])
-    arch = R.alias(config, "arch", f["arch"])
+    dataset = P.alias(config, "dataset", f["dataset"])
+    arch = P.alias(config, "arch", f["arch"])
     det = f.get("detector", "energy")
     return [(label, dataset, arch, run) for label, run in f["runs"].items() if cell_ok(dataset, arch, run, det)]
 
@@ -95,8 +95,8 @@ def figure_runs(name):
 def fig_sam_sets():
     """(ID dataset, OOD sets) of fig_sam, aliased; ood `all` = every OOD set of the dataset."""
     f = config["figures"]["fig_sam"]
-    dataset = R.alias(config, "dataset", f["dataset"])
-    ood = R.ood_sets(config, dataset) if f["ood"] == "all" else [R.alias(config, "ood", o) for o in f["ood"]]
+    dataset = P.alias(config, "dataset", f["dataset"])
+    ood = P.ood_sets(config, dataset) if f["ood"] == "all" else [P.alias(config, "ood", o) for o in f["ood"]]
     return dataset, ood
 
 
@@ -132,8 +132,8 @@ def quote_args(args):
 
 
 def train_inputs(wc):
-    spec = R.run_spec(config, wc.run, wc.dataset)
-    aux = [data_stamp(config["datasets"][wc.dataset]["aux"])] if R.run_needs_aux(config, wc.run, wc.dataset) else []
+    spec = P.run_spec(config, wc.run, wc.dataset)
+    aux = [data_stamp(config["datasets"][wc.dataset]["aux"])] if P.run_needs_aux(config, wc.run, wc.dataset) else []
     ins = {"data": [data_stamp(wc.dataset), *aux], "presets": spec["configs"]}
     if spec["init"] == "pretrain":
         ins["init"] = f"{run_dir(wc.dataset, wc.arch, 'pretrain', wc.seed)}/final.pt"
@@ -159,12 +159,12 @@ def fig4_dirs(wc):
 
 def fig4_args(wc):
     f = config["figures"]["fig4"]
-    ood = R.alias(config, "ood", f["ood"])
+    ood = P.alias(config, "ood", f["ood"])
     args = []
     for label, dirs in fig4_dirs(wc).items():
         args += ["--model", f"{label}={','.join(dirs)}"]
     args += ["--ood", ood, "--ood-label", config["labels"].get(ood, ood),
-             "--id-label", config["labels"].get(R.alias(config, "dataset", f["dataset"]), "ID")]
+             "--id-label", config["labels"].get(P.alias(config, "dataset", f["dataset"]), "ID")]
     return quote_args(args)
 
 

@@ -30,7 +30,7 @@ rule dg_run:
     log:
         f"{RESULTS}/logs/dg/{{dg_dataset}}/{{algorithm}}.log",
     params:
-        args=lambda wc: quote_args(R.dg_run_args(config, wc.dg_dataset, wc.algorithm)),
+        args=lambda wc: quote_args(P.dg_run_args(config, wc.dg_dataset, wc.algorithm)),
         out=lambda wc: dg_dir(wc.dg_dataset, wc.algorithm),
         device=config["device"],
     conda:

@@ -9,13 +9,13 @@ rule pretrain:
     input:
         data=lambda wc: [data_stamp(wc.dataset)],
         presets=config["pretrain"]["configs"],
-        imported=lambda wc: R.pretrain_import(config, wc.dataset, wc.arch) or [],
+        imported=lambda wc: P.pretrain_import(config, wc.dataset, wc.arch) or [],
     output:
         f"{RESULTS}/{{dataset}}/{{arch}}/pretrain/seed{{seed}}/final.pt",
     log:
         f"{RESULTS}/logs/train/{{dataset}}/{{arch}}/pretrain/seed{{seed}}.log",
     params:
-        args=lambda wc: quote_args(R.train_args(config, wc.dataset, wc.arch, "pretrain", wc.seed)),
+        args=lambda wc: quote_args(P.train_args(config, wc.dataset, wc.arch, "pretrain", wc.seed)),
         out=lambda wc: run_dir(wc.dataset, wc.arch, "pretrain", wc.seed),
         device=config["device"],
     conda:

@@ -4,8 +4,8 @@
 
 rule table:
     input:
-        lambda wc: R.table_inputs(RESOLVED[wc.table]),
-        template="workflow/templates/table.tex.j2",
+        lambda wc: P.table_inputs(RESOLVED[wc.table]),
+        template="greg/templates/table.tex.j2",
     output:
         tex=report(
             f"{RESULTS}/tables/{{table}}.tex",

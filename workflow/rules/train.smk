@@ -12,7 +12,7 @@ rule train:
     wildcard_constraints:
         run="|".join(VARIANTS),
     params:
-        args=lambda wc: quote_args(R.train_args(config, wc.dataset, wc.arch, wc.run, wc.seed)),
+        args=lambda wc: quote_args(P.train_args(config, wc.dataset, wc.arch, wc.run, wc.seed)),
         out=lambda wc: run_dir(wc.dataset, wc.arch, wc.run, wc.seed),
         device=config["device"],
     conda:

@@ -1,0 +1,205 @@
+"""Figures of ``greg report``: Fig. 3 (training curves), Fig. 4 (score histograms), the SAM appendix figure.
+
+Each is written as PDF and PNG (same stem), atomically. matplotlib is imported inside the plotting
+functions: the planner and table code import without it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from greg import diagnostics, io
+from greg.tables import ReportError, mean_std
+
+
+def _save_figure(fig: Any, out: str | Path) -> list[Path]:
+    """Write ``out`` (PDF) and the PNG of the same stem, atomically."""
+    out = Path(out)
+    paths = [out.with_suffix(".pdf"), out.with_suffix(".png")]
+    for p in paths:
+        with io.atomic_open(p, "wb") as f:
+            fig.savefig(f, format=p.suffix[1:], bbox_inches="tight", dpi=150)
+    return paths
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training log not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` over the records that have it."""
+    pts = [(int(r["step"]), float(r[key])) for r in records if key in r and r[key] is not None]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def seed_mean(curves: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[float], list[float]]:
+    """Mean and std over seeds at the steps every seed logged."""
+    common = set(curves[0][0])
+    for steps, _ in curves[1:]:
+        common &= set(steps)
+    steps = sorted(common)
+    maps = [dict(zip(s, v)) for s, v in curves]
+    means, stds = [], []
+    for s in steps:
+        m, sd = mean_std([mp[s] for mp in maps])
+        means.append(m)
+        stds.append(sd)
+    return steps, means, stds
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (window 1 = unchanged)."""
+    if window <= 1:
+        return list(values)
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_fig3(runs: dict[str, list[str]], out: str | Path, keys: tuple[str, str] = ("energy", "score_grad_norm"),
+              smooth_window: int | None = None) -> list[Path]:
+    """Energy loss and mean input-gradient norm of the score over training steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {"energy": r"energy loss $\mathcal{L}_S$", "score_grad_norm": r"mean $\|\nabla_x S(x)\|_2$"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
+    for ax, key in zip(axes, keys):
+        for label, files in runs.items():
+            curves = [series(read_jsonl(f), key) for f in files]
+            curves = [c for c in curves if c[0]]
+            if not curves:
+                raise ReportError(f"run {label!r}: no {key!r} values in {', '.join(files)}")
+            steps, means, stds = seed_mean(curves)
+            w = smooth_window if smooth_window is not None else max(1, len(steps) // 50)
+            m, s = smooth(means, w), smooth(stds, w)
+            ax.plot(steps, m, label=label)
+            if len(curves) > 1:
+                ax.fill_between(steps, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
+        ax.set_xlabel("training step")
+        ax.set_title(titles.get(key, key))
+        ax.legend()
+    fig.tight_layout()
+    try:
+        return _save_figure(fig, out)
+    finally:
+        plt.close(fig)
+
+
+def load_scores(path: str | Path) -> Any:
+    """Per-sample scores from a ``greg evaluate`` npz: the ``scores`` array (or the file's only array)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scores file not found: {path}")
+    with np.load(path) as z:
+        if "scores" in z.files:
+            return np.asarray(z["scores"], dtype=np.float64)
+        if len(z.files) == 1:
+            return np.asarray(z[z.files[0]], dtype=np.float64)
+        raise ReportError(f"{path}: no 'scores' array (has {', '.join(z.files)})")
+
+
+def plot_fig4(models: dict[str, list[str]], ood: str, out: str | Path, id_label: str = "ID",
+              ood_label: str | None = None, bins: int = 60) -> list[Path]:
+    """Histograms of the energy score, ID test set vs one OOD set, one panel per model (seeds pooled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.2), squeeze=False)
+    for ax, (label, dirs) in zip(axes[0], models.items()):
+        s_id = np.concatenate([load_scores(Path(d) / "scores" / "id.npz") for d in dirs])
+        s_ood = np.concatenate([load_scores(Path(d) / "scores" / f"{ood}.npz") for d in dirs])
+        both = np.concatenate([s_id, s_ood])
+        both = both[np.isfinite(both)]
+        lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        ax.hist(s_id, bins=edges, alpha=0.6, density=True, label=id_label)
+        ax.hist(s_ood, bins=edges, alpha=0.6, density=True, label=ood_label or ood)
+        ax.set_title(label)
+        ax.set_xlabel(r"energy score $S(x)$ (higher = more OOD)")
+        ax.legend()
+    fig.tight_layout()
+    try:
+        return _save_figure(fig, out)
+    finally:
+        plt.close(fig)
+
+
+# SAM appendix figure: titles of the greg.diagnostics arrays (raw values, not outlier scores).
+SAM_DIAGNOSTICS = {
+    "head_grad_norm": r"per-sample head gradient norm $\|\nabla_W \mathrm{CE}(f, \hat y)\|$",
+    "max_logit": r"max logit $\max_k f_k(x)$",
+    "energy": r"energy score $-\log\sum_k e^{f_k(x)}$ (higher = more OOD)",
+    "msp": r"max softmax probability",
+}
+
+
+def collect_fig_sam(models: dict[str, str], id_dataset: str, ood: list[str], root: str, device: str = "cpu",
+                    max_samples: int | None = 2000, batch_size: int = 256) -> dict[str, dict[str, dict]]:
+    """``{label: {set: {diagnostic: array}}}`` for each run checkpoint (``greg.diagnostics.collect_checkpoint``:
+    ID test split as ``"id"`` and each OOD set, the same subsample of each set for every model)."""
+    out = {}
+    for label, ckpt in models.items():
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"model {label!r}: checkpoint not found: {ckpt}")
+        out[label] = diagnostics.collect_checkpoint(ckpt, id_dataset, ood, root, device, batch_size=batch_size,
+                                                    max_samples=max_samples)
+    return out
+
+
+def plot_fig_sam(diags: dict[str, dict[str, dict]], out: str | Path,
+                 keys: tuple[str, ...] = ("head_grad_norm", "max_logit", "energy"),
+                 set_labels: dict[str, str] | None = None, bins: int = 50) -> list[Path]:
+    """The SAM appendix's diagnostics: one row per model (the first: before fine-tuning), one column per
+    diagnostic, each panel the histograms of the ID test set and of every OOD set. Bins are shared down a
+    column, so the last column shows the score distributions before vs after fine-tuning on one axis."""
+    from matplotlib.figure import Figure
+
+    if not diags:
+        raise ReportError("fig-sam: no models")
+    bad = [k for k in keys if k not in SAM_DIAGNOSTICS]
+    if bad:
+        raise ReportError(f"fig-sam: unknown diagnostic(s) {bad}; known: {', '.join(SAM_DIAGNOSTICS)}")
+    set_labels = set_labels or {}
+    fig = Figure(figsize=(4.2 * len(keys), 3.0 * len(diags)))
+    axes = fig.subplots(len(diags), len(keys), squeeze=False)
+    for j, key in enumerate(keys):
+        values = [np.asarray(d[key], dtype=float) for sets in diags.values() for d in sets.values()]
+        finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
+        edges = np.histogram_bin_edges(finite, bins=bins) if finite.size else np.linspace(0.0, 1.0, bins + 1)
+        for i, (label, sets) in enumerate(diags.items()):
+            ax = axes[i][j]
+            for name, d in sets.items():
+                v = np.asarray(d[key], dtype=float)
+                ax.hist(v[np.isfinite(v)], bins=edges, density=True, histtype="step", linewidth=1.2,
+                        label=set_labels.get(name, "ID" if name == "id" else name))
+            ax.set_title(label, fontsize="medium")
+            ax.set_xlabel(SAM_DIAGNOSTICS[key], fontsize="small")
+            if j == 0:
+                ax.set_ylabel("density")
+            if i == 0 and j == len(keys) - 1:
+                ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    return _save_figure(fig, out)
+
+
+def save_fig_sam_npz(path: str | Path, diags: dict[str, dict[str, dict]]) -> None:
+    """Every array of the figure in one ``.npz`` (atomic), named ``<model label>/<set>/<diagnostic>``."""
+    diagnostics.save_npz(path, {f"{label}/{name}": d for label, sets in diags.items() for name, d in sets.items()})
+

@@ -1,0 +1,408 @@
+"""The method-agnostic trainer behind ``greg train``.
+
+A run is a pure function of its resolved config: data order and augmentation are derived from
+``(seed, stream, epoch, index)`` (``greg.stream``), the learning rate from the step number, and every other
+random state is checkpointed. A run killed at any point and restarted with the same command therefore ends
+with the same weights as an uninterrupted one (on CPU; cuDNN nondeterminism aside on GPU).
+
+One cohesive class (init, checkpoints, resume, the loop), hence over ~400 lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from greg import data, io, models
+from greg.config import ConfigError, config_text, make_method, mix
+from greg.device import resolve_device
+from greg.methods.grad_reg import score_input_grad_norm
+from greg.stream import StreamSampler, loader
+
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 143
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, sched: dict) -> float:
+    """Learning-rate multiplier at ``step`` (0-based), a pure function so resume needs no scheduler state."""
+    name = sched["name"]
+    if name == "constant":
+        return 1.0
+    if name == "cosine":
+        # Energy-OOD's cosine_annealing(step, total, 1, lr_min_ratio) inside a LambdaLR.
+        lo = sched["lr_min_ratio"]
+        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(step / total_steps * math.pi))
+    if name == "multistep":
+        epoch = step // steps_per_epoch
+        return sched["gamma"] ** sum(epoch >= m for m in sched["milestones"])
+    raise ConfigError(f"unknown schedule {name!r}")
+
+
+def make_optimizer(params, optim: dict) -> torch.optim.Optimizer:
+    if optim["name"] == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=optim["lr"],
+            momentum=optim["momentum"],
+            nesterov=optim["nesterov"] and optim["momentum"] > 0,
+            weight_decay=optim["weight_decay"],
+        )
+    return torch.optim.Adam(
+        params, lr=optim["lr"], betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"]
+    )
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+def _rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: dict, out: str | os.PathLike, device: str = "auto"):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.device = resolve_device(device)
+        c_data, c_train = cfg["data"], cfg["train"]
+        self.method = make_method(cfg)
+        spec = data.spec(c_data["id"])
+        self.num_classes = spec.num_classes + getattr(self.method, "extra_classes", 0)
+
+        torch.manual_seed(mix(cfg["seed"], 0))
+        self.model = models.create(cfg["model"]["name"], self.num_classes, **cfg["model"]["kwargs"])
+        if cfg["init"]["checkpoint"]:
+            self._init_from(cfg["init"]["checkpoint"], cfg["init"]["kind"])
+        self.model.to(self.device)
+
+        self.id_train = data.load(c_data["id"], "train", c_data["root"], train=c_data["augment"])
+        if len(self.id_train) < c_data["batch_size"]:
+            raise ConfigError(
+                f"data.batch_size={c_data['batch_size']} exceeds the {len(self.id_train)} training images "
+                f"of {c_data['id']!r}"
+            )
+        self.aux = None
+        self.aux_bs = 0
+        if self.method.needs_aux:
+            self.aux = data.load(
+                c_data["aux"], "train", c_data["root"], id_dataset=c_data["id"], train=c_data["augment"]
+            )
+            if len(self.aux) == 0:
+                raise ConfigError(f"auxiliary dataset {c_data['aux']!r} is empty (root {c_data['root']})")
+            abs_ = c_data["aux_batch_size"]
+            how = ""
+            if abs_ == "ratio":
+                abs_ = max(1, round(len(self.aux) / len(self.id_train) * c_data["batch_size"]))
+                how = f" ('ratio': {len(self.aux)} auxiliary / {len(self.id_train)} ID images x batch_size)"
+            self.aux_bs = int(abs_)
+            if self.aux_bs < self.method.aux_needed():
+                raise ConfigError(
+                    f"data.aux_batch_size is {self.aux_bs}{how}, but method {cfg['method']['name']!r} selects "
+                    f"{self.method.aux_needed()} auxiliary samples per step (method.hparams.n_selected): "
+                    "raise data.aux_batch_size or lower n_selected"
+                )
+
+        self.steps_per_epoch = len(self.id_train) // c_data["batch_size"]
+        total = c_train["epochs"] * self.steps_per_epoch
+        if c_train["max_steps"]:
+            total = min(total, c_train["max_steps"]) if c_train["epochs"] > 0 else c_train["max_steps"]
+        self.total_steps = total
+        self.optimizer = make_optimizer(self.model.parameters(), cfg["optim"])
+        self.step = 0
+        self._stop_signal: int | None = None
+
+    # -- init / checkpoints -------------------------------------------------------------------------
+
+    def _init_from(self, path: str, kind: str) -> None:
+        raw = io.safe_torch_load(path)
+        is_run = isinstance(raw, dict) and raw.get("format") == "greg-model-v1"
+        # (K+1)-class methods (DOS, OpenMix) start from a K-class model with a fresh head.
+        extra = getattr(self.method, "extra_classes", 0)
+        skip_head = bool(self.cfg["init"]["skip_head"])
+        if kind == "run" or (kind == "auto" and is_run):
+            if not is_run:
+                raise ConfigError(f"init.checkpoint {path} is not a greg run checkpoint (final.pt)")
+            k = raw["num_classes"]
+            if raw["arch"] != self.cfg["model"]["name"] or k not in (
+                self.num_classes,
+                self.num_classes - extra,
+            ):
+                raise ConfigError(
+                    f"init.checkpoint {path} holds {raw['arch']} with {k} classes, but this run "
+                    f"trains {self.cfg['model']['name']} with {self.num_classes} classes"
+                )
+            models.load_pretrained(self.model, path, skip_head=skip_head or k != self.num_classes)
+        else:
+            models.load_pretrained(self.model, path, skip_head=skip_head or extra > 0)
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "state.pt"
+
+    @property
+    def final_path(self) -> Path:
+        return self.out / "final.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def _check_finite_weights(self) -> None:
+        for name, p in self.model.state_dict().items():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise NonFiniteError(f"parameter {name!r} became non-finite at step {self.step}")
+
+    def save_state(self) -> None:
+        self._check_finite_weights()  # never replace the last good checkpoint with a broken one
+        io.atomic_torch_save(
+            {
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "method": self.method.state_dict(),
+                "rng": _rng_state(),
+                "config": config_text(self.cfg),
+            },
+            self.state_path,
+        )
+
+    def load_state(self) -> bool:
+        if not self.state_path.exists():
+            return False
+        state = io.safe_torch_load(self.state_path, map_location=self.device)
+        if state["config"] != config_text(self.cfg):
+            raise ConfigError(
+                f"{self.state_path} was written by a different config; delete {self.out} to start over"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+        return True
+
+    def _trim_log(self) -> None:
+        """Drop log lines of steps after the resumed checkpoint (and a torn last line)."""
+        if not self.log_path.exists():
+            return
+        keep = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) < self.step:
+                keep.append(line)
+        io.atomic_write_text(self.log_path, "".join(k + "\n" for k in keep))
+
+    # -- loop ----------------------------------------------------------------------------------------
+
+    def _train_step(self, batch: dict) -> dict:
+        # Methods with their own update rule (SAM: two forward/backward passes) define train_step.
+        custom = getattr(self.method, "train_step", None)
+        if custom is not None:
+            terms = custom(self.model, batch, self.optimizer)
+        else:
+            terms = self.method.compute_loss(self.model, batch)
+        total = terms["total"]
+        if not torch.isfinite(total):
+            raise NonFiniteError(
+                f"loss is {float(total.detach())} at step {self.step} "
+                f"({', '.join(f'{k}={float(torch.as_tensor(v).detach()):.4g}' for k, v in terms.items())})"
+            )
+        if custom is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+        return terms
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def run(self) -> int:
+        if self.final_path.exists():
+            print(f"{self.final_path} exists: run already complete", file=sys.stderr)
+            return 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        # Temp files of a write that a SIGKILL interrupted are never outputs; don't let them pile up.
+        for stale in self.out.glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
+        cfg_file = self.out / "config.yaml"
+        if not self.load_state():
+            io.atomic_write_text(cfg_file, config_text(self.cfg))
+            self._trim_log_all()
+        else:
+            print(f"resuming {self.out} from step {self.step}/{self.total_steps}", file=sys.stderr)
+            self._trim_log()
+
+        c_data, c_train = self.cfg["data"], self.cfg["train"]
+        bs, seed = c_data["batch_size"], self.cfg["seed"]
+        id_iter = iter(
+            loader(
+                self.id_train,
+                StreamSampler(
+                    len(self.id_train),
+                    self.steps_per_epoch * bs,
+                    seed,
+                    1,
+                    self.step * bs,
+                    self.total_steps * bs,
+                ),
+                bs,
+                c_data["num_workers"],
+                self.device,
+            )
+        )
+        aux_iter = None
+        if self.aux is not None:
+            per_pass = max(len(self.aux) // self.aux_bs, 1) * self.aux_bs
+            aux_iter = iter(
+                loader(
+                    self.aux,
+                    StreamSampler(
+                        len(self.aux),
+                        per_pass,
+                        seed,
+                        2,
+                        self.step * self.aux_bs,
+                        self.total_steps * self.aux_bs,
+                    ),
+                    self.aux_bs,
+                    c_data["num_workers"],
+                    self.device,
+                )
+            )
+
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            with (
+                open(self.log_path, "a", encoding="utf-8") as log,
+                tqdm(
+                    total=self.total_steps,
+                    initial=self.step,
+                    desc=f"train {self.cfg['method']['name']}",
+                    disable=not c_train["progress"],
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                    dynamic_ncols=True,
+                ) as bar,
+            ):
+                if not self._loop(id_iter, aux_iter, log, bar):
+                    print(
+                        f"signal {self._stop_signal}: checkpointed at step {self.step}; rerun to resume",
+                        file=sys.stderr,
+                    )
+                    return EXIT_PREEMPTED
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        self.save_state()
+        self.model.eval()
+        models.save_checkpoint(
+            self.final_path,
+            self.model,
+            arch=self.cfg["model"]["name"],
+            num_classes=self.num_classes,
+            model_kwargs=self.cfg["model"]["kwargs"],
+            meta={
+                "method": self.cfg["method"]["name"],
+                "detector": getattr(self.method, "detector", "energy"),
+                "id_dataset": c_data["id"],
+                "seed": self.cfg["seed"],
+                "steps": self.step,
+                "config": config_text(self.cfg),
+            },
+        )
+        return 0
+
+    def _loop(self, id_iter, aux_iter, log, bar) -> bool:
+        """Train until the last step (True) or until a stop signal, after checkpointing (False)."""
+        c_train = self.cfg["train"]
+        t0 = time.perf_counter()
+        while self.step < self.total_steps:
+            if self.step % self.steps_per_epoch == 0:
+                self.method.on_epoch_start(self.model, self.step // self.steps_per_epoch)
+            x_id, y_id = next(id_iter)
+            batch = {
+                "x_id": x_id.to(self.device, non_blocking=True),
+                "y_id": y_id.to(self.device, non_blocking=True),
+            }
+            if aux_iter is not None:
+                batch["x_aux"] = next(aux_iter)[0].to(self.device, non_blocking=True)
+            lr = self.cfg["optim"]["lr"] * lr_multiplier(
+                self.step, self.total_steps, self.steps_per_epoch, self.cfg["schedule"]
+            )
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+
+            self.model.train()
+            terms = self._train_step(batch)
+
+            rec = {"step": self.step, "epoch": self.step // self.steps_per_epoch, "lr": lr}
+            rec.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
+            gne = c_train["grad_norm_every"]
+            if gne and self.step % gne == 0:
+                rec.update(self._grad_norms(batch, c_train["grad_norm_score"]))
+            rec["time"] = time.perf_counter() - t0
+            self.step += 1
+            if c_train["log_every"] and (self.step - 1) % c_train["log_every"] == 0:
+                log.write(json.dumps(rec, sort_keys=True) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2g}", refresh=False)
+
+            at_epoch_end = self.step % self.steps_per_epoch == 0
+            if self._stop_signal is not None or at_epoch_end or self.step % c_train["checkpoint_every"] == 0:
+                self.save_state()
+            if self._stop_signal is not None:
+                return False
+        return True
+
+    def _grad_norms(self, batch: dict, score: str) -> dict[str, float]:
+        """Mean input-gradient norm of the score (paper Fig. 3), on the ID and auxiliary batches."""
+        rec = {"grad_norm_id": score_input_grad_norm(self.model, batch["x_id"], score)}
+        if "x_aux" in batch:
+            rec["grad_norm_aux"] = score_input_grad_norm(self.model, batch["x_aux"], score)
+            rec["score_grad_norm"] = 0.5 * (rec["grad_norm_id"] + rec["grad_norm_aux"])
+        else:
+            rec["score_grad_norm"] = rec["grad_norm_id"]
+        return rec
+
+    def _trim_log_all(self) -> None:
+        if self.log_path.exists():
+            self.log_path.unlink()
+
+
