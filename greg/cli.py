@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from greg import __version__
+
     parser = argparse.ArgumentParser(prog="greg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"greg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     modules = {}
