@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from greg import io as gio
 from greg.detectors import DETECTORS, Detector, eval_mode
 from greg.detectors import create as create_detector
+from greg.device import DEVICE_HELP, resolve_device
 from greg.errors import EXIT_STATUS_HELP, InputError, cli_errors
 from greg.metrics import METRIC_COLUMNS, metrics_table, ood_metrics  # noqa: F401  (re-exported)
 from greg.metrics import TABLE_COLUMNS as COLUMNS  # noqa: F401  (re-exported: metrics.csv columns)
@@ -59,19 +60,6 @@ CONVENTIONS = {
 
 
 # ----------------------------------------------------------------------------------------------- core
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
-    return dev
-
-
 def score_loader(
     model: nn.Module,
     loader: Iterable,
@@ -200,7 +188,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subsample-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--arch", default=None, help="external checkpoint: architecture name (greg.models)")
     p.add_argument("--num-classes", type=int, default=None, help="external checkpoint: number of outputs")
     p.add_argument("--model-kwargs", default="{}", help="external checkpoint: JSON object of model arguments")

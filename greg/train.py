@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from greg.config import config_text, load_config
+from greg.device import DEVICE_HELP
 from greg.errors import EXIT_STATUS_HELP, cli_errors
 from greg.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError, Trainer
 
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, help="run directory (final.pt, state.pt, metrics.jsonl, config.yaml)"
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.epilog = (
         f"{EXIT_STATUS_HELP} Also: {EXIT_NONFINITE} the loss or the weights became NaN/inf (the last good "

@@ -101,7 +101,7 @@ class Trainer:
         c_data, c_train = cfg["data"], cfg["train"]
         self.method = make_method(cfg)
         spec = data.spec(c_data["id"])
-        self.num_classes = spec.num_classes + getattr(self.method, "extra_classes", 0)
+        self.num_classes = spec.num_classes + self.method.extra_classes
 
         torch.manual_seed(mix(cfg["seed"], 0))
         self.model = models.create(cfg["model"]["name"], self.num_classes, **cfg["model"]["kwargs"])
@@ -151,7 +151,7 @@ class Trainer:
         raw = io.safe_torch_load(path)
         is_run = isinstance(raw, dict) and raw.get("format") == "greg-model-v1"
         # (K+1)-class methods (DOS, OpenMix) start from a K-class model with a fresh head.
-        extra = getattr(self.method, "extra_classes", 0)
+        extra = self.method.extra_classes
         skip_head = bool(self.cfg["init"]["skip_head"])
         if kind == "run" or (kind == "auto" and is_run):
             if not is_run:
@@ -232,11 +232,10 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------------
 
     def _train_step(self, batch: dict) -> dict:
-        # Methods with their own update rule (SAM: two forward/backward passes) define train_step.
-        custom = getattr(self.method, "train_step", None)
-        if custom is not None:
-            terms = custom(self.model, batch, self.optimizer)
-        else:
+        # Methods with their own update rule (SAM: two forward/backward passes) do it in train_step.
+        terms = self.method.train_step(self.model, batch, self.optimizer)
+        custom = terms is not None
+        if not custom:
             terms = self.method.compute_loss(self.model, batch)
         total = terms["total"]
         if not torch.isfinite(total):
@@ -244,7 +243,7 @@ class Trainer:
                 f"loss is {float(total.detach())} at step {self.step} "
                 f"({', '.join(f'{k}={float(torch.as_tensor(v).detach()):.4g}' for k, v in terms.items())})"
             )
-        if custom is None:
+        if not custom:
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
@@ -339,7 +338,7 @@ class Trainer:
             model_kwargs=self.cfg["model"]["kwargs"],
             meta={
                 "method": self.cfg["method"]["name"],
-                "detector": getattr(self.method, "detector", "energy"),
+                "detector": self.method.detector,
                 "id_dataset": c_data["id"],
                 "seed": self.cfg["seed"],
                 "steps": self.step,

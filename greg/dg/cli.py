@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from greg.config import parse_set
+from greg.device import DEVICE_HELP, resolve_device
 from greg.errors import EXIT_INPUT, EXIT_STATUS_HELP, InputError, cli_errors
 from greg.io import atomic_write_json, atomic_write_text
 
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--restarts", type=int, default=10)
     r.add_argument("--out", required=True, type=Path)
     r.add_argument("--steps", type=int, default=None, help="default: the dataset's protocol (501)")
-    r.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    r.add_argument("--device", default="auto", help=DEVICE_HELP)
     r.add_argument("--seed", type=int, default=0, help="restart r uses seed + r (data, init, draws)")
     r.add_argument("--hparams-seed", type=int, default=0, help="0 = defaults, k > 0 = random draw k")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an hparam")
@@ -101,25 +102,13 @@ def download_command(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ run
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-    return name
-
-
 def _parse_set(items: list[str], hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` updated by ``--set KEY=VALUE`` items (greg.config.parse_set); a key must be a known hparam."""
     out = dict(hparams)
-    for item in items:
-        if "=" not in item:
-            raise InputError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
+    for key, value in parse_set(items).items():
         if key not in out:
             raise InputError(f"--set {key}: unknown hparam; known: {', '.join(sorted(out))}")
-        out[key] = yaml.safe_load(value)
+        out[key] = value
     return out
 
 
@@ -204,7 +193,7 @@ def run_command(args: argparse.Namespace) -> int:
             raise SystemExit(EXIT_INPUT)
     atomic_write_json(cfg_path, config)
 
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     rows = [r for r in read_results(out / "results.csv") if r["restart"] < args.restarts]
     done = {r["restart"] for r in rows}
     for restart in range(args.restarts):

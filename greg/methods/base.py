@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from greg.sampling import ClusterSampler
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -20,7 +22,9 @@ class Method:
     - ``detector``: the detector that evaluates models trained with this method.
 
     ``compute_loss(model, batch)`` gets ``batch = {"x_id", "y_id", "x_aux" (optional)}`` with the model in
-    train mode and returns ``{"total": differentiable loss, <term>: detached value, ...}``.
+    train mode and returns ``{"total": differentiable loss, <term>: detached value, ...}``; the trainer then
+    does ``zero_grad``, ``backward`` and ``optimizer.step()``. A method with its own update rule (SAM: two
+    forward/backward passes) overrides :meth:`train_step` instead.
     """
 
     name: ClassVar[str] = "method"
@@ -60,6 +64,14 @@ class Method:
     def compute_loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def train_step(
+        self, model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer
+    ) -> dict[str, torch.Tensor] | None:
+        """One whole update, for methods with their own rule: step ``optimizer`` and return the detached
+        terms (``"total"`` included; a non-finite total stops the run). ``None`` (the default): the trainer
+        updates with :meth:`compute_loss`."""
+        return None
+
     def aux_needed(self) -> int:
         """Fewest auxiliary candidates per step the method can work with (methods that select
         ``n_selected`` of them need at least that many); the trainer checks it before training."""
@@ -94,22 +106,33 @@ class Method:
         return f"{type(self).__name__}({args})"
 
 
-class ClusterSelection:
-    """Mixin for methods that pick auxiliary samples per step with ``greg.sampling.ClusterSampler``
+class ClusterSelection(Method):
+    """Base of the methods that pick auxiliary samples per step with ``greg.sampling.ClusterSampler``
     (GReg+: lowest and highest energy per cluster; DOS: lowest absent-class probability per cluster).
-    Subclasses set ``selection_score`` and have hparams ``n_clusters`` (None = random choice), ``n_selected``,
-    ``kmeans_backend``, ``kmeans_kwargs`` and optionally ``two_way``; the sampler draws from ``generator``."""
 
+    What a subclass must provide (checked when the class is defined): ``selection_score`` (a
+    ``greg.scores`` name) and the hparams in :attr:`REQUIRED_HPARAMS` (``n_clusters`` None = a random
+    choice, no clustering), optionally ``two_way``; the sampler draws from the method's ``generator``, so
+    ``seed`` is required too. Put it first among the bases (``class GRegPlus(ClusterSelection, GReg)``).
+    """
+
+    REQUIRED_HPARAMS: ClassVar[tuple[str, ...]] = ("n_clusters", "n_selected", "kmeans_backend", "kmeans_kwargs",
+                                                   "seed")
+    needs_aux: ClassVar[bool] = True
     selection_score: ClassVar[str] = "energy"
     _sampler: Any = None
     last_selected: torch.Tensor | None = None  # indices into the last step's candidates
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        missing = [k for k in cls.REQUIRED_HPARAMS if k not in cls.defaults]
+        if missing:
+            raise TypeError(f"{cls.__name__}: a ClusterSelection method needs the hparams {missing}")
 
     def kmeans_kwargs(self) -> dict[str, Any]:
         return dict(self.hparams["kmeans_kwargs"] or {})
 
     def make_sampler(self) -> Any:
-        from greg.sampling import ClusterSampler
-
         hp = self.hparams
         return ClusterSampler(
             None if hp["n_clusters"] is None else int(hp["n_clusters"]),
@@ -128,7 +151,7 @@ class ClusterSelection:
 
     @property
     def sampler(self) -> Any:
-        """Built on first use, so the package imports without ``greg.sampling``."""
+        """Built on first use (k-means state belongs to the run, not to the config check)."""
         if self._sampler is None:
             self._sampler = self.make_sampler()
         return self._sampler

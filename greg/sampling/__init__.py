@@ -1,13 +1,12 @@
 """Auxiliary-outlier sampling: k-means backends, per-cluster selection, the GReg+ / DOS cluster sampler."""
 
 from greg.sampling.clustering import KMEANS, KMeansResult, inertia_of, kmeans
-from greg.sampling.sampler import ClusterSampler, EnergyClusterSampler
+from greg.sampling.sampler import ClusterSampler
 from greg.sampling.select import select_from_clusters
 
 __all__ = [
     "KMEANS",
     "ClusterSampler",
-    "EnergyClusterSampler",
     "KMeansResult",
     "inertia_of",
     "kmeans",

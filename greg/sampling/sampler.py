@@ -112,7 +112,3 @@ class ClusterSampler:
             s, labels.to(s.device), self.two_way, self.n_total, generator, per_cluster=self.picks_per_cluster()
         )
         return idx.to(x_candidates.device)
-
-
-# The name docs/ARCHITECTURE.md uses for it.
-EnergyClusterSampler = ClusterSampler
