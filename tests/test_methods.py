@@ -262,9 +262,6 @@ def test_energy_clustering_is_greg_plus_without_grad():
 
 
 def test_greg_plus_with_real_sampler():
-    sampling = pytest.importorskip("greg.sampling")
-    if not hasattr(sampling, "ClusterSampler"):
-        pytest.skip("greg.sampling.ClusterSampler not written yet")
     model, b = tiny_model(), tiny_batch(n_aux=24)
     model.eval()
     model.bn.train()  # mixed modes must be restored by the sampler
