@@ -1,10 +1,14 @@
 """``greg report``: aggregate ``greg evaluate`` metrics over seeds into LaTeX/CSV tables, and draw figures.
 
-Four sub-commands, each called by one Snakemake rule (workflow/rules/report.smk):
+Five sub-commands, each called by one Snakemake rule (workflow/rules/report.smk):
 
 - ``greg report table --spec SPEC.json --tex OUT.tex --csv OUT.csv``: one paper table. The spec is a
   *resolved* table (every cell lists its ``metrics.csv`` files, one per seed, or says why it is n/a); the
   workflow builds it with :func:`greg.plan.resolve_table` from ``config/tables.yaml`` and the workflow config.
+  With ``--paper config/paper_results.yaml`` the CSV gets the paper's value and ``delta`` per cell and
+  ``--vs-paper-tex`` writes the table with both.
+- ``greg report reproduction TABLE.csv ... --md OUT.md --csv OUT.csv [--aliased]``: per table, the cells
+  reproduced within ``greg.tables.TOLERANCE`` of the paper, the worst cells and the missing runs.
 - ``greg report fig3 --run LABEL=metrics.jsonl[,metrics.jsonl...] ... --out fig3.pdf``: energy loss and
   mean input-gradient norm of the score during training (keys ``energy`` and ``score_grad_norm``).
 - ``greg report fig4 --model LABEL=EVAL_DIR[,EVAL_DIR...] ... --ood SET --out fig4.pdf``: energy-score
@@ -20,6 +24,7 @@ is the command line only.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -35,7 +40,17 @@ from greg.figures import (
     plot_fig_sam,
     save_fig_sam_npz,
 )
-from greg.tables import DEFAULT_TEMPLATE, ReportError, build_table, render_csv, render_tex
+from greg.tables import (
+    DEFAULT_TEMPLATE,
+    ReportError,
+    attach_paper,
+    build_table,
+    load_paper_results,
+    render_csv,
+    render_tex,
+    render_tex_vs_paper,
+    reproduction_summary,
+)
 
 
 def _label_files(items: list[str], what: str) -> dict[str, list[str]]:
@@ -58,6 +73,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--tex", required=True, help="LaTeX output")
     t.add_argument("--csv", required=True, help="CSV output (same numbers, long format)")
     t.add_argument("--template", default=None, help="jinja2 LaTeX template (default: greg/templates/table.tex.j2, shipped with the package)")
+    t.add_argument("--paper", default=None, help="the paper's numbers (config/paper_results.yaml): adds the "
+                                                 "paper / delta CSV columns")
+    t.add_argument("--aliases-json", default="{}", help="the workflow config's aliases (JSON), to map aliased "
+                                                        "OOD sets back to the paper's")
+    t.add_argument("--vs-paper-tex", default=None, help="also write the table with the paper's value in each cell")
+    rp = sub.add_parser("reproduction", help="per table: cells within tolerance of the paper, worst cells, "
+                                             "missing runs (from tables rendered with --paper)")
+    rp.add_argument("csvs", nargs="+", metavar="TABLE.csv", help="tables' CSVs; the table name is the file stem")
+    rp.add_argument("--md", required=True, help="Markdown output")
+    rp.add_argument("--csv", required=True, help="CSV output (one line per table)")
+    rp.add_argument("--aliased", action="store_true", help="the config substitutes datasets (smoke run): say "
+                                                           "that deltas are meaningless")
     f3 = sub.add_parser("fig3", help="energy loss and input-gradient norm during training")
     f3.add_argument("--run", action="append", required=True, metavar="LABEL=JSONL[,JSONL...]",
                     help="a curve: its label and the metrics.jsonl of each seed")
@@ -115,12 +142,27 @@ def run(args: argparse.Namespace) -> int:
     with cli_errors("greg report") as ce:
         if args.report_command == "table":
             spec = json.loads(args.spec_json) if args.spec_json else json.loads(Path(args.spec).read_text())
+            if args.paper:
+                aliases = json.loads(args.aliases_json)
+                if not isinstance(aliases, dict):
+                    raise ReportError(f"--aliases-json must be a JSON object, got {args.aliases_json!r}")
+                spec = attach_paper(spec, load_paper_results(args.paper), aliases)
             table = build_table(spec)
             io.atomic_write_text(args.tex, render_tex(table, args.template or DEFAULT_TEMPLATE))
             io.atomic_write_text(args.csv, render_csv(table))
+            if args.vs_paper_tex:
+                io.atomic_write_text(args.vs_paper_tex, render_tex_vs_paper(table, args.template or DEFAULT_TEMPLATE))
             na = sum(v.mean is None for _, _, vals in table.rows for v in vals)
             print(f"{args.tex}: {len(table.rows)} rows x {len(table.columns)} columns ({na} n/a cells)",
                   file=sys.stderr)
+        elif args.report_command == "reproduction":
+            tables = {}
+            for path in map(Path, args.csvs):
+                tables[path.stem] = list(csv.DictReader(path.open(newline=""))) if path.is_file() else None
+            md, out = reproduction_summary(tables, aliased=args.aliased)
+            io.atomic_write_text(args.md, md)
+            io.atomic_write_text(args.csv, out)
+            print(f"{args.md}: {len(tables)} tables", file=sys.stderr)
         elif args.report_command == "fig3":
             for p in plot_fig3(_label_files(args.run, "--run"), args.out, smooth_window=args.smooth):
                 print(f"wrote {p}", file=sys.stderr)

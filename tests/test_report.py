@@ -218,7 +218,7 @@ def test_registry_checker():
 
 def test_load_tables_of_the_repo_resolve_against_the_configs():
     tables = P.load_tables(ROOT / "config/tables.yaml")
-    assert sorted(tables) == sorted([f"table{i}" for i in range(1, 11)] + ["table_sam"])
+    assert sorted(tables) == sorted([f"table{i}" for i in range(1, 11)] + ["table_aupr", "table_id_acc", "table_sam"])
     sam_rows = [(r["run"], r["detector"]) for r in tables["table_sam"]["rows"]]
     assert sam_rows == [(run, det) for run in ("pretrain", "sam_only_norm", "sam")
                         for det in ("msp", "energy", "rankfeat")]
