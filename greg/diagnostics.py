@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from greg import io, scores
+from greg import data, io, models, scores
 
 DIAGNOSTICS = ("head_grad_norm", "max_logit", "energy", "msp")
 
@@ -154,8 +154,6 @@ def collect_checkpoint(
     """:func:`collect_sets` for a run checkpoint on the ID test split (key ``"id"``) and each OOD set's test
     split, each subsampled to ``max_samples`` with ``greg.data.subsample(seed)`` (the evaluation protocol)."""
     from torch.utils.data import DataLoader
-
-    from greg import data, models
 
     model, _ = models.load_checkpoint(checkpoint, device)
     sets = {"id": data.load(id_dataset, "test", root)}

@@ -36,7 +36,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import greg.data as gd
+import greg.models as gm
 from greg import io as gio
+from greg import robustness as rb
 from greg.detectors import DETECTORS, Detector, eval_mode
 from greg.detectors import create as create_detector
 from greg.device import DEVICE_HELP, resolve_device
@@ -231,8 +234,6 @@ def _build_detector(name: str, kwargs: dict[str, Any], id_std: Any) -> Detector:
 
 
 def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    import greg.models as gm
-
     if args.arch is not None:
         if args.num_classes is None:
             raise InputError("--arch needs --num-classes for an external checkpoint")
@@ -265,8 +266,6 @@ def _first_n(ds: Any, n: int) -> Any:
 
 @cli_errors("greg evaluate")
 def run(args: argparse.Namespace) -> int:
-    import greg.data as gd
-
     out = Path(args.out)
     device = resolve_device(args.device)
     ood_names = [s.strip() for s in args.ood.split(",") if s.strip()]
@@ -374,8 +373,6 @@ def _run_robustness(
     id_out: Mapping[str, np.ndarray],
     out: Path,
 ) -> dict[str, Any]:
-    from greg import robustness as rb
-
     score_fn = rb.detector_score_fn(detector, model)
     n = args.robustness_n
     id_loader = _loader(_first_n(id_ds, n), args, device)

@@ -72,7 +72,7 @@ def smooth(values: list[float], window: int) -> list[float]:
 def plot_fig3(runs: dict[str, list[str]], out: str | Path, keys: tuple[str, str] = ("energy", "score_grad_norm"),
               smooth_window: int | None = None) -> list[Path]:
     """Energy loss and mean input-gradient norm of the score over training steps, one line per run."""
-    import matplotlib
+    import matplotlib  # heavy: only plotting needs it (the table and planner code import without it)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,7 +117,7 @@ def load_scores(path: str | Path) -> Any:
 def plot_fig4(models: dict[str, list[str]], ood: str, out: str | Path, id_label: str = "ID",
               ood_label: str | None = None, bins: int = 60) -> list[Path]:
     """Histograms of the energy score, ID test set vs one OOD set, one panel per model (seeds pooled)."""
-    import matplotlib
+    import matplotlib  # heavy: only plotting needs it (the table and planner code import without it)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -169,7 +169,7 @@ def plot_fig_sam(diags: dict[str, dict[str, dict]], out: str | Path,
     """The SAM appendix's diagnostics: one row per model (the first: before fine-tuning), one column per
     diagnostic, each panel the histograms of the ID test set and of every OOD set. Bins are shared down a
     column, so the last column shows the score distributions before vs after fine-tuning on one axis."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: only plotting needs it
 
     if not diags:
         raise ReportError("fig-sam: no models")
