@@ -1,8 +1,12 @@
-"""Device selection shared by every ``greg`` command (``--device``)."""
+"""Device selection shared by every ``greg`` command (``--device``), and the one eval-mode context."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 from greg.errors import InputError
 
@@ -20,3 +24,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
     return dev
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode, then restore each one's own flag (a frozen BN stays frozen, also
+    when the body raises)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from greg import data, io, models, scores
+from greg.device import eval_mode
 
 DIAGNOSTICS = ("head_grad_norm", "max_logit", "energy", "msp")
 
@@ -116,18 +117,14 @@ def collect(
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     out: dict[str, list[np.ndarray]] = {k: [] for k in DIAGNOSTICS}
-    try:
+    with eval_mode(model):
         for i, batch in enumerate(tqdm(loader, desc=progress or "diagnostics", disable=progress is None)):
             if max_batches is not None and i >= max_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             for k, v in _batch_diagnostics(model, x.to(device), mode, include_bias).items():
                 out[k].append(v.double().cpu().numpy())
-    finally:
-        model.train(was_training)
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 

@@ -40,9 +40,9 @@ import greg.data as gd
 import greg.models as gm
 from greg import io as gio
 from greg import robustness as rb
-from greg.detectors import DETECTORS, Detector, eval_mode
+from greg.detectors import DETECTORS, Detector
 from greg.detectors import create as create_detector
-from greg.device import DEVICE_HELP, resolve_device
+from greg.device import DEVICE_HELP, eval_mode, resolve_device
 from greg.errors import EXIT_STATUS_HELP, InputError, cli_errors
 from greg.metrics import METRIC_COLUMNS, metrics_table, ood_metrics  # noqa: F401  (re-exported)
 from greg.metrics import TABLE_COLUMNS as COLUMNS  # noqa: F401  (re-exported: metrics.csv columns)

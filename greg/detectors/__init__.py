@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from greg.detectors import dice, line, logit, mahalanobis, odin, rankfeat, react  # noqa: F401  (registers)
-from greg.detectors.base import DETECTORS, Detector, collect_features, eval_mode
+from greg.detectors.base import DETECTORS, Detector, collect_features
 from greg.detectors.dice import DICE
 from greg.detectors.line import LINe
 from greg.detectors.logit import MSP, AbsentClass, Energy, MaxLogit
@@ -46,7 +46,6 @@ __all__ = [
     "ReAct",
     "collect_features",
     "create",
-    "eval_mode",
     "names",
     "remove_rank1",
 ]

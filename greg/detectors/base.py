@@ -16,8 +16,7 @@ Models follow the contract of docs/ARCHITECTURE.md: ``features(x)``, ``head``, `
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from greg.device import eval_mode
 from greg.registry import Registry
 
 
@@ -58,17 +58,6 @@ class Detector:
 
 
 DETECTORS: Registry[Detector] = Registry("detector")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def collect_features(
