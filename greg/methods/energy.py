@@ -58,7 +58,7 @@ class EnergyLoss(Method):
         hp = self.hparams
         n_id = len(x_id)
         use_grad = float(hp["lambda_grad"]) != 0.0
-        x, logits = grad_reg.forward_concat(model, x_id, x_aux, input_grad=use_grad)
+        x, logits = grad_reg.forward_concat(model, x_id, x_aux, input_grad=use_grad, hp=hp)
         ce = F.cross_entropy(logits[:n_id], y_id)
         s = scores.energy(logits)
         l_s = energy_loss(s[:n_id], s[n_id:], float(hp["m_in"]), float(hp["m_out"]))

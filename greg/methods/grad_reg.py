@@ -37,8 +37,16 @@ import torch
 from torch import nn
 
 from greg import scores
+from greg.methods import grad_backends
 
 REDUCTIONS = ("official", "paper")
+# How the parameter gradient of L_grad is computed (greg.methods.grad_backends): "exact" double backprop
+# with a hand-written batch-norm double backward; "exact_native" the same with PyTorch's own (the
+# reference); "fd" a finite difference of two first-order backward passes (the penalty value stays exact).
+GRAD_BACKENDS = ("exact", "exact_native", "fd")
+# Relative step of "fd": each row moves by this times the batch's RMS row norm (docs/METHOD.md,
+# "Finite-difference gradient regularization"; measured on the released DenseNet-100 checkpoints).
+FD_STEP = 1e-3
 
 # Hinge margins per score when a method gives none. energy: GReg's (REFERENCE.md §2). msp (S = -max softmax,
 # in [-1, -1/K]): not known from the paper (Table 4 "OE + Grad" gives no margins); our choice penalizes ID
@@ -58,6 +66,8 @@ def grad_defaults(score: str) -> dict[str, Any]:
         "grad_m_in": None,
         "grad_m_out": None,
         "grad_reduction": "official",
+        "grad_backend": "exact",
+        "grad_fd_step": FD_STEP,
     }
 
 
@@ -86,6 +96,12 @@ def validate_grad_hparams(method_name: str, hp: dict[str, Any]) -> None:
         raise ValueError(
             f"method {method_name!r}: unknown grad_score {hp['grad_score']!r}; known: {scores.SCORES.names()}"
         )
+    if hp.get("grad_backend", "exact") not in GRAD_BACKENDS:
+        raise ValueError(
+            f"method {method_name!r}: grad_backend must be one of {GRAD_BACKENDS}, got {hp['grad_backend']!r}"
+        )
+    if not float(hp.get("grad_fd_step", FD_STEP)) > 0:
+        raise ValueError(f"method {method_name!r}: grad_fd_step must be > 0, got {hp['grad_fd_step']!r}")
     if float(hp["lambda_grad"]) < 0:
         raise ValueError(f"method {method_name!r}: lambda_grad must be >= 0, got {hp['lambda_grad']!r}")
 
@@ -163,12 +179,28 @@ def score_input_grad_norm(model: nn.Module, x: torch.Tensor, score: str = "energ
 
 
 def forward_concat(
-    model: nn.Module, x_id: torch.Tensor, x_aux: torch.Tensor | None, input_grad: bool
+    model: nn.Module,
+    x_id: torch.Tensor,
+    x_aux: torch.Tensor | None,
+    input_grad: bool,
+    hp: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of ``[x_id; x_aux]``; returns ``(x, logits)`` with ``x`` a grad-requiring leaf if asked."""
+    """One forward of ``[x_id; x_aux]``; returns ``(x, logits)`` with ``x`` a grad-requiring leaf if asked.
+
+    With ``input_grad``, ``hp["grad_backend"]`` (default ``"exact"``; ``hp=None``: ``"exact_native"``) picks
+    how the forward is recorded for :func:`add_grad_terms`: ``exact`` records train-mode batch norms with
+    the cheap double backward; ``fd`` keeps the model and the RNG state for the second forward.
+    """
     x = x_id if x_aux is None else torch.cat([x_id, x_aux], dim=0)
-    if input_grad:
-        x = x.detach().clone().requires_grad_(True)
+    if not input_grad:
+        return x, model(x)
+    x = x.detach().clone().requires_grad_(True)
+    backend = "exact_native" if hp is None else hp.get("grad_backend", "exact")
+    if backend == "exact":
+        with grad_backends.fused_batchnorm():
+            return x, model(x)
+    if backend == "fd":
+        x._greg_fd = (model, grad_backends.RngState(x.device))  # type: ignore[attr-defined]
     return x, model(x)
 
 
@@ -186,8 +218,59 @@ def add_grad_terms(
     if lam == 0.0:
         return logits.new_zeros(())
     m_in, m_out = resolve_margins(hp["grad_score"], hp["grad_m_in"], hp["grad_m_out"], fallback_margins)
-    s = scores.get(hp["grad_score"])(logits)
-    pen = gradient_penalty(x, s, n_id, m_in, m_out, hp["grad_reduction"])
+    score_fn = scores.get(hp["grad_score"])
+    s = score_fn(logits)
+    if hp.get("grad_backend", "exact") == "fd":
+        pen = fd_gradient_penalty(x, s, n_id, m_in, m_out, hp["grad_reduction"], score_fn, hp["grad_fd_step"])
+    else:
+        pen = gradient_penalty(x, s, n_id, m_in, m_out, hp["grad_reduction"])
     terms["grad"] = pen.loss.detach()
     terms["grad_row_norm"] = pen.row_norms.mean()
     return lam * pen.loss
+
+
+def _row_weights(n: int, n_id: int, reduction: str, like: torch.Tensor) -> torch.Tensor:
+    """``w_i`` in ``L_grad = sum_i w_i ||G_i||``: ``1/N`` (official), ``1/n_group`` (paper)."""
+    w = like.new_empty(n)
+    if reduction == "official":
+        w.fill_(1.0 / n)
+    else:
+        w[:n_id] = 1.0 / max(n_id, 1)
+        w[n_id:] = 1.0 / max(n - n_id, 1)
+    return w
+
+
+def fd_gradient_penalty(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    n_id: int,
+    m_in: float,
+    m_out: float,
+    reduction: str,
+    score_fn: Any,
+    rel_step: float = FD_STEP,
+) -> GradPenalty:
+    """:func:`gradient_penalty` without double backprop (``grad_backend: fd``): ``loss`` has the exact value
+    and a parameter gradient from a finite difference (``greg.methods.grad_backends.fd_surrogate``).
+
+    ``x`` must come from :func:`forward_concat` with ``grad_backend = "fd"`` (it carries the model and the
+    RNG state of the training forward). The training graph is kept (``retain_graph``) for the main backward.
+    """
+    state = getattr(x, "_greg_fd", None)
+    if state is None:
+        raise ValueError("grad_backend 'fd': x must come from forward_concat(..., hp) with grad_backend 'fd'")
+    model, rng = state
+    j = hinge_objective(s, n_id, m_in, m_out, reduction)
+    if not j.requires_grad:
+        zero = s.new_zeros(())
+        return GradPenalty(zero, s.new_zeros(len(x)))
+    # dJ/dS (the hinge activity) and G = dJ/dx in one first-order pass; the graph stays for the main backward
+    coef, g = torch.autograd.grad(j, (s, x), retain_graph=True, allow_unused=True)
+    coef = torch.zeros_like(s) if coef is None else coef
+    g = torch.zeros_like(x) if g is None else g
+    norms = torch.linalg.vector_norm(g.flatten(1), ord=2, dim=1)
+    w = _row_weights(len(x), n_id, reduction, norms)
+    value = (w * norms).sum()
+    j_lin_base = (coef.detach() * s).sum()
+    sur = grad_backends.fd_surrogate(model, x, g, w, coef.detach(), j_lin_base, score_fn, rel_step, rng)
+    return GradPenalty(value + (sur - sur.detach()), norms)

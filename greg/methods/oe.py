@@ -43,7 +43,7 @@ class OutlierExposure(Method):
         x_aux = self._require_aux(batch)
         n_id = len(x_id)
         use_grad = float(self.hparams["lambda_grad"]) != 0.0
-        x, logits = grad_reg.forward_concat(model, x_id, x_aux, input_grad=use_grad)
+        x, logits = grad_reg.forward_concat(model, x_id, x_aux, input_grad=use_grad, hp=self.hparams)
         ce = F.cross_entropy(logits[:n_id], y_id)
         oe = oe_loss(logits[n_id:])
         terms = {"ce": ce.detach(), "oe": oe.detach()}

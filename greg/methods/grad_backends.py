@@ -1,0 +1,267 @@
+"""Faster ways to get the gradient regularizer's parameter gradient (``grad_backend`` of ``greg.methods.grad_reg``).
+
+``exact``: the same double backprop as ``exact_native`` (PyTorch's own batch norm), but every train-mode
+batch norm of the training forward runs as :class:`BatchNormTrain`, whose backward is itself an autograd
+``Function`` with a hand-written backward (the batch-norm *double* backward, a dozen whole-tensor ops per
+layer). PyTorch composes that double backward from ~30 elementwise ops per layer, which was ~45 % of a
+GReg step on CPU (benchmarks/README.md). Parameters and buffers are untouched (checkpoints load as before);
+only the autograd graph differs, so values and gradients agree to float rounding.
+
+``fd``: no double backprop. For ``L = sum_i w_i ||G_i||`` with ``G = dJ/dx`` and ``u_i = G_i / ||G_i||``,
+``dL/dtheta = d/dtheta [sum_i w_i u_i . G_i]`` with ``u`` held fixed, and ``sum_i v_i . G_i`` (``v_i = w_i u_i``)
+is the directional derivative of ``J`` along ``v``; so ``dL/dtheta ~= dJ(x + eps v)/dtheta - dJ(x)/dtheta``,
+over ``eps``: two first-order backward passes (Karakida et al., ICML 2023, applied here to the input
+gradient). docs/METHOD.md, "Finite-difference gradient regularization", has the step-size rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
+
+
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+def _channel_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dim=[d for d in range(t.dim()) if d != 1])
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """``(gx, gw, gb) = batch-norm backward(gy; x, weight)`` (train mode), with an explicit backward.
+
+    Forward: PyTorch's fused backward kernel. Backward (the double backward), per channel, with
+    ``r = invstd``, ``xh = (x - mean) r``, ``M`` elements, ``gbar = mean(gy)``, ``a = mean(gy xh)``,
+    ``S1 = sum ggx``, ``S2 = sum ggx xh``, ``q = sum ggx (gy - gbar - xh a)`` and cotangents
+    ``ggx, ggw, ggb`` of ``gx, gw, gb``::
+
+        B     = ggw - w r S2 / M
+        d gy  = w r ggx + B xh + ggb - w r S1 / M
+        d w   = r q
+        d x   = r h - r mean(h) - xh (r mean(h xh) + r^2 w q / M),   h = -w r a ggx + B gy
+    """
+
+    @staticmethod
+    def forward(ctx, gy, x, weight, mean, invstd, eps):  # type: ignore[override]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, x, weight, None, None, mean, invstd, True, eps, [True, True, True]
+        )
+        ctx.save_for_backward(gy, x, weight, mean, invstd, gw, gb)
+        return gx, gw, gb
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggx, ggw, ggb):  # type: ignore[override]
+        gy, x, weight, mean, invstd, gw, gb = ctx.saved_tensors
+        nd = x.dim()
+        m = x.numel() // x.shape[1]
+        r = invstd
+        wr = weight * r
+        xh = (x - _channel_view(mean, nd)) * _channel_view(r, nd)
+        zeros = torch.zeros_like(r)
+        ggw = zeros if ggw is None else ggw
+        ggb = zeros if ggb is None else ggb
+        gbar, a = gb / m, gw / m
+        if ggx is None:
+            s1 = s2 = q = zeros
+        else:
+            s1 = _channel_sum(ggx)
+            s2 = _channel_sum(ggx * xh)
+            q = _channel_sum(ggx * gy) - gbar * s1 - a * s2
+        coef_b = ggw - wr * s2 / m
+        coef_a = -wr * a
+        mean_h = coef_a * s1 / m + coef_b * gbar
+        mean_hxh = coef_a * s2 / m + coef_b * a
+        c_xh = -(r * mean_hxh + r * r * weight * q / m)
+        d_x = gy * _channel_view(r * coef_b, nd)
+        d_x.addcmul_(xh, _channel_view(c_xh, nd)).add_(_channel_view(-r * mean_h, nd))
+        d_gy = xh * _channel_view(coef_b, nd)
+        d_gy.add_(_channel_view(ggb - wr * s1 / m, nd))
+        if ggx is not None:
+            d_x.addcmul_(ggx, _channel_view(r * coef_a, nd))
+            d_gy.addcmul_(ggx, _channel_view(wr, nd))
+        return d_gy, d_x, r * q, None, None, None
+
+
+class BatchNormTrain(torch.autograd.Function):
+    """Train-mode batch norm (batch statistics; running statistics updated in place exactly as
+    ``F.batch_norm`` does) whose backward is :class:`_BatchNormBackward`, so double backprop through it
+    uses the hand-written double backward instead of PyTorch's composite one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):  # type: ignore[override]
+        out, mean, invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = _BatchNormBackward.apply(gy, x, weight, mean, invstd, ctx.eps)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 4
+
+
+class _FusedBatchNormMode(TorchFunctionMode):
+    """Routes train-mode, affine ``F.batch_norm`` calls (what ``nn.BatchNorm*`` calls) to :class:`BatchNormTrain`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            bound = _batch_norm_args(*args, **kwargs)
+            if bound["training"] and bound["weight"] is not None and bound["bias"] is not None:
+                momentum = bound["momentum"]
+                return BatchNormTrain.apply(
+                    bound["input"],
+                    bound["weight"],
+                    bound["bias"],
+                    bound["running_mean"],
+                    bound["running_var"],
+                    0.0 if momentum is None else float(momentum),
+                    float(bound["eps"]),
+                )
+        return func(*args, **kwargs)
+
+
+def _batch_norm_args(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+) -> dict[str, Any]:
+    return {
+        "input": input,
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "weight": weight,
+        "bias": bias,
+        "training": training,
+        "momentum": momentum,
+        "eps": eps,
+    }
+
+
+@contextlib.contextmanager
+def fused_batchnorm() -> Iterator[None]:
+    """Inside: every train-mode affine batch norm is recorded as :class:`BatchNormTrain` (same values,
+    cheaper double backward). Only the forward needs to run inside; backward passes may run outside."""
+    with _FusedBatchNormMode():
+        yield
+
+
+# ------------------------------------------------------------------------------------ finite differences
+
+
+class RngState:
+    """The CPU and (if ``device`` is CUDA) device RNG states, so a second forward draws the same dropout masks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+class _NoRunningStatsMode(TorchFunctionMode):
+    """Train-mode ``F.batch_norm`` calls normalize with the batch statistics but leave the running ones alone."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            bound = _batch_norm_args(*args, **kwargs)
+            if bound["training"]:
+                bound.update(running_mean=None, running_var=None)
+                return func(**bound)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def frozen_buffers(model: nn.Module) -> Iterator[None]:
+    """A forward inside has no lasting effect on the buffers: train-mode batch norms do not update their
+    running statistics (which the training forward's graph saved, so they must not even be rewritten), and
+    any other buffer changed in place (``num_batches_tracked``) gets its old value back."""
+    saved = [(b, b._version, b.detach().clone()) for b in model.buffers()]
+    try:
+        with _NoRunningStatsMode():
+            yield
+    finally:
+        with torch.no_grad():
+            for b, version, v in saved:
+                if b._version != version:
+                    b.copy_(v)
+
+
+@contextlib.contextmanager
+def replayed_rng(before: RngState | None) -> Iterator[None]:
+    """Inside: the RNG streams as they were at ``before``; on exit, as they were on entry."""
+    if before is None:
+        yield
+        return
+    after = RngState(before.device)
+    before.restore()
+    try:
+        yield
+    finally:
+        after.restore()
+
+
+def fd_step_size(x: torch.Tensor, rel_step: float) -> float:
+    """The displacement (L2 norm per row) of the finite difference: ``rel_step`` times the RMS row norm of
+    ``x``, so the rule does not depend on how the inputs are normalized."""
+    rms = x.detach().flatten(1).pow(2).sum(1).mean().sqrt()
+    return float(rel_step) * max(float(rms), 1e-12)
+
+
+def fd_surrogate(
+    model: nn.Module,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    row_weights: torch.Tensor,
+    coef: torch.Tensor,
+    j_lin_base: torch.Tensor,
+    score_fn: Any,
+    rel_step: float,
+    rng_before: RngState | None,
+) -> torch.Tensor:
+    """A scalar whose parameter gradient is ``d/dtheta sum_i w_i ||G_i||`` up to O(step) (its value is not).
+
+    ``g``: ``G = dJ/dx`` (detached); ``row_weights``: ``w_i``; ``coef``: ``c_i = dJ/dS_i`` at ``x`` (the hinge
+    activity, frozen so the difference does not cross a hinge's kink); ``j_lin_base``: ``sum_i c_i S_i(x)``
+    on the training forward's graph (its backward gives ``-dJ(x)/dtheta``). The extra forward of
+    ``x + eps v`` runs in the model's current modes (train-mode batch norm uses that batch's statistics,
+    as the exact ``G`` does), leaves the buffers unchanged and replays the training forward's RNG stream.
+    """
+    norms = torch.linalg.vector_norm(g.flatten(1), ord=2, dim=1)
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    u = g / safe.view(-1, *([1] * (g.dim() - 1)))
+    v = u * row_weights.view(-1, *([1] * (g.dim() - 1)))
+    w_max = float(row_weights.max()) if row_weights.numel() else 0.0
+    if w_max == 0.0 or not bool((norms > 0).any()):
+        return j_lin_base.new_zeros(())
+    # the row with the largest weight moves by h (L2); eps v has rows of norm h * w_i / w_max
+    h = fd_step_size(x, rel_step)
+    eps = h / w_max
+    x_pert = (x.detach() + eps * v).requires_grad_(False)
+    with frozen_buffers(model), replayed_rng(rng_before):
+        s_pert = score_fn(model(x_pert))
+    j_lin_pert = (coef * s_pert).sum()
+    return (j_lin_pert - j_lin_base) / eps
