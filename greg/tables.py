@@ -19,6 +19,8 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from greg import io
+
 METRICS: dict[str, tuple[str | None, bool, str]] = {
     "fpr95": (None, False, r"FPR95$\downarrow$"),
     "auroc": ("auroc", True, r"AUROC$\uparrow$"),
@@ -227,12 +229,10 @@ TOLERANCE: dict[str, float] = {"fpr95": 2.0, "auroc": 1.0, "aupr_in": 1.0, "aupr
 
 def load_paper_results(path: str | Path) -> dict:
     """``config/paper_results.yaml``: ``{"source", "tables": {name: {groups, metrics, rows}}, "typos"}``."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"paper results file not found: {path}")
-    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc = io.yaml_load(path.read_text(encoding="utf-8"))
     if not isinstance(doc, dict) or not isinstance(doc.get("tables"), dict):
         raise ReportError(f"{path}: expected a mapping with 'tables'")
     return doc
