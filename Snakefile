@@ -30,3 +30,8 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/dg.smk"
+include: "workflow/rules/benchmarks.smk"
+
+
+onstart:
+    check_slurm_account()

@@ -87,15 +87,15 @@ def test_dry_run_commands_of_the_new_targets():
     assert r.returncode == 0, out[-3000:]
     cmds = [ln.split("Shell command:", 1)[1].strip() for ln in out.splitlines() if "Shell command:" in ln]
     pre = next(c for c in cmds if "--out results/cifar100/densenet100/pretrain/seed2" in c)
-    assert "init.checkpoint=../shared/checkpoints/densenet100_cifar100.pth" in pre
+    assert "init.checkpoint=data/densenet100_cifar100_released/densenet100_cifar100.pth" in pre
     assert "init.kind=pretrained" in pre and "train.epochs=0" in pre and "train.max_steps=null" in pre
-    assert "input: data/.greg-ready/cifar100, config/methods/ce.yaml, ../shared/checkpoints/" in out
+    assert "input: data/.greg-ready/cifar100, config/methods/ce.yaml, data/.greg-ready/densenet100_cifar100_released" in out
     inet = next(c for c in cmds if "--out results/imagenet10/densenet121/pretrain/seed2" in c)
     assert "init.skip_head=true" in inet and "train.epochs=20" in inet
     sam = next(c for c in cmds if "--out results/cifar100/densenet100/sam/seed2" in c)
     assert "--config config/methods/sam.yaml" in sam and "data.aux=" not in sam
     assert "init.checkpoint=results/cifar100/densenet100/pretrain/seed2/final.pt" in sam
-    fig = next(c for c in cmds if c.startswith("greg report fig-sam"))
+    fig = next(c for c in cmds if " -- greg report fig-sam " in c)  # through workflow/scripts/job.py
     assert "--model 'CE (before)=results/cifar10/densenet100/pretrain/seed2/final.pt'" in fig
     assert "--ood textures,svhn,places365,lsun_crop,lsun_resize,isun" in fig and "--npz results/figures" in fig
     assert any(c.startswith("greg dg download --dataset colored_mnist --data-root data") for c in cmds)

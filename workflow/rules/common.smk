@@ -4,6 +4,7 @@
 import json
 import os
 import shlex
+import sys
 
 from snakemake.utils import validate
 
@@ -129,6 +130,53 @@ def datasets_of(dataset, with_aux):
 
 def quote_args(args):
     return " ".join(shlex.quote(a) for a in args)
+
+
+# --- cluster plumbing: every GPU rule runs its CLI through workflow/scripts/job.py (per-attempt logs, no
+# retry of exit 2/3, signals forwarded), declares its resources (a profile may override them) and a benchmark.
+JOB = os.path.join(workflow.basedir, "workflow", "scripts", "job.py")
+# A GPU unless the config pins the CPU (smoke runs): with a site profile or plain `--executor slurm` the
+# rules themselves ask for it, so `device: auto` never trains on a CPU node by accident.
+GPUS = 0 if config["device"] == "cpu" else 1
+GPU_THREADS = 8
+# Retries help against preemption, node failures and walltime kills (the CLIs resume); job.py makes a
+# retry after exit 2 (bad config) or 3 (NaN) end at once.
+GPU_RETRIES = 3
+# A model's training job and the evaluations of its checkpoint form one group (one SLURM job; evaluate.smk).
+MODEL_GROUP = "model_{dataset}_{arch}_{run}_seed{seed}"
+PRETRAIN_GROUP = "model_{dataset}_{arch}_pretrain_seed{seed}"
+
+
+def attempt(wildcards, attempt):
+    """Resource `attempt`: Snakemake's attempt number, for job.py (resources are the only place it reaches)."""
+    return attempt
+
+
+def job(log_name="log"):
+    """Shell prefix that runs the rest of the command line through job.py, logging into {log}."""
+    return f"python {shlex.quote(JOB)} --log {{{log_name}:q}} --attempt {{resources.attempt}} --"
+
+
+def benchmark_file(kind, *parts):
+    return os.path.join(RESULTS, "benchmarks", kind, *parts) + ".tsv"
+
+
+def check_slurm_account():
+    """onstart: one line, no job submitted, when a SLURM run still uses the profile's placeholder account."""
+    plugin = workflow.executor_plugin
+    if plugin is None or "slurm" not in getattr(plugin, "name", "") or "jobstep" in plugin.name:
+        return
+    for j in workflow.dag.needrun_jobs():
+        if j.is_local:
+            continue
+        account = str(j.resources.get("slurm_account", "") or "")
+        if account.strip("'\"") == "my_account":
+            print("ERROR: slurm_account is still the placeholder 'my_account': set your account in "
+                  "slurm/config.v9+.yaml (default-resources), or pass --default-resources slurm_account=NAME "
+                  "(slurm-no-account: true on clusters without accounting); nothing was submitted",
+                  file=sys.stderr)
+            sys.exit(2)
+        return
 
 
 def train_inputs(wc):

@@ -13,7 +13,7 @@ rule download:
     conda:
         ENV_CPU
     shell:
-        "greg data download {wildcards.name} --root {params.root} --no-progress > {log} 2>&1"
+        "greg data download {wildcards.name:q} --root {params.root:q} --no-progress > {log:q} 2>&1"
 
 
 # Compute nodes often have no internet access: downloads run on the node that runs Snakemake.

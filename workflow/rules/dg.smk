@@ -15,11 +15,12 @@ rule dg_download:
     conda:
         ENV_CPU
     shell:
-        "greg dg download --dataset {wildcards.dg_dataset} --data-root {params.root} > {log} 2>&1"
+        "greg dg download --dataset {wildcards.dg_dataset:q} --data-root {params.root:q} > {log:q} 2>&1"
 
 
 localrules:
     dg_download,
+    table_dg,
 
 
 rule dg_run:
@@ -36,7 +37,7 @@ rule dg_run:
     conda:
         ENV_CPU
     shell:
-        "greg dg run {params.args} --out {params.out} --device {params.device} > {log} 2>&1"
+        "greg dg run {params.args} --out {params.out:q} --device {params.device:q} > {log:q} 2>&1"
 
 
 rule table_dg:
@@ -64,4 +65,4 @@ rule table_dg:
     conda:
         ENV_CPU
     shell:
-        "greg dg table --inputs {params.dirs} --caption {params.caption} --out {output.tex} > {log} 2>&1"
+        "greg dg table --inputs {params.dirs} --caption {params.caption} --out {output.tex:q} > {log:q} 2>&1"

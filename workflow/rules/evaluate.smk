@@ -11,6 +11,13 @@ rule evaluate:
         f"{RESULTS}/{{dataset}}/{{arch}}/{{run}}/seed{{seed}}/eval/{{detector}}/metrics.csv",
     log:
         f"{RESULTS}/logs/eval/{{dataset}}/{{arch}}/{{run}}/seed{{seed}}/{{detector}}.log",
+    benchmark:
+        benchmark_file("evaluate", "{dataset}", "{arch}", "{run}", "seed{seed}", "{detector}")
+    # One SLURM job per model: training and every evaluation of its checkpoint share a group id, so they run
+    # one after another in one submission on one GPU (with the profile's `gpu=local` scope). When the model
+    # already exists, the profile's `group-components` still merges its evaluations into one job.
+    group:
+        MODEL_GROUP
     wildcard_constraints:
         run="|".join(["pretrain"] + VARIANTS),
     params:
@@ -19,9 +26,16 @@ rule evaluate:
         root=config["data_root"],
         device=config["device"],
         extra=quote_args(config["evaluate_args"]),
+    threads: GPU_THREADS
+    resources:
+        gpu=GPUS,
+        runtime=20,  # ~1 min measured per evaluation; ODIN / fitting detectors take longer
+        mem_mb=32000,
+        attempt=attempt,
+    retries: GPU_RETRIES
     conda:
         ENV_GPU
     shell:
-        "greg evaluate --checkpoint {input.ckpt} --id {wildcards.dataset} --ood {params.ood}"
-        " --detector {wildcards.detector} --root {params.root} --device {params.device}"
-        " --out {params.out} {params.extra} > {log} 2>&1"
+        job() + " greg evaluate --checkpoint {input.ckpt:q} --id {wildcards.dataset:q} --ood {params.ood:q}"
+        " --detector {wildcards.detector:q} --root {params.root:q} --device {params.device:q}"
+        " --out {params.out:q} {params.extra}"

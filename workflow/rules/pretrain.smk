@@ -9,16 +9,28 @@ rule pretrain:
     input:
         data=lambda wc: [data_stamp(wc.dataset)],
         presets=config["pretrain"]["configs"],
-        imported=lambda wc: P.pretrain_import(config, wc.dataset, wc.arch) or [],
+        # ancient: a re-download (same checksum, new mtime) must not retrain every seed
+        imported=lambda wc: [ancient(data_stamp(n)) for n in [P.pretrain_import(config, wc.dataset, wc.arch)] if n],
     output:
         f"{RESULTS}/{{dataset}}/{{arch}}/pretrain/seed{{seed}}/final.pt",
     log:
         f"{RESULTS}/logs/train/{{dataset}}/{{arch}}/pretrain/seed{{seed}}.log",
+    benchmark:
+        benchmark_file("pretrain", "{dataset}", "{arch}", "seed{seed}")
     params:
         args=lambda wc: quote_args(P.train_args(config, wc.dataset, wc.arch, "pretrain", wc.seed)),
         out=lambda wc: run_dir(wc.dataset, wc.arch, "pretrain", wc.seed),
         device=config["device"],
+    group:
+        PRETRAIN_GROUP
+    threads: GPU_THREADS
+    resources:
+        gpu=GPUS,
+        runtime=720,
+        mem_mb=32000,
+        attempt=attempt,
+    retries: GPU_RETRIES
     conda:
         ENV_GPU
     shell:
-        "greg train {params.args} --out {params.out} --device {params.device} > {log} 2>&1"
+        job() + " greg train {params.args} --out {params.out:q} --device {params.device:q}"

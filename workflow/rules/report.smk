@@ -5,7 +5,7 @@
 rule table:
     input:
         lambda wc: P.table_inputs(RESOLVED[wc.table]),
-        template="greg/templates/table.tex.j2",
+        template=os.path.join(workflow.basedir, "greg", "templates", "table.tex.j2"),  # not the working dir
     output:
         tex=report(
             f"{RESULTS}/tables/{{table}}.tex",
@@ -29,8 +29,8 @@ rule table:
     conda:
         ENV_CPU
     shell:
-        "greg report table --spec-json {params.spec:q} --template {input.template}"
-        " --tex {output.tex} --csv {output.csv} > {log} 2>&1"
+        "greg report table --spec-json {params.spec:q} --template {input.template:q}"
+        " --tex {output.tex:q} --csv {output.csv:q} > {log:q} 2>&1"
 
 
 for _name in TABLES:
@@ -69,7 +69,7 @@ rule fig3:
     conda:
         ENV_CPU
     shell:
-        "greg report fig3 {params.runs} {params.smooth} --out {output.pdf} > {log} 2>&1"
+        "greg report fig3 {params.runs} {params.smooth} --out {output.pdf:q} > {log:q} 2>&1"
 
 
 rule fig4:
@@ -96,7 +96,7 @@ rule fig4:
     conda:
         ENV_CPU
     shell:
-        "greg report fig4 {params.args} --out {output.pdf} > {log} 2>&1"
+        "greg report fig4 {params.args} --out {output.pdf:q} > {log:q} 2>&1"
 
 
 rule fig_sam:
@@ -120,15 +120,31 @@ rule fig_sam:
         npz=f"{RESULTS}/figures/fig_sam.npz",
     log:
         f"{RESULTS}/logs/report/fig_sam.log",
+    benchmark:
+        benchmark_file("fig_sam", "fig_sam")
     params:
         args=fig_sam_args,
         root=config["data_root"],
         device=config["device"],
+    threads: GPU_THREADS
+    resources:
+        gpu=GPUS,
+        runtime=60,
+        mem_mb=32000,
+        attempt=attempt,
+    retries: GPU_RETRIES
     conda:
         ENV_GPU
     shell:
-        "greg report fig-sam {params.args} --root {params.root} --device {params.device}"
-        " --out {output.pdf} --npz {output.npz} > {log} 2>&1"
+        job() + " greg report fig-sam {params.args} --root {params.root:q} --device {params.device:q}"
+        " --out {output.pdf:q} --npz {output.npz:q}"
+
+
+# Seconds of CPU work on files already on the shared filesystem: never worth a queue wait.
+localrules:
+    table,
+    fig3,
+    fig4,
 
 
 rule all_tables:

@@ -9,13 +9,24 @@ rule train:
         f"{RESULTS}/{{dataset}}/{{arch}}/{{run}}/seed{{seed}}/final.pt",
     log:
         f"{RESULTS}/logs/train/{{dataset}}/{{arch}}/{{run}}/seed{{seed}}.log",
+    benchmark:
+        benchmark_file("train", "{dataset}", "{arch}", "{run}", "seed{seed}")
     wildcard_constraints:
         run="|".join(VARIANTS),
     params:
         args=lambda wc: quote_args(P.train_args(config, wc.dataset, wc.arch, wc.run, wc.seed)),
         out=lambda wc: run_dir(wc.dataset, wc.arch, wc.run, wc.seed),
         device=config["device"],
+    group:
+        MODEL_GROUP
+    threads: GPU_THREADS
+    resources:
+        gpu=GPUS,
+        runtime=720,
+        mem_mb=32000,
+        attempt=attempt,
+    retries: GPU_RETRIES
     conda:
         ENV_GPU
     shell:
-        "greg train {params.args} --out {params.out} --device {params.device} > {log} 2>&1"
+        job() + " greg train {params.args} --out {params.out:q} --device {params.device:q}"
