@@ -172,7 +172,8 @@ def yaml_value(v: Any) -> str:
 
 
 def pretrain_import(config: dict, dataset: str, arch: str) -> str | None:
-    """The external checkpoint that replaces CE training of (dataset, arch), or None: ``pretrain.import``."""
+    """The released checkpoint (a ``weights`` entry of the data catalog) that replaces CE training of
+    (dataset, arch), or None: ``pretrain.import``. The workflow downloads it like a dataset."""
     by_arch = ((config.get("pretrain") or {}).get("import") or {}).get(dataset) or {}
     return by_arch.get(arch) or None
 
@@ -204,13 +205,27 @@ def train_args(config: dict, dataset: str, arch: str, run: str, seed: int | str)
     sets.update(config.get("train_set") or {})
     imported = pretrain_import(config, dataset, arch) if run == "pretrain" else None
     if imported:
-        sets.update({"init.checkpoint": imported, "init.kind": "pretrained", "init.skip_head": False,
+        ckpt = str(data.weights_path(imported, config["data_root"]))
+        sets.update({"init.checkpoint": ckpt, "init.kind": "pretrained", "init.skip_head": False,
                      "train.epochs": 0, "train.max_steps": None})
     args: list[str] = []
     for f in spec["configs"]:
         args += ["--config", f]
     for k, v in sets.items():
-        args += ["--set", f"{k}={yaml_value(v)}"]
+        if k not in run_config.RUNTIME_KEYS:  # they reach greg train through train_runtime_args
+            args += ["--set", f"{k}={yaml_value(v)}"]
+    return args
+
+
+def train_runtime_args(config: dict) -> list[str]:
+    """The runtime-only part of every ``greg train`` call (``greg.config.RUNTIME_KEYS``): ``--data-root``
+    and the runtime keys of ``train_set`` (e.g. the smoke run's ``data.num_workers: 0``, which then wins
+    over the rule's ``--workers {threads}``). Not part of a run's identity: the workflow passes them outside
+    the rule params, so editing them never reruns (or deletes) a trained model. Shell-quote before use."""
+    args = ["--data-root", str(config["data_root"])]
+    for k, v in (config.get("train_set") or {}).items():
+        if k in run_config.RUNTIME_KEYS and k != "data.root":
+            args += ["--set", f"{k}={yaml_value(v)}"]
     return args
 
 
@@ -236,6 +251,9 @@ def check_extra_names(config: dict) -> None:
             if path and (dataset not in config["datasets"] or arch not in config["archs"]):
                 raise ReportError(f"config pretrain.import.{dataset}.{arch}: unknown dataset or arch (datasets: "
                                   f"{sorted(config['datasets'])}, archs: {sorted(config['archs'])})")
+            if path and path not in data.names("weights"):
+                raise ReportError(f"config pretrain.import.{dataset}.{arch}: {path!r} is not a released "
+                                  f"checkpoint of the data catalog (known: {data.names('weights')})")
     variants = config.get("variants") or {}
     fig = (config.get("figures") or {}).get("fig_sam") or {}
     for label, run in (fig.get("runs") or {}).items():
