@@ -9,14 +9,19 @@ and checks nothing but what needs the data (dataset sizes).
 from __future__ import annotations
 
 import copy
+import difflib
+import hashlib
+import inspect
+import math
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from greg import data, io, methods, models
+from greg import data, io, methods, models, scores
 from greg.methods.base import ClusterSelection
 
 DEFAULTS: dict[str, Any] = {
@@ -70,6 +75,12 @@ DEFAULTS: dict[str, Any] = {
         "progress": True,
     },
 }
+
+# Keys that say how a run is executed, not what it computes (a resumed or rerun run may change them freely):
+# they are left out of a run's identity (the workflow's rule params, the run's config hash) and reach
+# `greg train` as runtime flags (--workers, --data-root) or late --set overrides. Checkpoint and log cadence
+# do not change the weights (resume is bit-identical).
+RUNTIME_KEYS = ("data.num_workers", "data.root", "train.progress", "train.checkpoint_every", "train.log_every")
 
 # init.kind values: how init.checkpoint is read.
 INIT_KINDS = {
@@ -144,10 +155,26 @@ def parse_set(items: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = io.yaml_load(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} was set to a value above")
+        try:
+            node[parts[-1]] = io.yaml_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: VALUE is not valid YAML ({yaml_error_text(e)})") from None
     return out
+
+
+def yaml_error_text(e: yaml.YAMLError) -> str:
+    """One line of a PyYAML error (its own text spans several lines with a source excerpt)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(e).split())
+    return f"{problem}" + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
 
 
 def load_yaml_file(path: str | os.PathLike) -> Any:
@@ -159,7 +186,7 @@ def load_yaml_file(path: str | os.PathLike) -> Any:
         try:
             return io.yaml_load(f)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+            raise ConfigError(f"{p}: not valid YAML: {yaml_error_text(e)}") from None
 
 
 def load_presets(paths: list[str | os.PathLike]) -> dict:
@@ -188,6 +215,42 @@ def config_text(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=True)
 
 
+def science_config(cfg: dict) -> dict:
+    """``cfg`` without :data:`RUNTIME_KEYS`: what a run computes, its identity."""
+    out = copy.deepcopy(cfg)
+    for key in RUNTIME_KEYS:
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def config_hash(cfg: dict) -> str:
+    """sha256 of the scientific config (:func:`science_config`), as stored in a run's checkpoints."""
+    return hashlib.sha256(config_text(science_config(cfg)).encode("utf-8")).hexdigest()
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose scientific values differ between two configs (sorted)."""
+    a, b = _flat(science_config(old)), _flat(science_config(new))
+    return sorted(k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT))
+
+
+_ABSENT = object()
+
+
+def _flat(d: Any, where: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict) or (not d and where):
+        return {where: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{where}.{k}" if where else str(k)))
+    return out
+
+
 def load_config(paths: list[str | os.PathLike], sets: list[str] | None = None) -> dict:
     cfg = copy.deepcopy(DEFAULTS)
     for p in paths:
@@ -204,32 +267,146 @@ def load_config(paths: list[str | os.PathLike], sets: list[str] | None = None) -
     return cfg
 
 
-def validate(cfg: dict) -> None:
+# Every leaf of the run config: (allowed types, None allowed, range check or None, what is expected).
+_Check = tuple[tuple[type, ...], bool, Any, str]
+_INT, _NUM, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
+SCHEMA: dict[str, _Check] = {
+    "seed": (_INT, False, lambda v: v >= 0, "an integer >= 0"),
+    "model.name": (_STR, False, None, "a model name"),
+    "model.kwargs": ((dict,), False, None, "a mapping"),
+    "init.checkpoint": (_STR, True, lambda v: v != "", "a file path or null"),
+    "init.kind": (_STR, False, lambda v: v in INIT_KINDS, f"one of {', '.join(INIT_KINDS)}"),
+    "init.skip_head": (_BOOL, False, None, "true or false"),
+    "data.root": (_STR, False, lambda v: v != "", "a directory path"),
+    "data.id": (_STR, False, None, "a dataset name"),
+    "data.aux": (_STR, True, None, "a dataset name or null"),
+    "data.batch_size": (_INT, False, lambda v: v > 0, "an integer > 0"),
+    "data.aux_batch_size": ((int, str), False, lambda v: v == "ratio" if isinstance(v, str) else v > 0,
+                            "an integer > 0 or 'ratio'"),
+    "data.num_workers": (_INT, False, lambda v: v >= 0, "an integer >= 0"),
+    "data.augment": (_BOOL, False, None, "true or false"),
+    "method.name": (_STR, False, None, "a method name"),
+    "method.hparams": ((dict,), False, None, "a mapping"),
+    "optim.name": (_STR, False, lambda v: v in ("sgd", "adam"), "sgd or adam"),
+    "optim.lr": (_NUM, False, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "optim.momentum": (_NUM, False, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optim.nesterov": (_BOOL, False, None, "true or false"),
+    "optim.weight_decay": (_NUM, False, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+    "optim.betas": ((list,), False,
+                    lambda v: len(v) == 2 and all(_is(x, _NUM) and 0 <= x < 1 for x in v),
+                    "a list of two numbers in [0, 1)"),
+    "schedule.name": (_STR, False, lambda v: v in ("cosine", "multistep", "constant"),
+                      "cosine, multistep or constant"),
+    "schedule.lr_min_ratio": (_NUM, False, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "schedule.milestones": ((list,), False, lambda v: all(_is(x, _INT) and x >= 0 for x in v),
+                            "a list of epoch numbers (integers >= 0)"),
+    "schedule.gamma": (_NUM, False, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "train.epochs": (_INT, False, lambda v: v >= 0, "an integer >= 0"),
+    "train.max_steps": (_INT, True, lambda v: v >= 0, "an integer >= 0 or null"),
+    "train.checkpoint_every": (_INT, False, lambda v: v >= 1, "an integer >= 1 (steps)"),
+    "train.log_every": (_INT, False, lambda v: v >= 0, "an integer >= 0 (0 = no per-step log)"),
+    "train.grad_norm_every": (_INT, False, lambda v: v >= 0, "an integer >= 0 (0 = never)"),
+    "train.grad_norm_score": (_STR, False, None, "a score name"),
+    "train.progress": (_BOOL, False, None, "true or false"),
+}
 
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def _leaves(d: dict, where: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        path = f"{where}.{k}" if where else str(k)
+        if path in SCHEMA or path in FREE_FORM or not isinstance(v, dict):
+            out[path] = v
+        else:
+            out.update(_leaves(v, path))
+    return out
+
+
+def did_you_mean(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_leaves(cfg: dict) -> None:
+    """Type and range of every leaf against :data:`SCHEMA`; a missing section (``train: null``) too."""
+    for section, default in DEFAULTS.items():
+        if isinstance(default, dict) and not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"config key {section!r} must be a mapping, got {_show(cfg.get(section))}")
+    leaves = _leaves(cfg)
+    for path, (types, nullable, ok, expected) in SCHEMA.items():
+        if path not in leaves:
+            raise ConfigError(f"config key {path!r} is missing")
+        v = leaves[path]
+        if v is None and nullable:
+            continue
+        if v is None or not _is(v, types) or (isinstance(v, float) and not math.isfinite(v)):
+            raise ConfigError(f"config key {path!r} must be {expected}, got {_show(v)}")
+        if ok is not None and not ok(v):
+            raise ConfigError(f"config key {path!r} must be {expected}, got {v!r}")
+    unknown = sorted(set(leaves) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}{did_you_mean(unknown[0], SCHEMA)}")
+
+
+def _show(v: Any) -> str:
+    return "null" if v is None else f"{type(v).__name__} ({v!r})"
+
+
+def _accepted_kwargs(fn: Any) -> tuple[set[str], bool]:
+    """Keyword names ``fn`` takes, following a ``**kwargs`` factory to the class it returns; the flag says
+    whether any name is accepted (an open ``**kwargs`` we cannot follow)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return set(), True
+    names = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return names, False
+    try:
+        ret = typing.get_type_hints(fn).get("return")
+    except Exception:  # unresolvable annotation: cannot tell
+        ret = None
+    if isinstance(ret, type) and ret is not type(None):
+        more, open_ = _accepted_kwargs(ret.__init__)
+        return names | more - {"self"}, open_
+    return names, True
+
+
+def check_kwargs(kwargs: dict, fn: Any, what: str, exclude: tuple[str, ...] = ()) -> None:
+    """Unknown keyword arguments of ``fn`` -> ``ConfigError`` with a did-you-mean."""
+    known, open_ = _accepted_kwargs(fn)
+    known -= set(exclude)
+    if open_:
+        return
+    for key in kwargs:
+        if key not in known:
+            raise ConfigError(f"{what}: unknown argument {key!r}{did_you_mean(key, known)}; "
+                              f"known: {', '.join(sorted(known)) or 'none'}")
+
+
+def validate(cfg: dict) -> None:
+    check_leaves(cfg)
     if cfg["model"]["name"] not in models.MODELS:
         raise ConfigError(
             f"model.name: unknown model {cfg['model']['name']!r}; known: {models.MODELS.names()}"
         )
+    check_kwargs(cfg["model"]["kwargs"], models.MODELS.get(cfg["model"]["name"]), "model.kwargs",
+                 exclude=("num_classes",))
     for key in ("id", "aux"):
         name = cfg["data"][key]
         if name is not None and name not in data.DATASETS:
             raise ConfigError(f"data.{key}: unknown dataset {name!r}; known: {data.DATASETS.names()}")
-    if cfg["init"]["kind"] not in INIT_KINDS:
-        raise ConfigError(f"init.kind must be one of {', '.join(INIT_KINDS)}, got {cfg['init']['kind']!r}")
-    if cfg["optim"]["name"] not in ("sgd", "adam"):
-        raise ConfigError(f"optim.name must be sgd or adam, got {cfg['optim']['name']!r}")
-    if cfg["schedule"]["name"] not in ("cosine", "multistep", "constant"):
-        raise ConfigError(
-            f"schedule.name must be cosine, multistep or constant, got {cfg['schedule']['name']!r}"
-        )
-    abs_ = cfg["data"]["aux_batch_size"]
-    if isinstance(abs_, str) and abs_ != "ratio":
-        raise ConfigError(f"data.aux_batch_size must be an integer or 'ratio', got {abs_!r}")
-    for key in ("batch_size",):
-        if cfg["data"][key] <= 0:
-            raise ConfigError(f"data.{key} must be positive, got {cfg['data'][key]}")
-    if cfg["train"]["epochs"] < 0 or (cfg["train"]["max_steps"] or 0) < 0:
-        raise ConfigError("train.epochs and train.max_steps must be >= 0")
+    if cfg["train"]["grad_norm_every"] and cfg["train"]["grad_norm_score"] not in scores.SCORES:
+        raise ConfigError(f"train.grad_norm_score: unknown score {cfg['train']['grad_norm_score']!r}; "
+                          f"known: {', '.join(scores.SCORES.names())}")
     if cfg["train"]["epochs"] == 0 and not cfg["train"]["max_steps"] and not cfg["init"]["checkpoint"]:
         # 0 steps only makes sense to import external weights as a run checkpoint (final.pt).
         raise ConfigError("train.epochs must be positive (0 is allowed only with init.checkpoint)")
@@ -238,12 +415,39 @@ def validate(cfg: dict) -> None:
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"method: {e}") from None
     if isinstance(method, ClusterSelection):
+        kw = method.hparams.get("kmeans_kwargs")
+        if kw is not None and not isinstance(kw, dict):
+            raise ConfigError(f"method.hparams.kmeans_kwargs must be a mapping or null, got {_show(kw)}")
+        if kw:
+            _check_kmeans_kwargs(kw, method.hparams["kmeans_backend"])
         try:
             method.check_selection()
         except ValueError as e:
             raise ConfigError(f"method: {e}") from None
     if method.needs_aux and cfg["data"]["aux"] is None:
         raise ConfigError(f"method {cfg['method']['name']!r} needs auxiliary data: set data.aux")
+
+
+def _check_kmeans_kwargs(kw: dict, backend: str) -> None:
+    from greg.sampling.clustering import KMEANS
+
+    try:
+        fn = KMEANS.get(backend)
+    except KeyError as e:
+        raise ConfigError(f"method.hparams.kmeans_backend: {e.args[0]}") from None
+    known, open_ = _accepted_kwargs(fn)
+    if open_ and backend == "sklearn":  # the rest goes to sklearn.cluster.KMeans
+        from sklearn.cluster import KMeans
+
+        known |= set(inspect.signature(KMeans).parameters)
+        open_ = False
+    known -= {"x", "k", "seed", "n_clusters", "random_state"}  # set by the sampler
+    if open_:
+        return
+    for key in kw:
+        if key not in known:
+            raise ConfigError(f"method.hparams.kmeans_kwargs: unknown argument {key!r} of the {backend} "
+                              f"backend{did_you_mean(key, known)}; known: {', '.join(sorted(known))}")
 
 
 def make_method(cfg: dict):

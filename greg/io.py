@@ -6,9 +6,13 @@ Snakemake on SLURM kills and requeues jobs; a half-written file must never look 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import io as _io
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,22 +48,8 @@ def _naming(path: Path, tmp: str | None = None) -> Iterator[None]:
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """Open a temp file next to ``path``; on clean exit fsync it and rename it onto ``path``."""
-    path = Path(path)
-    with _naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    try:
-        with _naming(path, tmp):
-            with open(tmp, mode, **kwargs) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
 
 
 @contextlib.contextmanager
@@ -68,8 +58,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with _naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+        # The project's own mark, host and pid in the name: cleanup removes only temp files of dead writers.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}{_host()}-{os.getpid()}-",
+                                   suffix=".tmp" + path.suffix)
         os.close(fd)
+        # mkstemp creates 0600; an output must get the mode any other file would (a group reads results).
+        os.chmod(tmp, 0o666 & ~_umask())
     try:
         with _naming(path, tmp):
             yield Path(tmp)
@@ -83,8 +77,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    # Serialized in memory first: torch's zip writer turns a failed write (ENOSPC) into a RuntimeError from
+    # inline_container.cc; a plain write keeps the OSError and its errno ("[Errno 28] ... state.pt", exit 1).
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buf.getbuffer())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -108,7 +106,28 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; users write ``1e-4``)."""
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; users write ``1e-4``) and
+    refuses a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overrides is legitimate
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first on line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        except TypeError:  # unhashable key: SafeLoader reports it itself
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 _Loader.add_implicit_resolver(
@@ -128,3 +147,101 @@ _Loader.add_implicit_resolver(
 def yaml_load(stream: Any) -> Any:
     """Parse YAML safely (no object construction), with scientific-notation floats."""
     return yaml.load(stream, Loader=_Loader)
+
+
+# ------------------------------------------------------------------------------ temp files and run locks
+_TMP_MARK = ".greg-tmp-"
+# .<target><mark><host>-<pid>-<random>.tmp[<suffix>], as atomic_path names them
+_TMP_RE = re.compile(r"^\.(?P<target>.+)" + re.escape(_TMP_MARK) + r"(?P<host>\w*)-(?P<pid>\d+)-[a-z0-9_]+\.tmp")
+LOCK_NAME = ".greg.lock"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0])[:40]
+
+
+def _umask() -> int:
+    try:  # Linux: read without changing it (os.umask() would have to set it, racing other threads)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**31  # exists, owned by another user
+    return True
+
+
+def stale_temp_files(directory: str | os.PathLike, *, locked: bool = False) -> list[Path]:
+    """greg temp files in ``directory`` whose writer is gone: regular files with :func:`atomic_path`'s name
+    pattern whose pid is not a live process on this host. Files of other hosts count as stale only when the
+    caller holds the directory's :func:`dir_lock` (every greg writer of the directory takes it). Anything
+    else (a user's ``.notes.tmp``, a directory, a link) is never listed."""
+    out = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return out
+    host, me = _host(), os.getpid()
+    for p in sorted(directory.iterdir()):
+        m = _TMP_RE.match(p.name)
+        if not m or p.is_symlink() or not p.is_file():
+            continue
+        pid = int(m["pid"])
+        if m["host"] == host:
+            if pid == me or _pid_alive(pid):
+                continue
+        elif not locked:
+            continue
+        out.append(p)
+    return out
+
+
+def remove_stale_temp_files(directory: str | os.PathLike, *, locked: bool = False) -> list[Path]:
+    """Delete :func:`stale_temp_files` (litter of a SIGKILLed write); returns what was removed."""
+    gone = stale_temp_files(directory, locked=locked)
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+class LockedError(OSError):
+    """Another process holds the directory's lock (exit 1: an environment condition, retry later)."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def dir_lock(directory: str | os.PathLike, what: str = "the directory") -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``directory/.greg.lock`` (created if needed, never deleted) for the
+    block. The kernel releases it when the process exits, even on SIGKILL. A held lock raises
+    :class:`LockedError` at once, naming the holder's pid (written into the file by the holder)."""
+    directory = Path(directory)
+    with _naming(directory / LOCK_NAME):
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
+            raise LockedError(f"{what} {directory} is in use by another process ({holder}): wait for it to "
+                              "finish or use another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the only descriptor releases the flock
