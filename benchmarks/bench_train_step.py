@@ -2,6 +2,9 @@
 
 (a) GReg step / plain energy-loss step: forward + backward + SGD step on the same model and batch
     (``greg.methods`` "greg" vs "energy"; the GReg step adds the double backprop of L_grad). Target <= 2.6.
+    One row per ``grad_backend`` (``greg.methods.grad_reg.GRAD_BACKENDS``): ``exact`` (default, hand-written
+    batch-norm double backward), ``exact_native`` (the reference: PyTorch's own, the code before),
+    ``fd`` (finite difference, no double backprop; target <= 2.2).
 (b) our GReg step / the official one reimplemented below: the released code computes L_grad with
     ``torch.autograd.functional.jacobian`` of the summed hinge objective w.r.t. the input, which runs a
     SECOND forward of the network (``create_graph=True``); ours reuses the training forward. Target <= 0.85.
@@ -106,19 +109,22 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> dict[str, flo
     y_id = torch.randint(0, 10, (b,), device=device)
     x_aux = torch.randn(2 * b, 3, 32, 32, device=device)
     batch = {"x_id": x_id, "y_id": y_id, "x_aux": x_aux}
-    greg, energy = methods.create("greg"), methods.create("energy")
+    energy = methods.create("energy")
+    gregs = {b: methods.create("greg", grad_backend=b) for b in args.backends}
+    greg = gregs[args.backends[0]]
     assert float(greg.hparams["lambda_grad"]) > 0 and float(energy.hparams["lambda_grad"]) == 0
     # Ours and the official step compute the same objective (train mode: batch statistics in both).
-    ours = greg.compute_loss(copy.deepcopy(base), batch)["total"].item()
+    ours = {b: g.compute_loss(copy.deepcopy(base), batch)["total"].item() for b, g in gregs.items()}
     theirs = official_greg_loss(copy.deepcopy(base), x_id, y_id, x_aux, greg.hparams).item()
-    print(f"loss check (train mode): ours {ours:.6f}  official {theirs:.6f}")
-    steps = {
-        "energy": make_step(copy.deepcopy(base), lambda m: energy.compute_loss(m, batch)["total"]),
-        "greg": make_step(copy.deepcopy(base), lambda m: greg.compute_loss(m, batch)["total"]),
-        "greg_official": make_step(
+    print("loss check (train mode): " + "  ".join(f"{b} {v:.6f}" for b, v in ours.items()), end="")
+    print(f"  official {theirs:.6f}")
+    steps = {"energy": make_step(copy.deepcopy(base), lambda m: energy.compute_loss(m, batch)["total"])}
+    for b, g in gregs.items():
+        steps[f"greg_{b}"] = make_step(copy.deepcopy(base), lambda m, g=g: g.compute_loss(m, batch)["total"])
+    if not args.skip_official:
+        steps["greg_official"] = make_step(
             copy.deepcopy(base), lambda m: official_greg_loss(m, x_id, y_id, x_aux, greg.hparams)
-        ),
-    }
+        )
     return race(steps, args.warmup, args.repeats, device)
 
 
@@ -180,9 +186,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kmeans-repeats", type=int, default=5, help="timed seeds per k-means data set")
     p.add_argument("--kmeans-datasets", type=int, default=2, help="data sets per kind (random, blob)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
+    p.add_argument(
+        "--backends",
+        default="exact_native,exact,fd",
+        help="comma-separated grad_backend values to time (greg.methods.grad_reg.GRAD_BACKENDS)",
+    )
+    p.add_argument("--skip-official", action="store_true", help="do not time the released jacobian step")
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--skip-kmeans", action="store_true")
     args = p.parse_args(argv)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    from greg.methods.grad_reg import GRAD_BACKENDS
+
+    bad = [b for b in args.backends if b not in GRAD_BACKENDS]
+    if bad or not args.backends:
+        p.error(f"--backends: unknown {bad}; known {list(GRAD_BACKENDS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -193,8 +211,14 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_steps:
         t = bench_steps(args, device)
         print("\ntraining step (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
-        print(f"(a) GReg / energy step       = {t['greg'] / t['energy']:.2f}   (target <= 2.6)")
-        print(f"(b) GReg / official GReg step = {t['greg'] / t['greg_official']:.2f}   (target <= 0.85)")
+        for b in args.backends:
+            target = "2.2" if b == "fd" else "2.6"
+            print(
+                f"(a) GReg[{b}] / energy step        = {t[f'greg_{b}'] / t['energy']:.2f}   (target <= {target})"
+            )
+            if "greg_official" in t:
+                ratio = t[f"greg_{b}"] / t["greg_official"]
+                print(f"(b) GReg[{b}] / official GReg step = {ratio:.2f}   (target <= 0.85)")
     if not args.skip_kmeans:
         res = bench_kmeans(args, device)
         print(

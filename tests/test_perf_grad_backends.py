@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import TinyNet
 from torch import nn
 
 from greg import methods, models
-from greg.methods import grad_backends
+from greg.methods import grad_backends, grad_reg
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,3 +116,97 @@ def test_exact_backend_released_checkpoint_loads_strict(checkpoint_mirror):
     assert torch.isfinite(out["total"])
     assert list(model.state_dict()) == keys
     load_pretrained(model, path)  # strict, into the used model
+
+
+# ------------------------------------------------------------------------------------ finite differences
+
+
+def _smooth_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """Photo-like inputs: low-frequency content (bilinear upsampling of 4x4 noise) plus a little grain."""
+    g = torch.Generator().manual_seed(seed)
+    low = F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=size, mode="bilinear", align_corners=False)
+    return 1.5 * low + 0.1 * torch.randn(n, 3, size, size, generator=g)
+
+
+def _penalty_grad(model, x_id, x_aux, backend, margins, reduction="official", step=grad_reg.FD_STEP):
+    """Parameter gradient of L_grad alone, and the terms, through the methods' own two calls."""
+    hp = {
+        **grad_reg.grad_defaults("energy"),
+        "lambda_grad": 1.0,
+        "grad_backend": backend,
+        "grad_reduction": reduction,
+        "grad_fd_step": step,
+    }
+    x, logits = grad_reg.forward_concat(model, x_id, x_aux, True, hp)
+    terms: dict = {}
+    grad_reg.add_grad_terms(terms, x, logits, len(x_id), hp, margins).backward()
+    g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return g, terms
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "reduction"),
+    [
+        ("densenet100", {"depth": 16}, "official"),
+        ("densenet100", {"depth": 16, "drop_rate": 0.2}, "paper"),  # dropout: the same masks must be replayed
+        ("wrn40_2", {"depth": 10}, "official"),
+    ],
+)
+def test_fd_gradient_matches_exact(arch, kwargs, reduction):
+    torch.manual_seed(0)
+    base = models.create(arch, num_classes=10, **kwargs).train()
+    x_id, x_aux = _smooth_images(4, 16, 0), 2 * _smooth_images(6, 16, 1)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        s = -torch.logsumexp(copy.deepcopy(base)(torch.cat([x_id, x_aux])), dim=1)
+    margins = (float(s[:4].median()), float(s[4:].median()))
+    runs = {}
+    for backend in ("exact", "fd"):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        g, terms = _penalty_grad(model, x_id, x_aux, backend, margins, reduction)
+        runs[backend] = (g, terms, [b.clone() for b in model.buffers()], torch.get_rng_state())
+    (g_ex, t_ex, buf_ex, rng_ex), (g_fd, t_fd, buf_fd, rng_fd) = runs["exact"], runs["fd"]
+    assert t_ex["grad"].item() > 0
+    assert t_fd["grad"].item() == pytest.approx(t_ex["grad"].item(), rel=1e-6)  # the value stays exact
+    cos = F.cosine_similarity(g_fd, g_ex, dim=0).item()
+    rel_norm = abs(g_fd.norm().item() / g_ex.norm().item() - 1)
+    assert cos >= 0.999 and rel_norm <= 0.01, (cos, rel_norm)
+    # the extra forward left the running statistics and the RNG stream as the exact path leaves them
+    for a, b in zip(buf_fd, buf_ex):
+        assert torch.equal(a, b)
+    assert torch.equal(rng_fd, rng_ex)
+
+
+def test_fd_needs_its_forward():
+    model = TinyNet()
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="forward_concat"):
+        grad_reg.fd_gradient_penalty(x, model(x)[:, 0], 2, 0.0, 0.0, "official", lambda z: z[:, 0])
+
+
+def test_fd_training_curve_matches_exact():
+    """A short training run (SGD, 40 steps) with fd follows the exact run's loss curve."""
+    g = torch.Generator().manual_seed(0)
+    x_id, x_aux = _smooth_images(8, 8, 2), 2 * _smooth_images(16, 8, 3)
+    y_id = torch.randint(0, 3, (8,), generator=g)
+    torch.manual_seed(0)
+    base = TinyNet(c_in=3, width=8, k=3)
+    curves = {}
+    for backend in ("exact", "fd"):
+        model = copy.deepcopy(base).train()
+        method = methods.create("greg", grad_backend=backend, m_in=-2.0, m_out=-0.5, lambda_grad=5.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        curve = []
+        for i in range(25):
+            lo, hi = (i % 2) * 4, (i % 2) * 4 + 4
+            batch = {"x_id": x_id[lo:hi], "y_id": y_id[lo:hi], "x_aux": x_aux[2 * lo : 2 * hi]}
+            opt.zero_grad()
+            out = method.compute_loss(model, batch)
+            out["total"].backward()
+            opt.step()
+            curve.append(out["total"].item())
+        curves[backend] = torch.tensor(curve)
+    ex, fd = curves["exact"], curves["fd"]
+    assert ex[-5:].mean() < 0.9 * ex[:5].mean()  # it trains
+    assert (fd - ex).abs().max().item() <= 0.01 * ex.abs().max().item(), (ex, fd)

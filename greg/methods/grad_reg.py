@@ -200,7 +200,10 @@ def forward_concat(
         with grad_backends.fused_batchnorm():
             return x, model(x)
     if backend == "fd":
-        x._greg_fd = (model, grad_backends.RngState(x.device))  # type: ignore[attr-defined]
+        gates = grad_backends.ReluGates()
+        x._greg_fd = (model, grad_backends.RngState(x.device), gates)  # type: ignore[attr-defined]
+        with gates:
+            return x, model(x)
     return x, model(x)
 
 
@@ -259,7 +262,7 @@ def fd_gradient_penalty(
     state = getattr(x, "_greg_fd", None)
     if state is None:
         raise ValueError("grad_backend 'fd': x must come from forward_concat(..., hp) with grad_backend 'fd'")
-    model, rng = state
+    model, rng, gates = state
     j = hinge_objective(s, n_id, m_in, m_out, reduction)
     if not j.requires_grad:
         zero = s.new_zeros(())
@@ -272,5 +275,7 @@ def fd_gradient_penalty(
     w = _row_weights(len(x), n_id, reduction, norms)
     value = (w * norms).sum()
     j_lin_base = (coef.detach() * s).sum()
-    sur = grad_backends.fd_surrogate(model, x, g, w, coef.detach(), j_lin_base, score_fn, rel_step, rng)
+    sur = grad_backends.fd_surrogate(
+        model, x, g, w, coef.detach(), j_lin_base, score_fn, rel_step, rng, gates
+    )
     return GradPenalty(value + (sur - sur.detach()), norms)
