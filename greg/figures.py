@@ -1,7 +1,7 @@
 """Figures of ``greg report``: Fig. 3 (training curves), Fig. 4 (score histograms), the SAM appendix figure.
 
 Each is written as PDF and PNG (same stem), atomically. matplotlib is imported inside the plotting
-functions: the planner and table code import without it.
+functions, so importing this module (``greg report`` start-up) stays cheap.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from greg.tables import ReportError, mean_std
 
 
 def _save_figure(fig: Any, out: str | Path) -> list[Path]:
-    """Write ``out`` (PDF) and the PNG of the same stem, atomically."""
+    """Lay out ``fig`` (a ``matplotlib.figure.Figure``: no pyplot state, nothing to close) and write ``out``
+    (PDF) and the PNG of the same stem, atomically."""
+    fig.tight_layout()
     out = Path(out)
     paths = [out.with_suffix(".pdf"), out.with_suffix(".png")]
     for p in paths:
@@ -72,13 +74,11 @@ def smooth(values: list[float], window: int) -> list[float]:
 def plot_fig3(runs: dict[str, list[str]], out: str | Path, keys: tuple[str, str] = ("energy", "score_grad_norm"),
               smooth_window: int | None = None) -> list[Path]:
     """Energy loss and mean input-gradient norm of the score over training steps, one line per run."""
-    import matplotlib  # heavy: only plotting needs it (the table and planner code import without it)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # heavy: only plotting needs it
 
     titles = {"energy": r"energy loss $\mathcal{L}_S$", "score_grad_norm": r"mean $\|\nabla_x S(x)\|_2$"}
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
+    fig = Figure(figsize=(5 * len(keys), 3.5))
+    axes = fig.subplots(1, len(keys))
     for ax, key in zip(axes, keys):
         for label, files in runs.items():
             curves = [series(read_jsonl(f), key) for f in files]
@@ -94,11 +94,7 @@ def plot_fig3(runs: dict[str, list[str]], out: str | Path, keys: tuple[str, str]
         ax.set_xlabel("training step")
         ax.set_title(titles.get(key, key))
         ax.legend()
-    fig.tight_layout()
-    try:
-        return _save_figure(fig, out)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, out)
 
 
 def load_scores(path: str | Path) -> Any:
@@ -117,11 +113,9 @@ def load_scores(path: str | Path) -> Any:
 def plot_fig4(models: dict[str, list[str]], ood: str, out: str | Path, id_label: str = "ID",
               ood_label: str | None = None, bins: int = 60) -> list[Path]:
     """Histograms of the energy score, ID test set vs one OOD set, one panel per model (seeds pooled)."""
-    import matplotlib  # heavy: only plotting needs it (the table and planner code import without it)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.2), squeeze=False)
+    from matplotlib.figure import Figure  # heavy: only plotting needs it
+    fig = Figure(figsize=(4 * len(models), 3.2))
+    axes = fig.subplots(1, len(models), squeeze=False)
     for ax, (label, dirs) in zip(axes[0], models.items()):
         s_id = np.concatenate([load_scores(Path(d) / "scores" / "id.npz") for d in dirs])
         s_ood = np.concatenate([load_scores(Path(d) / "scores" / f"{ood}.npz") for d in dirs])
@@ -134,11 +128,7 @@ def plot_fig4(models: dict[str, list[str]], ood: str, out: str | Path, id_label:
         ax.set_title(label)
         ax.set_xlabel(r"energy score $S(x)$ (higher = more OOD)")
         ax.legend()
-    fig.tight_layout()
-    try:
-        return _save_figure(fig, out)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, out)
 
 
 # SAM appendix figure: titles of the greg.diagnostics arrays (raw values, not outlier scores).
@@ -195,7 +185,6 @@ def plot_fig_sam(diags: dict[str, dict[str, dict]], out: str | Path,
                 ax.set_ylabel("density")
             if i == 0 and j == len(keys) - 1:
                 ax.legend(fontsize="x-small")
-    fig.tight_layout()
     return _save_figure(fig, out)
 
 
