@@ -29,14 +29,13 @@ row, e.g. when every sample is on the flat side of the hinge.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from greg import scores
+from greg.device import eval_mode
 from greg.methods import grad_backends
 
 REDUCTIONS = ("official", "paper")
@@ -148,18 +147,6 @@ def gradient_penalty(
     else:
         loss = _mean0(norms[:n_id]) + _mean0(norms[n_id:])
     return GradPenalty(loss, norms.detach())
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode, then restore each one's own flag (frozen BN stays frozen)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def score_input_grad_norm(model: nn.Module, x: torch.Tensor, score: str = "energy") -> float:
