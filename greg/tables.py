@@ -160,7 +160,7 @@ def format_value(v: Value, digits: int, show_std: bool) -> str:
 
 
 def render_tex(table: Table, template: str | Path | Traversable = DEFAULT_TEMPLATE) -> str:
-    import jinja2
+    import jinja2  # only rendering needs it; greg.plan imports this module for the Snakefile
 
     if not isinstance(template, Traversable):
         template = Path(template)
