@@ -4,6 +4,8 @@ Every value of a run enters here once: :func:`load_config` merges the preset fil
 onto :data:`DEFAULTS`, :func:`validate` checks types, ranges and cross-field rules, and :func:`make_method`
 builds the configured :class:`greg.methods.Method`. The execution plane (``greg.trainer``) takes the result
 and checks nothing but what needs the data (dataset sizes).
+
+One cohesive thing (the run-config schema, its loading and its checks), hence over ~400 lines.
 """
 
 from __future__ import annotations
