@@ -102,7 +102,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated / corrupted / pickled code
-        raise RuntimeError(f"cannot load {path} as a weights-only checkpoint: {e}") from e
+        # torch's weights-only message spans many lines (advice about weights_only=False): keep the first
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise RuntimeError(f"cannot load {path} as a weights-only checkpoint: {first}") from e
 
 
 class _Loader(yaml.SafeLoader):

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from greg import data, io, models
-from greg.config import ConfigError, config_text, make_method, mix
+from greg.config import ConfigError, config_diff, config_hash, config_text, make_method, mix
 from greg.device import resolve_device
 from greg.methods.grad_reg import score_input_grad_norm
-from greg.stream import StreamSampler, loader
+from greg.stream import StreamSampler, aux_pool_size, loader, ratio_candidates
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 143
@@ -85,6 +86,33 @@ def _rng_state() -> dict:
     return state
 
 
+# state.pt: key -> (type, what); "rng" -> the keys _set_rng_state reads.
+_STATE_TYPES = {"step": int, "model": dict, "optimizer": dict, "method": dict, "rng": dict, "config": str}
+# python_pos is random's gauss_next (a float or None), despite its name
+_RNG_KEYS = {"torch": torch.Tensor, "python": list, "python_pos": (float, int, type(None)), "numpy": list,
+             "numpy_pos": int}
+
+
+def _check_state(state: object, path: Path) -> None:
+    """A resume state of the expected shape, or one ``CheckpointError`` naming the file and the key."""
+    def bad(what: str) -> models.CheckpointError:
+        return models.CheckpointError(f"{path} is not a greg resume state: {what}; delete it (the run restarts "
+                                      "from step 0) or rerun with --force")
+
+    if not isinstance(state, dict):
+        raise bad(f"expected a dict, found {type(state).__name__}")
+    for table, where in ((_STATE_TYPES, ""), (_RNG_KEYS, "rng.")):
+        d = state if not where else state["rng"]
+        for key, typ in table.items():
+            if key not in d:
+                raise bad(f"no {where}{key!r} entry")
+            if not isinstance(d[key], typ) or isinstance(d[key], bool):
+                want = "/".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
+                raise bad(f"{where}{key} is a {type(d[key]).__name__}, expected {want}")
+    if state["step"] < 0:
+        raise bad(f"step is {state['step']}")
+
+
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
@@ -94,9 +122,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: dict, out: str | os.PathLike, device: str = "auto"):
+    def __init__(self, cfg: dict, out: str | os.PathLike, device: str = "auto", force: bool = False):
         self.cfg = cfg
         self.out = Path(out)
+        self.force = force  # start over: discard this directory's final.pt / state.pt of another config
         self.device = resolve_device(device)
         c_data, c_train = cfg["data"], cfg["train"]
         self.method = make_method(cfg)
@@ -123,11 +152,13 @@ class Trainer:
             )
             if len(self.aux) == 0:
                 raise ConfigError(f"auxiliary dataset {c_data['aux']!r} is empty (root {c_data['root']})")
+            # Each epoch's auxiliary pool (data.aux_pool_per_epoch; the whole set when null).
+            self.aux_pool = aux_pool_size(len(self.aux), c_data["aux_pool_per_epoch"])
             abs_ = c_data["aux_batch_size"]
             how = ""
             if abs_ == "ratio":
-                abs_ = max(1, round(len(self.aux) / len(self.id_train) * c_data["batch_size"]))
-                how = f" ('ratio': {len(self.aux)} auxiliary / {len(self.id_train)} ID images x batch_size)"
+                abs_ = ratio_candidates(self.aux_pool, len(self.id_train), c_data["batch_size"])
+                how = f" ('ratio': {self.aux_pool} auxiliary / {len(self.id_train)} ID images x batch_size)"
             self.aux_bs = int(abs_)
             if self.aux_bs < self.method.aux_needed():
                 raise ConfigError(
@@ -196,6 +227,7 @@ class Trainer:
                 "method": self.method.state_dict(),
                 "rng": _rng_state(),
                 "config": config_text(self.cfg),
+                "config_hash": config_hash(self.cfg),
             },
             self.state_path,
         )
@@ -204,10 +236,8 @@ class Trainer:
         if not self.state_path.exists():
             return False
         state = io.safe_torch_load(self.state_path, map_location=self.device)
-        if state["config"] != config_text(self.cfg):
-            raise ConfigError(
-                f"{self.state_path} was written by a different config; delete {self.out} to start over"
-            )
+        _check_state(state, self.state_path)
+        self._check_same_run(self.state_path, state["config"], "was written by")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
@@ -252,19 +282,64 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
+    def _check_same_run(self, path: Path, stored: object, verb: str) -> None:
+        """The run stored in ``path`` must have this run's scientific config (runtime keys may differ)."""
+        try:
+            old = yaml.safe_load(stored) if isinstance(stored, str) else None
+        except yaml.YAMLError:
+            old = None
+        if not isinstance(old, dict):
+            raise ConfigError(f"{path} records no readable run config; rerun with --force to start over, or "
+                              "use a new --out")
+        diff = config_diff(old, self.cfg)
+        if diff:
+            more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise ConfigError(
+                f"{path} {verb} a different config (differs in {', '.join(diff[:3])}{more}); rerun with "
+                "--force to start over in this directory, or use a new --out"
+            )
+
+    def _check_final(self) -> None:
+        """final.pt of this very config, and readable (format, types, shapes of the model it describes)."""
+        try:
+            ck = models.read_checkpoint(self.final_path)
+        except (ValueError, RuntimeError, EOFError) as e:
+            raise models.CheckpointError(
+                f"{self.final_path} exists but is not a valid run checkpoint ({e}); rerun with --force to "
+                "train again, or use a new --out"
+            ) from None
+        meta = ck["meta"]
+        if meta.get("config_hash") != config_hash(self.cfg):  # files of older versions: compare the text
+            self._check_same_run(self.final_path, meta.get("config"), "was trained with")
+        if ck["arch"] != self.cfg["model"]["name"] or ck["num_classes"] != self.num_classes:
+            raise models.CheckpointError(
+                f"{self.final_path} holds {ck['arch']} with {ck['num_classes']} classes, this config trains "
+                f"{self.cfg['model']['name']} with {self.num_classes}; rerun with --force, or use a new --out"
+            )
+
     def run(self) -> int:
+        # One greg process per run directory: a second one would replace this one's checkpoints.
+        with io.dir_lock(self.out, "run directory"):
+            return self._run_locked()
+
+    def _run_locked(self) -> int:
+        if self.force:
+            for p in (self.final_path, self.state_path):  # this run's own outputs, replaced on request
+                p.unlink(missing_ok=True)
         if self.final_path.exists():
+            self._check_final()
             print(f"{self.final_path} exists: run already complete", file=sys.stderr)
             return 0
-        self.out.mkdir(parents=True, exist_ok=True)
-        # Temp files of a write that a SIGKILL interrupted are never outputs; don't let them pile up.
-        for stale in self.out.glob(".*.tmp*"):
-            stale.unlink(missing_ok=True)
+        # Temp files of a greg write that a SIGKILL interrupted are never outputs; don't let them pile up.
+        # Only greg's own temp names, and only of writers that are gone (we hold the directory's lock).
+        io.remove_stale_temp_files(self.out, locked=True)
         cfg_file = self.out / "config.yaml"
         if not self.load_state():
             io.atomic_write_text(cfg_file, config_text(self.cfg))
             self._trim_log_all()
         else:
+            # runtime keys (workers, data root, cadence) may have changed: config.yaml shows this run's
+            io.atomic_write_text(cfg_file, config_text(self.cfg))
             print(f"resuming {self.out} from step {self.step}/{self.total_steps}", file=sys.stderr)
             self._trim_log()
 
@@ -289,6 +364,11 @@ class Trainer:
         aux_iter = None
         if self.aux is not None:
             per_pass = max(len(self.aux) // self.aux_bs, 1) * self.aux_bs
+            pool = None
+            if c_data["aux_pool_per_epoch"] is not None:
+                # One pass = one epoch, which draws its own pool (released: a fresh random.sample per epoch,
+                # o4lc/Greg-OOD train_sea.py@4761101:157).
+                per_pass, pool = self.steps_per_epoch * self.aux_bs, self.aux_pool
             aux_iter = iter(
                 loader(
                     self.aux,
@@ -299,6 +379,7 @@ class Trainer:
                         2,
                         self.step * self.aux_bs,
                         self.total_steps * self.aux_bs,
+                        pool,
                     ),
                     self.aux_bs,
                     c_data["num_workers"],
@@ -343,6 +424,7 @@ class Trainer:
                 "seed": self.cfg["seed"],
                 "steps": self.step,
                 "config": config_text(self.cfg),
+                "config_hash": config_hash(self.cfg),
             },
         )
         return 0
@@ -401,7 +483,7 @@ class Trainer:
         return rec
 
     def _trim_log_all(self) -> None:
-        if self.log_path.exists():
-            self.log_path.unlink()
+        """A fresh start: no log lines of an earlier attempt (one killed before its first checkpoint)."""
+        self.log_path.unlink(missing_ok=True)  # idempotent: a missing log is the goal, not an error
 
 

@@ -210,7 +210,25 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     absent = [k for k in _RUN_KEYS if k not in obj]
     if absent:
         raise CheckpointError(f"{path}: greg run checkpoint lacks keys {absent}")
+    # Types too: a file that has the keys but e.g. a string class count must fail here, naming the file.
+    for key, typ, what in (("arch", str, "str"), ("num_classes", int, "int"), ("model_kwargs", Mapping, "dict"),
+                           ("state_dict", Mapping, "dict"), ("meta", Mapping, "dict")):
+        v = obj[key]
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise CheckpointError(f"{path}: {key} must be a {what}, found {type(v).__name__} ({_short(v)})")
+    if obj["num_classes"] < 1:
+        raise CheckpointError(f"{path}: num_classes must be >= 1, found {obj['num_classes']}")
+    odd = [k for k, v in obj["state_dict"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"{path}: state_dict must map names to tensors; bad entries: {_fmt_keys(odd)}")
+    if not all(isinstance(k, str) for k in obj["model_kwargs"]):
+        raise CheckpointError(f"{path}: model_kwargs keys must be strings")
     return dict(obj)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_checkpoint(
@@ -221,7 +239,12 @@ def load_checkpoint(
     ckpt = read_checkpoint(path)
     arch, num_classes, kwargs = ckpt["arch"], ckpt["num_classes"], dict(ckpt["model_kwargs"])
     if model is None:
-        model = create(arch, num_classes, **kwargs)
+        try:
+            model = create(arch, num_classes, **kwargs)
+        except KeyError as e:  # unknown arch
+            raise CheckpointError(f"{path}: {e.args[0]}") from None
+        except TypeError as e:  # model_kwargs the architecture does not take
+            raise CheckpointError(f"{path}: model_kwargs {kwargs} do not fit {arch!r}: {e}") from None
     else:
         own = getattr(model, "arch", None)
         if own is not None and own != arch:
