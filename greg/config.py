@@ -45,8 +45,12 @@ DEFAULTS: dict[str, Any] = {
         "id": "tiny",  # ID dataset (its train split is trained on)
         "aux": None,  # auxiliary outlier dataset; required by methods with needs_aux
         "batch_size": 64,
-        # Auxiliary images per step: an int, or "ratio" = round(n_aux / n_id * batch_size) (GReg+ candidates).
+        # Auxiliary images per step: an int, or "ratio" = floor(pool / n_id * batch_size) (GReg+ candidates;
+        # pool = aux_pool_per_epoch or the whole aux set; o4lc/Greg-OOD train_sea.py@4761101:240).
         "aux_batch_size": 128,
+        # Each epoch draws this many random auxiliary images (seeded) and the steps walk through them; null =
+        # the whole set. Capped at the set's size (greg.stream.aux_pool_size).
+        "aux_pool_per_epoch": None,
         "num_workers": 0,
         "augment": True,  # random crop + flip on ID and auxiliary images, as the official code
     },
@@ -285,6 +289,7 @@ SCHEMA: dict[str, _Check] = {
     "data.batch_size": (_INT, False, lambda v: v > 0, "an integer > 0"),
     "data.aux_batch_size": ((int, str), False, lambda v: v == "ratio" if isinstance(v, str) else v > 0,
                             "an integer > 0 or 'ratio'"),
+    "data.aux_pool_per_epoch": (_INT, True, lambda v: v > 0, "an integer > 0 or null"),
     "data.num_workers": (_INT, False, lambda v: v >= 0, "an integer >= 0"),
     "data.augment": (_BOOL, False, None, "true or false"),
     "method.name": (_STR, False, None, "a method name"),

@@ -97,3 +97,12 @@ def test_torch_kmeans_sklearn_semantics_runs_with_sklearn_trial_count():
     kw = preset("greg_plus")["method"]["hparams"]["kmeans_kwargs"]
     res = kmeans(x, 16, backend="torch", seed=0, **kw)
     assert res.labels.shape == (96,) and res.labels.unique().numel() == 16
+
+
+@pytest.mark.parametrize("run", ["greg_plus", "dos"])
+def test_imagenet_aux_pool_600k_per_epoch(run):
+    # paper Sec. 6.1 "Sampling Details": 600K random images of the 990 other classes per epoch; CIFAR: all 300K
+    v = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["variants"][run]
+    assert v["set_by_dataset"]["imagenet10"]["data.aux_pool_per_epoch"] == 600_000
+    assert "aux_pool_per_epoch" not in str(v.get("set", {})) and set(v["set_by_dataset"]) == {"imagenet10"}
+    assert preset(run)["data"]["aux_batch_size"] == "ratio"  # candidates per step follow the pool

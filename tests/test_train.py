@@ -228,3 +228,25 @@ def test_too_few_aux_candidates_is_a_config_error(tmp_path):
     cfg = _cfg(tmp_path, **{"data.aux_batch_size": "ratio", "method.hparams.n_selected": 128})
     with pytest.raises(config.ConfigError, match=r"aux_batch_size is 12 \('ratio': 1000 auxiliary / 1297 ID"):
         Trainer(cfg, tmp_path / "run", "cpu")
+
+
+def test_aux_pool_sets_ratio_and_epoch_stream(tmp_path, monkeypatch):
+    # tiny: 1297 ID and 1000 aux images. A 700-image pool with batch 32: floor(700 * 32 / 1297) = 17 candidates
+    # per step (the whole 1000: 24); one pass of the aux stream = one epoch of 1297 // 32 = 40 steps.
+    over = {"data.batch_size": 32, "data.aux_batch_size": "ratio", "data.aux_pool_per_epoch": 700}
+    t = Trainer(_cfg(tmp_path, **over), tmp_path / "run", "cpu")
+    assert (t.aux_pool, t.aux_bs, t.steps_per_epoch) == (700, 17, 40)
+    full = Trainer(_cfg(tmp_path, **{**over, "data.aux_pool_per_epoch": None}), tmp_path / "full", "cpu")
+    assert (full.aux_pool, full.aux_bs) == (1000, 24)
+    big = Trainer(_cfg(tmp_path, **{**over, "data.aux_pool_per_epoch": 10**6}), tmp_path / "big", "cpu")
+    assert (big.aux_pool, big.aux_bs) == (1000, 24)  # capped at the set
+    made, real = [], trainer.StreamSampler
+
+    def spy(*args):
+        made.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "StreamSampler", spy)
+    assert Trainer(_cfg(tmp_path, **{**over, "train.max_steps": 2}), tmp_path / "run2", "cpu").run() == 0
+    # (n, per_pass, seed, stream, start, stop, pool) of the aux stream
+    assert made[1] == (1000, 40 * 17, 5, 2, 0, 2 * 17, 700)

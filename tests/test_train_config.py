@@ -116,3 +116,57 @@ def test_free_form_mappings_merge_key_by_key():
     cfg = deep_merge(base, parse_set(["method.hparams.n_clusterz=4"]))
     with pytest.raises(ConfigError, match="n_clusterz"):
         config.validate(cfg)
+
+
+def test_stream_pool_per_pass_is_a_seeded_subset():
+    # n=20 items, a pool of 6 per pass, passes of 4: each pass walks 4 distinct items of its own 6-subset,
+    # which is the first 6 of the pass's permutation (the pool=None stream's first pass starts with it).
+    s = StreamSampler(20, 4, seed=3, stream=2, start=0, stop=12, pool=6)
+    full = [i for _, i in s]
+    plain = [i for _, i in StreamSampler(20, 20, 3, 2, 0, 20)]
+    assert full[:4] == plain[:4]
+    assert set(full[:4]) <= set(plain[:6])
+    passes = [full[4 * p : 4 * p + 4] for p in range(3)]
+    assert all(len(set(p)) == 4 for p in passes)
+    assert [s._order(r)[:4].tolist() for r in range(3)] == passes
+    assert all(len(set(s._order(r).tolist())) == 6 for r in range(3))
+    assert len({tuple(sorted(s._order(r).tolist())) for r in range(3)}) == 3  # a fresh pool each pass
+    # the same seed gives the same pools; another seed other ones; resuming mid-pass gives the same tail
+    assert [i for _, i in StreamSampler(20, 4, 3, 2, 0, 12, pool=6)] == full
+    assert [i for _, i in StreamSampler(20, 4, 4, 2, 0, 12, pool=6)] != full
+    for start in (1, 4, 7):
+        assert [i for _, i in StreamSampler(20, 4, 3, 2, start, 12, pool=6)] == full[start:]
+
+
+def test_stream_pass_longer_than_pool_reuses_only_the_pool():
+    s = StreamSampler(50, 10, seed=0, stream=2, start=0, stop=10, pool=4)
+    items = [i for _, i in s]
+    pool = set(s._order(0)[:4].tolist())
+    assert len(pool) == 4 and set(items) == pool
+    assert sorted(items[:8]) == sorted(list(pool) * 2)  # each repetition is a permutation of the pool
+    # pool >= n is the plain stream; pool outside [1, n] is refused
+    assert list(StreamSampler(5, 12, 0, 2, 0, 12, pool=5)) == list(StreamSampler(5, 12, 0, 2, 0, 12))
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="pool"):
+            StreamSampler(5, 4, 0, 2, 0, 4, pool=bad)
+
+
+def test_aux_pool_and_ratio_candidates():
+    from greg.stream import aux_pool_size, ratio_candidates
+
+    assert aux_pool_size(1_000, None) == 1_000
+    assert aux_pool_size(1_000, 700) == 700
+    assert aux_pool_size(1_000, 5_000) == 1_000  # capped at the set, as released
+    assert ratio_candidates(300_000, 50_000, 64) == 384  # CIFAR: 6 * 64
+    # ImageNet-10 (13000 ID images, batch 32): 600000 / 13000 * 32 = 1476.92 -> 1476 (floor, as released)
+    assert ratio_candidates(600_000, 13_000, 32) == 1476
+    assert ratio_candidates(10, 50_000, 64) == 1
+
+
+def test_aux_pool_per_epoch_validated():
+    base = config.deep_merge(config.DEFAULTS, {"data": {"aux_pool_per_epoch": 600000}})
+    config.check_leaves(base)
+    for bad in (0, -5, "all", 1.5):
+        cfg = config.deep_merge(config.DEFAULTS, {"data": {"aux_pool_per_epoch": bad}})
+        with pytest.raises(ConfigError, match="aux_pool_per_epoch"):
+            config.check_leaves(cfg)
