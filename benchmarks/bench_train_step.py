@@ -128,6 +128,52 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> dict[str, flo
     return race(steps, args.warmup, args.repeats, device)
 
 
+def bench_greg_plus(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """One GReg+ step (candidate scoring + k-means + selection, then the GReg loss on ID + selected,
+    backward, SGD): median step time, the selection's share of it, and images/s (ID + candidates)."""
+    torch.manual_seed(0)
+    model = models.create(args.model, num_classes=10).to(device).train()
+    b, n_cand = args.plus_batch, args.plus_candidates
+    batch = {
+        "x_id": torch.randn(b, 3, 32, 32, device=device),
+        "y_id": torch.randint(0, 10, (b,), device=device),
+        "x_aux": torch.randn(n_cand, 3, 32, 32, device=device),
+    }
+    method = methods.create(
+        "greg_plus",
+        n_clusters=args.plus_clusters,
+        n_selected=args.plus_selected,
+        grad_backend=args.backends[0],
+    )
+    select, sel_time = method.select, [0.0]
+
+    def timed_select(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        _sync(device)
+        t = time.perf_counter()
+        idx = select(m, x)
+        _sync(device)
+        sel_time[0] = time.perf_counter() - t
+        return idx
+
+    method.select = timed_select  # type: ignore[method-assign]
+    step = make_step(model, lambda m: method.compute_loss(m, batch)["total"])
+    totals, sels = [], []
+    for r in range(args.warmup + args.repeats):
+        _sync(device)
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        if r >= args.warmup:
+            totals.append(time.perf_counter() - t)
+            sels.append(sel_time[0])
+    total = statistics.median(totals)
+    return {
+        "step_s": total,
+        "selection_share": statistics.median(s / t for s, t in zip(sels, totals)),
+        "images_per_s": (b + n_cand) / total,
+    }
+
+
 # --------------------------------------------------------------------------------------------- k-means
 
 
@@ -192,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated grad_backend values to time (greg.methods.grad_reg.GRAD_BACKENDS)",
     )
     p.add_argument("--skip-official", action="store_true", help="do not time the released jacobian step")
+    p.add_argument("--greg-plus", action="store_true", help="time a GReg+ step (selection share, images/s)")
+    p.add_argument("--plus-batch", type=int, default=64, help="GReg+ ID batch (paper: 64)")
+    p.add_argument("--plus-candidates", type=int, default=384, help="GReg+ candidates per step (paper: 384)")
+    p.add_argument("--plus-selected", type=int, default=128, help="GReg+ selected outliers (paper: 128)")
+    p.add_argument("--plus-clusters", type=int, default=64, help="GReg+ k-means clusters (paper: 64)")
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--skip-kmeans", action="store_true")
     args = p.parse_args(argv)
@@ -219,6 +270,13 @@ def main(argv: list[str] | None = None) -> None:
             if "greg_official" in t:
                 ratio = t[f"greg_{b}"] / t["greg_official"]
                 print(f"(b) GReg[{b}] / official GReg step = {ratio:.2f}   (target <= 0.85)")
+    if args.greg_plus:
+        r = bench_greg_plus(args, device)
+        print(
+            f"\nGReg+ step [{args.backends[0]}] {args.plus_batch} ID + {args.plus_candidates} candidates -> "
+            f"{args.plus_selected}: {r['step_s']:.3f} s, selection share {100 * r['selection_share']:.1f} %, "
+            f"{r['images_per_s']:.1f} images/s (ID + candidates)"
+        )
     if not args.skip_kmeans:
         res = bench_kmeans(args, device)
         print(
