@@ -22,8 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from greg import __version__
+    from greg.errors import EXIT_INTERRUPTED, EXIT_STATUS_HELP
 
-    parser = argparse.ArgumentParser(prog="greg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="greg", description=__doc__.splitlines()[0], epilog=EXIT_STATUS_HELP)
     parser.add_argument("--version", action="version", version=f"greg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(modules[args.command].run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ command's ``run(args)``::
             return Trainer(...).run()
         return ce.code
 
-Exit codes (:data:`EXIT_INPUT`, :data:`EXIT_IO`):
+Exit codes (:data:`EXIT_INPUT`, :data:`EXIT_IO`; ``3`` numerical, ``130`` interrupted and ``143``
+preempted are listed in :data:`EXIT_STATUS_HELP` and docs/RELIABILITY.md):
 
 - ``2`` bad input: invalid arguments or config, an input file that is missing, or whose content is wrong
   (checkpoint of another architecture, truncated/corrupted data, checksum mismatch);
@@ -37,12 +38,17 @@ from typing import Any, Self
 
 EXIT_IO = 1
 EXIT_INPUT = 2
+EXIT_NUMERIC = 3  # greg train: the loss or the weights became NaN/inf
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+EXIT_PREEMPTED = 143  # greg train: stopped by SIGTERM/SIGUSR1 after checkpointing; rerun to resume
 CAUGHT: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, KeyError, EOFError, MemoryError)
 #: Help text for a command's ``epilog`` (argparse).
 EXIT_STATUS_HELP = (
-    "exit status: 0 success; 2 bad input (invalid arguments or config, a missing input file, a file whose "
-    "content is wrong: checkpoint of another architecture, truncated or corrupted data); 1 I/O failure "
-    "(read-only or full disk, permission denied, failed download, out of memory). Errors are one line "
+    "exit status: 0 success; 1 I/O or environment failure (read-only or full disk, permission denied, failed "
+    "download, out of memory, output directory locked by another greg process); 2 bad input (invalid arguments "
+    "or config, a missing input file, a file whose content is wrong: checkpoint of another architecture or "
+    "config, truncated or corrupted data); 3 numerical failure (NaN/inf loss; greg train); 130 interrupted "
+    "(Ctrl-C); 143 stopped by SIGTERM after checkpointing (greg train: rerun to resume). Errors are one line "
     "naming the file; GREG_TRACEBACK=1 also prints the traceback."
 )
 # OSErrors that mean "the input named on the command line / in the config is not there".

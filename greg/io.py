@@ -158,6 +158,12 @@ _TMP_RE = re.compile(r"^\.(?P<target>.+)" + re.escape(_TMP_MARK) + r"(?P<host>\w
 LOCK_NAME = ".greg.lock"
 
 
+def temp_target(name: str) -> str | None:
+    """The output a greg temp file name belongs to (``.state.pt.greg-tmp-...`` -> ``state.pt``), else None."""
+    m = _TMP_RE.match(name)
+    return m["target"] if m else None
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0])[:40]
 
@@ -229,10 +235,17 @@ def dir_lock(directory: str | os.PathLike, what: str = "the directory") -> Itera
     block. The kernel releases it when the process exits, even on SIGKILL. A held lock raises
     :class:`LockedError` at once, naming the holder's pid (written into the file by the holder)."""
     directory = Path(directory)
-    with _naming(directory / LOCK_NAME):
+    path = directory / LOCK_NAME
+    with _naming(path):
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            # read-only directory: lock an existing file read-only; the first real write then names the
+            # output that cannot be written
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not path.is_file():
+                raise
+            fd = os.open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -242,8 +255,9 @@ def dir_lock(directory: str | os.PathLike, what: str = "the directory") -> Itera
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
             raise LockedError(f"{what} {directory} is in use by another process ({holder}): wait for it to "
                               "finish or use another directory") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # a full or read-only disk: the lock holds, the holder is unnamed
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield path
     finally:
         os.close(fd)  # closing the only descriptor releases the flock

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 RUN_FILES = {"config.yaml", "metrics.jsonl", "state.pt", "final.pt"}
 # greg.io's temp names: .<name>.<random>.tmp[<suffix>]
-TMP_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp(\.\w+)?$")
+TMP_RE = re.compile(r"^\.(?P<name>.+)\.greg-tmp-\w*-\d+-[a-z0-9_]+\.tmp(\.\w+)?$")  # greg.io.atomic_path
 STEPS = 12
 
 # Run in a child python: inject one fault into `greg <argv>` (GREG_FAULT, JSON), then run the CLI.
@@ -133,7 +133,7 @@ def check_run_dir(out: Path) -> int | None:
     names = {p.name for p in out.iterdir()}
     visible = {n for n in names if not n.startswith(".")}
     assert visible <= RUN_FILES, f"unexpected outputs {visible - RUN_FILES}"
-    for n in names - visible:
+    for n in names - visible - {gio.LOCK_NAME}:
         m = TMP_RE.match(n)
         assert m and m.group("name") in RUN_FILES, f"unexpected hidden file {n}"
     if not (out / "state.pt").exists():
