@@ -379,7 +379,7 @@ def _accepted_kwargs(fn: Any) -> tuple[set[str], bool]:
         return names, False
     try:
         ret = typing.get_type_hints(fn).get("return")
-    except Exception:  # unresolvable annotation: cannot tell
+    except (NameError, TypeError, AttributeError):  # unresolvable annotation: cannot tell
         ret = None
     if isinstance(ret, type) and ret is not type(None):
         more, open_ = _accepted_kwargs(ret.__init__)

@@ -33,8 +33,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training log not found: {path}")
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ReportError(f"{path}, line {lineno}: not valid JSON ({e.msg}): {line.strip()[:60]!r}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or isinstance(rec["step"], bool):
+                raise ReportError(f"{path}, line {lineno}: expected a JSON object with an integer 'step', got "
+                                  f"{line.strip()[:60]!r}")
+            records.append(rec)
+    return records
 
 
 def series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
