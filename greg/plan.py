@@ -61,6 +61,20 @@ def resolve_table(name: str, spec: dict, config: dict,
     for m in metrics:
         metric_column(m, fpr)
     labels = {**(config.get("labels") or {})}
+    name_of = lambda n: labels.get(n, n)
+    # (kind, used, original) of every alias this table uses: headers and caption name the data actually used,
+    # so a smoke table (config `aliases`) cannot pass for a paper result
+    subs: dict[tuple[str, str, str], None] = {}
+
+    def stand_in(label: str, *originals: tuple[str, str | None]) -> str:
+        used = []
+        for kind, original in originals:
+            u = alias(config, kind, original) if original else original
+            if u != original:
+                subs[(kind, u, original)] = None
+                used.append(name_of(u))
+        return f"{', '.join(used)} (stand-in for {label})" if used else label
+
     groups = []
     for g in spec["groups"]:
         dataset = alias(config, "dataset", g["dataset"])
@@ -75,11 +89,25 @@ def resolve_table(name: str, spec: dict, config: dict,
             bad = [o for o in cols if o != "mean" and o not in known]
             if bad:
                 raise ReportError(f"table {name}: OOD set(s) {bad} not among {dataset}'s {sorted(known)}")
+        label = g.get("label", name_of(g["dataset"]))
+        # the printed header: a group label names the network when the group has one (else the dataset); the
+        # caption names the other substitutes
+        if g.get("arch"):
+            header = stand_in(label, ("dataset", g["dataset"]), ("arch", g["arch"]))
+        elif "label" not in g:
+            header = stand_in(label, ("dataset", g["dataset"]))
+        else:
+            header = label
+            stand_in(label, ("dataset", g["dataset"]))  # recorded for the caption only
+        back = {alias(config, "ood", o): o for o in (g["ood"] if isinstance(g.get("ood"), list) else [])
+                if o != "mean"}
         groups.append({
-            "label": g.get("label", labels.get(dataset, dataset)),
+            "label": label,  # the paper's (greg.tables.attach_paper matches on it)
+            "header": header,
             "dataset": dataset,
             "arch": alias(config, "arch", g["arch"]) if "arch" in g else None,
-            "columns": [{"ood": o, "label": labels.get(o, "Average" if o == "mean" else o)} for o in cols],
+            "columns": [{"ood": o, "label": stand_in(name_of(back[o]), ("ood", back[o])) if o in back
+                         else labels.get(o, "Average" if o == "mean" else o)} for o in cols],
         })
     variants = config.get("variants", {})
     rows = []
@@ -103,7 +131,12 @@ def resolve_table(name: str, spec: dict, config: dict,
             cell["na"] = reason
             cell["files"] = [] if reason else [eval_csv(results, dataset, arch, run, s, detector) for s in seeds]
             cells.append(cell)
-        rows.append({"label": r.get("label", run), "section": r.get("section"), "cells": cells})
+        section = r.get("section")
+        if "dataset" in r:
+            stand_in("", ("dataset", r["dataset"]))
+        rows.append({"label": r.get("label", run), "section": section, "cells": cells,
+                     "section_header": stand_in(section, ("arch", r["arch"])) if section and "arch" in r
+                     else section})
     return {
         "name": name,
         "caption": spec.get("caption", name),
@@ -114,6 +147,9 @@ def resolve_table(name: str, spec: dict, config: dict,
         "show_std": bool(spec.get("show_std", True)),
         "groups": groups,
         "rows": rows,
+        # "<used> for <original>" of each alias in the table (empty unless the config has `aliases`)
+        "substitutes": [f"{name_of(u)} for {', '.join(name_of(o) for _, u2, o in subs if u2 == u)}"
+                        for u in dict.fromkeys(u for _, u, _ in subs)],
     }
 
 

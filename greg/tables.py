@@ -4,8 +4,8 @@ A table is built from a *resolved* spec (``greg.plan.resolve_table``): every cel
 files, one per seed, or says why it is n/a. For each cell, the value of each seed's row (an OOD set, or
 ``mean``) is read; the table shows the mean over seeds and the sample standard deviation (ddof=1; 0 with
 one seed). The best mean of each column is bold and the runner-up underlined, compared on the displayed
-(rounded) values so that ties are marked alike. Every table states its FPR95 convention (default: the
-paper's, ``fpr95_idpos``).
+(rounded) values so that ties are marked alike; a column whose values all tie marks none. Every table that
+shows FPR95 states its convention (default: the paper's, ``fpr95_idpos``).
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ def build_table(resolved: dict, reader: Callable[[str], dict] = read_metrics_csv
             if v.mean is None:
                 continue
             r = round(v.mean, digits)
+            if len(shown) < 2:  # one value, or every row ties: marking the whole column says nothing
+                break
             if r == shown[0]:
                 v.style = "best"
             elif len(shown) > 1 and r == shown[1]:
@@ -142,8 +144,11 @@ def build_table(resolved: dict, reader: Callable[[str], dict] = read_metrics_csv
 
 
 def latex_escape(text: str) -> str:
-    """Escape the characters that break a LaTeX cell (``& % # _``); ``$``, ``\\`` and braces pass through."""
-    return "".join("\\" + ch if ch in "&%#_" else ch for ch in str(text))
+    """Escape the characters that break a LaTeX cell (``& % # _``) once: an already escaped one (``\\%``, as a
+    caption written for LaTeX has it) is kept as it is; ``$``, ``\\`` and braces pass through."""
+    text = str(text)
+    return "".join("\\" + ch if ch in "&%#_" and (i == 0 or text[i - 1] != "\\") else ch
+                   for i, ch in enumerate(text))
 
 
 def format_value(v: Value, digits: int, show_std: bool) -> str:
@@ -175,19 +180,25 @@ def render_tex(table: Table, template: str | Path | Traversable = DEFAULT_TEMPLA
     spec = table.spec
     metrics = spec["metrics"]
     ncols = len(table.columns)
-    groups = [{"label": g["label"], "span": len(g["columns"]) * len(metrics),
+    groups = [{"label": g.get("header", g["label"]), "span": len(g["columns"]) * len(metrics),
                "columns": [{"label": c["label"], "span": len(metrics)} for c in g["columns"]]}
               for g in spec["groups"]]
     rows, last_section = [], None
+    headers = {r.get("section"): r.get("section_header") or r.get("section") for r in spec["rows"]}
     for label, section, values in table.rows:
         if section and section != last_section:
-            rows.append({"section": section})
+            rows.append({"section": headers.get(section, section)})
         last_section = section or last_section
         rows.append({"label": label,
                      "cells": [v if isinstance(v, str) else format_value(v, spec["digits"], spec["show_std"])
                                for v in values]})
+    subs = spec.get("substitutes") or []
+    smoke = (f"Smoke run on substitute data, not a paper result ({'; '.join(subs)}). " if subs else "")
     return env.from_string(template.read_text(encoding="utf-8")).render(
-        name=spec["name"], caption=spec["caption"], fpr_note=spec["fpr_note"], ncols=ncols,
+        name=spec["name"], caption=spec["caption"], smoke=smoke,
+        # the convention sentence only where an FPR95 column is shown
+        fpr_note=spec["fpr_note"] if "fpr95" in metrics else "", ncols=ncols,
+        has_na=any("n/a" in str(c) for r in rows for c in r.get("cells", [])),
         colspec="l" + "c" * ncols, groups=groups,
         show_ood_row=any(len(g["columns"]) > 1 or g["columns"][0]["ood"] != "mean" for g in spec["groups"]),
         metric_labels=[METRICS[m][2] for m in metrics] * (ncols // max(len(metrics), 1)),

@@ -95,11 +95,20 @@ def test_build_table_other_fpr_convention(tmp_path):
 
 def test_ties_are_marked_alike(tmp_path):
     spec = _spec(tmp_path)
-    # make row b's x FPR95 equal to row a's: both best, nobody second
+    # row b's x FPR95 made equal to row a's (15.0); a third row d at 40.0: a and b best, d second
     for i, f in enumerate(spec["rows"][1]["cells"][0]["files"]):
         write_metrics(Path(f), {"x": (10 + 10 * i, 5, 96), "mean": (16, 46, 97)})
-    a, b, _ = (vals for _, _, vals in T.build_table(spec).rows)
-    assert a[0].style == b[0].style == "best"
+    d_files = [write_metrics(tmp_path / "d" / f"s{i}.csv", {"x": (40, 5, 96), "mean": (16, 46, 97)}) for i in range(2)]
+    spec["rows"].insert(2, {"label": "D", "section": "S1", "cells": [{**spec["rows"][1]["cells"][0], "files": d_files}]})
+    a, b, d, _ = (vals for _, _, vals in T.build_table(spec).rows)
+    assert (a[0].mean, b[0].mean, d[0].mean) == (15.0, 15.0, 40.0)
+    assert a[0].style == b[0].style == "best" and d[0].style == "second"
+    # x AUROC: b and d 96.0, a 91.0 -> b and d best, a second
+    assert b[1].style == d[1].style == "best" and a[1].style == "second"
+    # a column whose shown values all tie marks none (table_sam's nine 100.00 cells)
+    spec["rows"][0]["cells"] = [{**spec["rows"][1]["cells"][0]}]
+    a, b, d, _ = (vals for _, _, vals in T.build_table(spec).rows)
+    assert a[1].mean == b[1].mean == d[1].mean == 96.0 and a[1].style == b[1].style == d[1].style == ""
 
 
 def test_render_tex_and_csv(tmp_path):
@@ -148,7 +157,10 @@ def test_resolve_table_aliases_and_na():
             "rows": [{"label": "MSP", "run": "pretrain", "detector": "msp"}, {"label": "POEM", "run": "poem"}]}
     res = P.resolve_table("t", spec, _config(), lambda cell: "nope" if cell["run"] == "poem" else None)
     g = res["groups"][0]
-    assert g["dataset"] == "tiny" and g["label"] == "Tiny" and g["arch"] == "small_cnn"
+    assert g["dataset"] == "tiny" and g["arch"] == "small_cnn"
+    # an aliased (smoke) table names the data it used, in the header and (substitutes) in the caption
+    assert g["label"] == "cifar10" and g["header"] == "Tiny, small_cnn (stand-in for cifar10)"
+    assert res["substitutes"] == ["Tiny for cifar10", "small_cnn for densenet100"]
     assert [c["ood"] for c in g["columns"]] == ["tiny_faces", "tiny_photos", "mean"]
     assert [c["label"] for c in g["columns"]] == ["Faces", "tiny_photos", "Average"]
     msp, poem = res["rows"]
@@ -158,8 +170,11 @@ def test_resolve_table_aliases_and_na():
     assert P.table_inputs(res) == msp["cells"][0]["files"]
     assert json.loads(json.dumps(res)) == res
     spec_list = {**spec, "groups": [{"dataset": "cifar10", "arch": "densenet100", "ood": ["svhn", "mean"]}]}
-    assert [c["ood"] for c in P.resolve_table("t", spec_list, _config())["groups"][0]["columns"]] == \
-        ["tiny_photos", "mean"]
+    cols = P.resolve_table("t", spec_list, _config())["groups"][0]["columns"]
+    assert [(c["ood"], c["label"]) for c in cols] == [("tiny_photos", "tiny_photos (stand-in for svhn)"),
+                                                      ("mean", "Average")]
+    plain = P.resolve_table("t", spec_list, {**_config(), "aliases": {}, "datasets": {"cifar10": {"ood": ["svhn"]}}})
+    assert plain["substitutes"] == [] and plain["groups"][0]["header"] == plain["groups"][0]["label"] == "cifar10"
 
 
 def test_resolve_table_errors():
