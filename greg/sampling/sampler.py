@@ -77,19 +77,25 @@ class ClusterSampler:
                     f"{k * ways * max(p, 1)} picks (two_way={self.two_way}), more than n_total={n_total}"
                 )
 
-    @torch.no_grad()
     def score_and_features(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores (n,) and L2-normalized penultimate features (n x d) of ``x`` in eval mode, no grad."""
+        """Scores (n,) and L2-normalized penultimate features (n x d) of ``x`` in eval mode, no grad.
+
+        Runs under ``torch.inference_mode`` (no autograd bookkeeping at all) in chunks of
+        ``forward_batch_size``; the results are cloned out as ordinary tensors. No channels_last / bf16
+        autocast: not measured on a GPU to keep the selected indices identical (benchmarks/README.md).
+        """
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
-            feats, scores = [], []
-            for chunk in torch.split(x, self.forward_batch_size):
-                h = model.features(chunk)
-                scores.append(self.score_fn(model.head(h)))
-                feats.append(h.flatten(1))
-            h = F.normalize(torch.cat(feats).float(), dim=1)
-            return torch.cat(scores).float(), h
+            with torch.inference_mode():
+                feats, scores = [], []
+                for chunk in torch.split(x, self.forward_batch_size):
+                    h = model.features(chunk)
+                    scores.append(self.score_fn(model.head(h)))
+                    feats.append(h.flatten(1))
+                h = F.normalize(torch.cat(feats).float(), dim=1)
+                s = torch.cat(scores).float()
+            return s.clone(), h.clone()
         finally:
             for m, mode in modes:
                 m.training = mode
