@@ -1,11 +1,18 @@
 # Tables (LaTeX + CSV, one rule per paper table: `snakemake table2`) and figures (PDF + PNG), all made by
 # `greg report`. Table cells whose method/detector/model/dataset is not implemented are n/a (not built).
+# Every table also carries the paper's printed numbers (config/paper_results.yaml): `paper` / `delta` in its
+# CSV, `<table>_vs_paper.tex`, and `reproduction` summarizes them (docs/PAPER_TABLES.md).
+
+PAPER_RESULTS = os.path.join(workflow.basedir, "config", "paper_results.yaml")
+# the paper's tables are tableN (tests/test_tables_layout.py); extras (table_sam, ...) have other names
+PAPER_TABLES = [name for name in TABLES if name.removeprefix("table").isdigit()]
 
 
 rule table:
     input:
         lambda wc: P.table_inputs(RESOLVED[wc.table]),
         template=os.path.join(workflow.basedir, "greg", "templates", "table.tex.j2"),  # not the working dir
+        paper=PAPER_RESULTS,
     output:
         tex=report(
             f"{RESULTS}/tables/{{table}}.tex",
@@ -19,6 +26,7 @@ rule table:
             category="Tables",
             labels={"table": "{table}", "format": "CSV"},
         ),
+        vs_paper=f"{RESULTS}/tables/{{table}}_vs_paper.tex",
     log:
         f"{RESULTS}/logs/report/{{table}}.log",
     wildcard_constraints:
@@ -26,11 +34,32 @@ rule table:
     params:
         spec=lambda wc: json.dumps(RESOLVED[wc.table], sort_keys=True),
         caption=lambda wc: RESOLVED[wc.table]["caption"],
+        aliases=json.dumps(config.get("aliases") or {}, sort_keys=True),
     conda:
         ENV_CPU
     shell:
         "greg report table --spec-json {params.spec:q} --template {input.template:q}"
-        " --tex {output.tex:q} --csv {output.csv:q} > {log:q} 2>&1"
+        " --tex {output.tex:q} --csv {output.csv:q} --paper {input.paper:q} --aliases-json {params.aliases:q}"
+        " --vs-paper-tex {output.vs_paper:q} > {log:q} 2>&1"
+
+
+rule reproduction:
+    """Per paper table: cells within tolerance of the paper's numbers, the worst cells, the missing runs."""
+    input:
+        [f"{RESULTS}/tables/{name}.csv" for name in PAPER_TABLES],
+    output:
+        md=f"{RESULTS}/tables/reproduction.md",
+        csv=f"{RESULTS}/tables/reproduction.csv",
+    log:
+        f"{RESULTS}/logs/report/reproduction.log",
+    params:
+        # a config that substitutes datasets/archs/OOD sets (smoke) compares other experiments: say so
+        aliased="--aliased" if any((config.get("aliases") or {}).values()) else "",
+    conda:
+        ENV_CPU
+    shell:
+        "greg report reproduction {input:q} --md {output.md:q} --csv {output.csv:q} {params.aliased}"
+        " > {log:q} 2>&1"
 
 
 for _name in TABLES:
@@ -143,6 +172,7 @@ rule fig_sam:
 # Seconds of CPU work on files already on the shared filesystem: never worth a queue wait.
 localrules:
     table,
+    reproduction,
     fig3,
     fig4,
 
@@ -150,6 +180,7 @@ localrules:
 rule all_tables:
     input:
         rules_inputs_all_tables(),
+        f"{RESULTS}/tables/reproduction.md",
 
 
 rule all_figures:
