@@ -337,11 +337,14 @@ def test_dos_picks_the_lowest_absent_probability_per_cluster(backend):
     idx = m.select(model, x)
     assert sorted(idx.tolist()) == [1, 4]
     assert model.training and model.drop.training
-    # with a fill: the two picks first, then distinct random others
+    # 4 outliers from 2 clusters: the released rule takes the 4 // 2 = 2 lowest of each (1, 2 and 4, 5)
     m4 = methods.create("dos", n_clusters=2, n_selected=4, kmeans_backend=backend, seed=0)
+    assert sorted(m4.select(model, x).tolist()) == [1, 2, 4, 5]
+    # per_cluster 1: the two picks first, then distinct random others
+    m4 = methods.create("dos", n_clusters=2, n_selected=4, per_cluster=1, kmeans_backend=backend, seed=0)
     idx4 = m4.select(model, x)
     assert sorted(idx4[:2].tolist()) == [1, 4] and idx4.unique().numel() == 4
-    assert m.sampler.two_way is False and m.sampler.kmeans_kwargs["n_init"] == 5
+    assert m.sampler.two_way is False and m.sampler.kmeans_kwargs["n_init"] == 3
 
 
 def test_absent_class_loss_by_hand():
@@ -402,7 +405,7 @@ def test_greg_plus_cluster_count_ablation(k):
         assert torch.equal(idx, torch.randperm(384, generator=torch.Generator().manual_seed(1))[:128])
     else:  # every pick is a cluster extreme: the global lowest and highest energy are always kept
         with torch.no_grad():
-            s = -torch.logsumexp(model(x), 1)
+            s = -torch.logsumexp(model.eval()(x), 1)  # the sampler scores in eval mode (no dropout)
         assert int(s.argmin()) in idx.tolist() and int(s.argmax()) in idx.tolist()
     with pytest.raises(ValueError):  # 2 picks per cluster cannot exceed n_selected
         _ = methods.create("greg_plus", n_clusters=65, n_selected=128).sampler

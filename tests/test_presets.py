@@ -106,3 +106,14 @@ def test_imagenet_aux_pool_600k_per_epoch(run):
     assert v["set_by_dataset"]["imagenet10"]["data.aux_pool_per_epoch"] == 600_000
     assert "aux_pool_per_epoch" not in str(v.get("set", {})) and set(v["set_by_dataset"]) == {"imagenet10"}
     assert preset(run)["data"]["aux_batch_size"] == "ratio"  # candidates per step follow the pool
+
+
+def test_dos_kmeans_as_the_papers_dos_runs():
+    # n_init 3 (o4lc/Greg-OOD train_sea.py --n_init default, run by Scripts/cifar10ScriptDOS.sh), sklearn's
+    # max_iter / tol, as GReg+
+    hp = preset("dos")["method"]["hparams"]
+    m = METHODS.create("dos", **hp)
+    gp = preset("greg_plus")["method"]["hparams"]["kmeans_kwargs"]
+    assert m.kmeans_kwargs() == gp == {"n_init": 3, "max_iter": 300, "tol": 1.0e-4, "n_local_trials": None}
+    assert METHODS.get("dos").defaults["kmeans_n_init"] == 3
+    assert m.sampler.picks_per_cluster() == 1 and not m.sampler.two_way

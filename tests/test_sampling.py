@@ -417,5 +417,8 @@ def test_greg_plus_and_dos_use_the_released_per_cluster_rule():
         assert METHODS.create("greg_plus", n_clusters=k).sampler.picks_per_cluster() == p
     assert METHODS.create("greg_plus", n_clusters=16, per_cluster=1).sampler.picks_per_cluster() == 1
     assert METHODS.create("dos", n_clusters=16).sampler.picks_per_cluster() == 4  # 64 // 16, one-way
+    # the per_cluster hparam reaches the sampler of every ClusterSelection method (base make_sampler)
+    for name in ("greg_plus", "energy_clustering", "dos"):
+        assert METHODS.create(name, n_clusters=16, per_cluster=2).sampler.per_cluster == 2
     with pytest.raises(ValueError, match="n_total"):
         METHODS.create("greg_plus", n_clusters=16, per_cluster=5).sampler  # noqa: B018 (16 x 2 x 5 > 128)

@@ -112,7 +112,8 @@ class ClusterSelection(Method):
 
     What a subclass must provide (checked when the class is defined): ``selection_score`` (a
     ``greg.scores`` name) and the hparams in :attr:`REQUIRED_HPARAMS` (``n_clusters`` None = a random
-    choice, no clustering), optionally ``two_way``; the sampler draws from the method's ``generator``, so
+    choice, no clustering), optionally ``two_way`` and ``per_cluster`` (None = the released rule, see
+    ``greg.sampling.select_from_clusters``); the sampler draws from the method's ``generator``, so
     ``seed`` is required too. Put it first among the bases (``class GRegPlus(ClusterSelection, GReg)``).
     """
 
@@ -134,6 +135,7 @@ class ClusterSelection(Method):
 
     def make_sampler(self) -> Any:
         hp = self.hparams
+        per_cluster = hp.get("per_cluster")
         return ClusterSampler(
             None if hp["n_clusters"] is None else int(hp["n_clusters"]),
             int(hp["n_selected"]),
@@ -141,6 +143,7 @@ class ClusterSelection(Method):
             two_way=bool(hp.get("two_way", False)),
             score=self.selection_score,
             kmeans_kwargs=self.kmeans_kwargs(),
+            per_cluster=None if per_cluster is None else int(per_cluster),
         )
 
     def check_selection(self) -> None:

@@ -4,11 +4,11 @@ ICLR 2024).
 Facts from the released code (github.com/lygjwy/DOS, ``train_diverse.py``):
 
 - a (K+1)-class network; the extra class is "absent" (OOD);
-- per step ``round(300000 / 50000 * 64) = 384`` candidate outliers are scored in eval mode without grad:
+- per step ``300000 / 50000 * 64 = 384`` candidate outliers are scored in eval mode without grad:
   absent-class probability ``softmax(f)_{K+1}`` and the L2-normalized penultimate features;
-- K-Means (scikit-learn, ``num_cluster = 64``) on the normalized features; from each cluster the
-  candidate with the LOWEST absent-class probability (the hardest, most ID-like outlier); a random fill
-  (without repeats) up to 64 outliers;
+- K-Means (scikit-learn, ``num_cluster = 64``, ``n_init = 3`` in the paper's runs) on the normalized
+  features; from each cluster the candidate with the LOWEST absent-class probability (the hardest, most
+  ID-like outlier); a random fill (without repeats) up to 64 outliers;
 - ``loss = CE(f(x_id), y) + beta * CE(f(x_ood), K)``, ``beta = 1``, one forward of ``[x_id; x_ood]``;
 - SGD LR 0.1, Nesterov, momentum 0.9, weight decay 1e-4, 100 epochs, LR x0.1 at 50 / 75 / 90 % of the
   epochs, batch 64.
@@ -29,7 +29,6 @@ from torch import nn
 
 from greg.methods._registry import METHODS
 from greg.methods.base import Batch, ClusterSelection, Method
-from greg.methods.greg_plus import with_per_cluster
 
 
 def absent_class_loss(
@@ -50,8 +49,9 @@ class DOS(ClusterSelection, Method):
 
     Hparams: ``beta`` [1], ``n_clusters`` [64] (None: a random choice, no clustering), ``n_selected`` [64],
     ``kmeans_backend`` (``greg.sampling.KMEANS``: torch / faiss / sklearn [released code]),
-    ``kmeans_n_init`` [5, REFERENCE.md], ``kmeans_kwargs`` (extra backend arguments), ``seed`` of the CPU
-    generator for the k-means seeds and the fill (state in :meth:`state_dict`).
+    ``kmeans_n_init`` [3: the paper's DOS runs, o4lc/Greg-OOD train_sea.py@4761101:584 via
+    Scripts/cifar10ScriptDOS.sh; config/methods/dos.yaml], ``kmeans_kwargs`` (extra backend arguments),
+    ``seed`` of the CPU generator for the k-means seeds and the fill (state in :meth:`state_dict`).
     """
 
     name = "dos"
@@ -60,7 +60,7 @@ class DOS(ClusterSelection, Method):
         "n_clusters": 64,
         "n_selected": 64,
         "kmeans_backend": "torch",
-        "kmeans_n_init": 5,
+        "kmeans_n_init": 3,
         "kmeans_kwargs": None,
         "per_cluster": None,  # None: n_selected // n_clusters lowest per cluster (the released rule)
         "seed": 0,
@@ -84,9 +84,6 @@ class DOS(ClusterSelection, Method):
             raise ValueError(f"method {self.name!r}: beta must be >= 0, got {hp['beta']!r}")
 
     selection_score = "absent_class"
-
-    def make_sampler(self) -> Any:
-        return with_per_cluster(super().make_sampler(), self.hparams.get("per_cluster"))
 
     def kmeans_kwargs(self) -> dict[str, Any]:
         return {"n_init": int(self.hparams["kmeans_n_init"]), **super().kmeans_kwargs()}

@@ -13,17 +13,10 @@ from greg.methods.base import Batch, ClusterSelection
 from greg.methods.greg import GReg
 
 
-def with_per_cluster(sampler: Any, per_cluster: Any) -> Any:
-    """``sampler`` with its per-cluster pick count set (None keeps the released rule) and re-checked."""
-    if per_cluster is not None:
-        sampler.per_cluster = int(per_cluster)
-        sampler.check()
-    return sampler
-
-
 @METHODS.register("greg_plus")
 class GRegPlus(ClusterSelection, GReg):
-    """Per step (REFERENCE.md §2): ``batch["x_aux"]`` holds the *candidates* (CIFAR: 384 =
+    """Per step (paper Algorithm 1; docs/METHOD.md "Energy-based clustering sampling"): ``batch["x_aux"]``
+    holds the *candidates* (CIFAR: 384 =
     300000 / 50000 * 64). ``greg.sampling.ClusterSampler`` scores them in eval mode without grad, clusters
     the L2-normalized penultimate features into ``n_clusters`` clusters (K-Means), takes from each cluster
     the ``per_cluster`` lowest-energy members (feed the energy loss) and, with ``two_way``, the ``per_cluster``
@@ -59,9 +52,6 @@ class GRegPlus(ClusterSelection, GReg):
             raise ValueError(f"method {self.name!r}: n_selected must be >= 1, got {n!r}")
 
     selection_score = "energy"
-
-    def make_sampler(self) -> Any:
-        return with_per_cluster(super().make_sampler(), self.hparams.get("per_cluster"))
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         x_cand = self._require_aux(batch)
