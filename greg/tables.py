@@ -317,7 +317,7 @@ def render_tex_vs_paper(table: Table, template: str | Path | Traversable = DEFAU
 
 def _cell_name(r: dict) -> str:
     where = "/".join(x for x in (r["section"], r["row"]) if x)
-    return f"{where} | {r['group']} | {r['ood_set']} | {r['metric']}"
+    return f"{where}, {r['group']}, {r['ood_set']}, {r['metric']}"
 
 
 def reproduction_summary(tables: dict[str, list[dict] | None], aliased: bool = False,
@@ -329,8 +329,8 @@ def reproduction_summary(tables: dict[str, list[dict] | None], aliased: bool = F
     md = ["# Reproduction of the paper's tables", "",
           "Each cell of a table is compared with the number the paper prints (config/paper_results.yaml, as "
           "printed: the paper's own typos are listed in docs/PAPER_TABLES.md and not corrected here). A cell is "
-          "*reproduced* when |ours - paper| <= " + ", ".join(f"{v:g} points {k}" for k, v in tol.items())
-          + ". delta = ours - paper, mean over seeds.", ""]
+          "*reproduced* when |ours - paper| is at most " + ", ".join(f"{v:g} ({k})" for k, v in tol.items())
+          + " percentage points. delta = ours - paper, ours = mean over seeds.", ""]
     if aliased:
         md += [("**Smoke / substitute run**: the config maps the paper's datasets, networks or OOD sets to "
                 "others (`aliases`), so these deltas are meaningless; this file only shows that the comparison "

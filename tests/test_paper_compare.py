@@ -108,7 +108,7 @@ def test_reproduction_summary_counts_by_tolerance(tmp_path):
     # A's 4 cells and C's 4 (n/a) have paper values; of A's: FPR95 deltas 2.0 and 1.5 are within 2 points,
     # AUROC -0.75 within 1 point, AUROC +3.0 is not
     assert (t["paper_cells"], t["compared"], t["reproduced"], t["reproduced_share"]) == ("8", "4", "3", "75%")
-    assert t["worst_cell"] == "A | G | mean | auroc" and float(t["worst_delta"]) == pytest.approx(3.0)
+    assert t["worst_cell"] == "A, G, mean, auroc" and float(t["worst_delta"]) == pytest.approx(3.0)
     assert t["missing_runs"] == "r (tiny, n, energy)"
     assert summary["tableU"]["missing_runs"] == "table not built"
     assert "Smoke" not in md and "| tableT | 8 | 4 | 3 (75%) |" in md
