@@ -284,9 +284,10 @@ def run(args: argparse.Namespace) -> int:
     model, ckpt_meta = _load_model(args, device)
     model.eval()
     n_out = int(model.head.out_features)
-    if args.detector == "absent_class" and n_out != id_spec.num_classes + 1:
+    # Both read the extra (K+1)-th logit (msp_known drops it): on a K-class model they would score garbage.
+    if args.detector in ("absent_class", "msp_known") and n_out != id_spec.num_classes + 1:
         raise InputError(
-            f"absent_class needs a (K+1)-class model: {args.checkpoint} has {n_out} outputs, "
+            f"{args.detector} needs a (K+1)-class model: {args.checkpoint} has {n_out} outputs, "
             f"{args.id} has K={id_spec.num_classes} classes"
         )
     if n_out < id_spec.num_classes:

@@ -219,3 +219,20 @@ def test_cli_tiny_benchmark(tmp_path):
     ]
     assert main(argv) == 0
     assert len(pd.read_csv(tmp_path / "ext" / "metrics.csv")) == 3
+
+
+@pytest.mark.parametrize("detector", ["absent_class", "msp_known"])
+def test_kplus1_detectors_refuse_a_k_class_model(tmp_path, capsys, detector):
+    # msp_known (OpenMix's evaluation) drops the last logit: on a plain K-class model it would drop a real class
+    gm = pytest.importorskip("greg.models")
+    from greg.cli import main
+
+    model = gm.create("small_cnn", 10, widths=[8, 16])
+    ckpt = tmp_path / "final.pt"
+    gm.save_checkpoint(ckpt, model, arch="small_cnn", num_classes=10, model_kwargs={"widths": [8, 16]},
+                       meta={"method": "ce"})
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--detector", detector, "--out", str(tmp_path / "ev"),
+            "--id", "tiny", "--ood", "tiny_uniform", "--root", str(tmp_path / "data"), "--device", "cpu"]
+    assert main(argv) == 2
+    assert f"{detector} needs a (K+1)-class model" in capsys.readouterr().err
+    assert not (tmp_path / "ev" / "metrics.csv").exists()
