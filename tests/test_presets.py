@@ -117,3 +117,12 @@ def test_dos_kmeans_as_the_papers_dos_runs():
     assert m.kmeans_kwargs() == gp == {"n_init": 3, "max_iter": 300, "tol": 1.0e-4, "n_local_trials": None}
     assert METHODS.get("dos").defaults["kmeans_n_init"] == 3
     assert m.sampler.picks_per_cluster() == 1 and not m.sampler.two_way
+
+
+def test_table4_caption_labels_oe_grad_margins_an_assumption():
+    from greg.methods.grad_reg import DEFAULT_MARGINS
+
+    assert preset("oe_grad")["method"]["hparams"].get("grad_m_in") is None  # so DEFAULT_MARGINS["msp"] apply
+    caption = " ".join(yaml.safe_load((ROOT / "config" / "tables.yaml").read_text())["table4"]["caption"].split())
+    m_in, m_out = DEFAULT_MARGINS["msp"]
+    assert "assumption" in caption and f"m_in = {m_in}" in caption and f"m_out = {m_out}" in caption
