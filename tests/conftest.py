@@ -9,6 +9,14 @@ import torch
 torch.set_num_threads(int(os.environ.get("GREG_TEST_THREADS", "1")))
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TIMEOUT_S = 600  # per test; a test that needs longer says so with @pytest.mark.timeout(N)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A default limit that a test's own marker overrides (an ini `timeout` would be the one limit of all)
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")

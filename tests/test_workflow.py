@@ -24,10 +24,33 @@ SNAKEMAKE = BIN / "snakemake"
 pytestmark = pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed in this environment")
 
 
+# What a user's runs leave in the checkout (data/ and results/ with their ready markers, .snakemake/ metadata
+# and locks) must not change what a test plans: the workflow runs in a working copy of its own.
+_NOT_COPIED = {".git", ".venv", ".snakemake", "data", "results", "runs", "report.html", ".pytest_cache",
+               ".ruff_cache", "__pycache__"}
+_WORKDIR: list[Path] = []
+
+
+def workdir() -> Path:
+    """A temporary working copy of the repository (links to its sources; no data/, results/, .snakemake/),
+    made once per test session."""
+    if not _WORKDIR:
+        import atexit
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="greg-workflow-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        for entry in ROOT.iterdir():
+            if entry.name not in _NOT_COPIED:
+                (tmp / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+        _WORKDIR.append(tmp)
+    return _WORKDIR[0]
+
+
 def snakemake(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(SNAKEMAKE), *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([str(SNAKEMAKE), *args], check=False, cwd=workdir(), env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def job_counts(output: str) -> dict[str, int]:
