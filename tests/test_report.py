@@ -6,6 +6,10 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -288,7 +292,7 @@ def test_cli_table(tmp_path):
 
 def test_pretrain_import_replaces_ce_training():
     cfg = _config()
-    cfg["pretrain"]["import"] = {"tiny": {"small_cnn": "ext/tiny.pth", "densenet100": None}}
+    cfg["pretrain"]["import"] = {"tiny": {"small_cnn": "densenet100_cifar10_released", "densenet100": None}}
     args = P.train_args(cfg, "tiny", "small_cnn", "pretrain", 4)
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     values = dict(a.split("=", 1) for a in sets)
@@ -296,9 +300,9 @@ def test_pretrain_import_replaces_ce_training():
     # train_set's max_steps cap (3) is overridden: 0 steps, the file imported as the run checkpoint
     assert {k: values[k] for k in ("init.checkpoint", "init.kind", "init.skip_head", "train.epochs",
                                    "train.max_steps")} == {
-        "init.checkpoint": "ext/tiny.pth", "init.kind": "pretrained", "init.skip_head": "false",
+        "init.checkpoint": "dat/densenet100_cifar10_released/densenet100_cifar10.pth", "init.kind": "pretrained", "init.skip_head": "false",
         "train.epochs": "0", "train.max_steps": "null"}
-    assert P.pretrain_import(cfg, "tiny", "small_cnn") == "ext/tiny.pth"
+    assert P.pretrain_import(cfg, "tiny", "small_cnn") == "densenet100_cifar10_released"
     assert P.pretrain_import(cfg, "tiny", "densenet100") is None and P.pretrain_import(cfg, "cifar10", "x") is None
     # fine-tuning still starts from the run's own pretrain/final.pt; other pairs train CE as before
     greg = P.train_args(cfg, "tiny", "small_cnn", "greg", 4)
@@ -307,16 +311,20 @@ def test_pretrain_import_replaces_ce_training():
     assert not any(a.startswith("init.") for a in P.train_args(_config(), "tiny", "small_cnn", "pretrain", 4))
 
 
-def test_pretrain_import_runs_in_greg_train(tmp_path):
+def test_pretrain_import_runs_in_greg_train(tmp_path, checkpoint_mirror):
+    from greg import data
     from greg.io import safe_torch_load
 
-    released = ROOT.parent / "shared" / "checkpoints" / "densenet100_cifar10.pth"
-    if not released.is_file():
-        pytest.skip(f"{released} not available")
+    if not (checkpoint_mirror / "densenet100_cifar10.pth").is_file():
+        pytest.skip(f"no local mirror of the released checkpoints at {checkpoint_mirror}")
     cfg = _config()
     cfg["data_root"] = str(tmp_path / "data")
     cfg["archs"]["densenet100"] = {"model": "densenet100"}
-    cfg["pretrain"]["import"] = {"tiny": {"densenet100": str(released)}}  # tiny: 10 classes, 3x32x32 as CIFAR
+    # tiny: 10 classes, 3x32x32 as CIFAR; the checkpoint comes from the catalog, through the local mirror
+    cfg["pretrain"]["import"] = {"tiny": {"densenet100": "densenet100_cifar10_released"}}
+    released = data.download("densenet100_cifar10_released", cfg["data_root"], mirror=checkpoint_mirror,
+                             progress=False)
+    released = data.weights_path("densenet100_cifar10_released", cfg["data_root"])
     out = tmp_path / "run"
     args = P.train_args(cfg, "tiny", "densenet100", "pretrain", 2)
     assert greg_main(["train", *args, "--out", str(out), "--device", "cpu"]) == 0
@@ -422,12 +430,13 @@ def test_fig_sam_errors(tmp_path):
 
 
 def test_check_extra_names():
-    cfg = {**_config(), "pretrain": {"configs": [], "import": {"tiny": {"small_cnn": "x.pth"}}},
+    cfg = {**_config(), "pretrain": {"configs": [], "import": {"tiny": {"small_cnn": "densenet100_cifar10_released"}}},
            "figures": {"fig_sam": {"runs": {"before": "pretrain", "after": "greg"}}},
            "dg": {"datasets": ["colored_digits"], "algorithms": ["erm", "hgp"], "set_by_algorithm": {"hgp": {}}}}
     P.check_extra_names(cfg)  # all known
     P.check_extra_names({**cfg, "pretrain": {"import": {"nope": {"small_cnn": None}}}})  # null: not imported
     bad = [({**cfg, "pretrain": {"import": {"tiny": {"resnet50": "x.pth"}}}}, "pretrain.import.tiny.resnet50"),
+           ({**cfg, "pretrain": {"import": {"tiny": {"small_cnn": "x.pth"}}}}, "pretrain.import.tiny.small_cnn"),
            ({**cfg, "figures": {"fig_sam": {"runs": {"a": "sam_typo"}}}}, "figures.fig_sam.runs"),
            ({**cfg, "dg": {**cfg["dg"], "datasets": ["colored_mnst"]}}, "dg.datasets"),
            ({**cfg, "dg": {**cfg["dg"], "algorithms": ["erm", "not_an_algorithm"]}}, "dg.algorithms"),
@@ -435,3 +444,53 @@ def test_check_extra_names():
     for c, key in bad:
         with pytest.raises(T.ReportError, match=key.replace(".", r"\.").replace("[", r"\[")):
             P.check_extra_names(c)
+
+
+LATEX = shutil.which("pdflatex")
+
+
+@pytest.mark.skipif(not LATEX and not os.environ.get("GREG_REQUIRE_LATEX"),
+                    reason="pdflatex not installed (CI installs it: .ci/run; Debian: texlive-latex-recommended)")
+def test_every_table_compiles_with_latex(tmp_path):
+    """Every table of config/tables.yaml, rendered as the smoke run renders it (aliases, one seed, n/a cells,
+    a caption with %), one table vs the paper, and table_dg, compile in a minimal document that loads only the
+    packages of the table's '% Needs:' header (.ci/compile_tables.py)."""
+    from greg.dg.cli import render_table as dg_table
+
+    assert LATEX, "GREG_REQUIRE_LATEX is set but pdflatex is not on PATH"
+    cfg = _overlay(yaml.safe_load((ROOT / "config/config.yaml").read_text()),
+                   yaml.safe_load((ROOT / "config/smoke.yaml").read_text()))
+    cfg["results"] = str(tmp_path / "res")
+    out = tmp_path / "tables"
+    out.mkdir()
+    for i, (name, spec) in enumerate(P.load_tables(ROOT / "config/tables.yaml").items()):
+        res = P.resolve_table(name, spec, cfg, lambda cell: "n/a" if cell["detector"] == "rankfeat" else None)
+        for f in P.table_inputs(res):
+            if not Path(f).exists():
+                oods = cfg["datasets"]["tiny"]["ood"] + ["mean"]
+                write_metrics(Path(f), {o: (10.0 + i + j, 20.0, 90.0 - j) for j, o in enumerate(oods)})
+        table = T.build_table(res)
+        (out / f"{name}.tex").write_text(T.render_tex(table))
+        if name == "table9":
+            (out / f"{name}_vs_paper.tex").write_text(T.render_tex_vs_paper(table))
+    runs = [{"dataset": "colored_digits", "algorithm": a, "n_restarts": 2, "path": a,
+             **{m: {"mean": 50.0 + k, "std": 1.0} for m in ("train_acc", "val_acc", "test_acc")}}
+            for k, a in enumerate(("erm", "hgp", "oracle"))]
+    (out / "table_dg.tex").write_text(dg_table(runs)[0])
+    r = subprocess.run([sys.executable, str(ROOT / ".ci/compile_tables.py"), str(out)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(list(out.glob('*.tex')))}/{len(list(out.glob('*.tex')))} tables compile" in r.stderr
+    # a broken table fails it, naming the file
+    (out / "table_dg.tex").write_text(dg_table(runs)[0].replace("(\\%)", "(%)"))
+    r = subprocess.run([sys.executable, str(ROOT / ".ci/compile_tables.py"), str(out / "table_dg.tex")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "FAIL" in r.stderr and "table_dg.tex" in r.stderr
+
+
+def _overlay(base: dict, over: dict) -> dict:
+    """Snakemake's --configfile merge: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _overlay(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
