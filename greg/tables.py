@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io as _io
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -122,6 +123,12 @@ def build_table(resolved: dict, reader: Callable[[str], dict] = read_metrics_csv
                 seeds.append(data[ood][col])
             if not seeds:
                 raise ReportError(f"row {row['label']!r}: no metrics files for an available cell")
+            bad = [f for f, v in zip(cell["files"], seeds) if not math.isfinite(v)]
+            if bad:  # a NaN/inf metric is flagged (n/a), never averaged into a number or ranked
+                print(f"greg report: warning: {bad[0]}: {col} of {ood!r} is {seeds[cell['files'].index(bad[0])]}; "
+                      f"cell {row['label']!r} / {ood} / {metric} shown as n/a", file=sys.stderr)
+                values.append(Value(None))
+                continue
             m, s = mean_std(seeds)
             values.append(Value(m, s, len(seeds)))
         table.rows.append((row["label"], row.get("section"), values))

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from greg.config import parse_set
+from greg.config import did_you_mean, parse_set
 from greg.device import DEVICE_HELP, resolve_device
 from greg.errors import EXIT_INPUT, EXIT_STATUS_HELP, InputError, cli_errors
 from greg.io import atomic_write_json, atomic_write_text
@@ -105,11 +105,31 @@ def download_command(args: argparse.Namespace) -> int:
 def _parse_set(items: list[str], hparams: dict[str, Any]) -> dict[str, Any]:
     """``hparams`` updated by ``--set KEY=VALUE`` items (greg.config.parse_set); a key must be a known hparam."""
     out = dict(hparams)
-    for key, value in parse_set(items).items():
+    try:
+        sets = parse_set(items)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    for key, value in sets.items():
         if key not in out:
-            raise InputError(f"--set {key}: unknown hparam; known: {', '.join(sorted(out))}")
+            raise InputError(f"--set {key}: unknown hparam{did_you_mean(key, out)}; known: {', '.join(sorted(out))}")
+        _check_hparam(key, value, out[key])
         out[key] = value
     return out
+
+
+def _check_hparam(key: str, value: Any, default: Any) -> None:
+    """``value`` must have the default's type (an int is a float; a bool is only a bool) and be finite."""
+    if default is None:
+        return
+    want = type(default)
+    ok = isinstance(value, want) and not (isinstance(value, bool) and want is not bool)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if not ok:
+        raise InputError(f"--set {key}={value!r}: expected a finite {want.__name__} (default {default!r}), "
+                         f"got {type(value).__name__}")
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -162,6 +182,11 @@ def run_command(args: argparse.Namespace) -> int:
         datasets.DG_DATASETS.get(args.dataset)
     except KeyError as e:
         raise InputError(e.args[0]) from None
+    # 0 restarts or steps would "complete" with NaN statistics
+    if args.restarts < 1:
+        raise InputError(f"--restarts {args.restarts}: must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps {args.steps}: must be >= 1")
     hparams = _parse_set(
         args.set, hparams_registry.get_hparams(args.algorithm, args.dataset, args.hparams_seed)
     )
@@ -235,30 +260,50 @@ def load_run(path: Path) -> dict[str, Any]:
 
 
 def select_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One run per (dataset, algorithm): the highest mean training-domain validation accuracy."""
+    """One run per (dataset, algorithm): the highest mean training-domain validation accuracy (a NaN one
+    never wins; ties go to the first path in sorted order, so the choice does not depend on the input order)."""
+    def val(r: dict[str, Any]) -> float:
+        v = r["val_acc"]["mean"]
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
+
     best: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in runs:
+    for r in sorted(runs, key=lambda r: r["path"]):
         key = (r["dataset"], r["algorithm"])
-        if key not in best or r["val_acc"]["mean"] > best[key]["val_acc"]["mean"]:
+        if key not in best or val(r) > val(best[key]):
             best[key] = r
     rank = lambda a: ORDER.index(a) if a in ORDER else len(ORDER)
     return sorted(best.values(), key=lambda r: (r["dataset"], rank(r["algorithm"]), r["algorithm"]))
 
 
+# display names of the DG datasets in tables (greg.dg.datasets)
+DATASET_DISPLAY = {
+    "colored_mnist": "Colored MNIST",
+    "colored_mnist_ls": "Colored MNIST (label shift)",
+    "colored_digits": "Colored Digits",
+    "colored_digits_ls": "Colored Digits (label shift)",
+}
+
+
 def render_table(runs: list[dict[str, Any]], caption: str | None = None) -> tuple[str, str]:
-    """Return ``(latex, csv)``; bold = best mean test accuracy among non-oracle rows of each dataset."""
-    best_test: dict[str, float] = {}
+    """Return ``(latex, csv)`` in the style of ``greg report table`` (booktabs, ``mean{\\scriptsize$\\pm$std}``,
+    a ``\\label``); bold = best mean test accuracy (one decimal, as shown) among the non-oracle rows of each
+    dataset, none when they all tie."""
+    shown: dict[str, set[float]] = {}
     for r in runs:
-        if r["algorithm"] != "oracle":
-            best_test[r["dataset"]] = max(best_test.get(r["dataset"], -math.inf), r["test_acc"]["mean"])
+        if r["algorithm"] != "oracle" and _finite(r["test_acc"]["mean"]):
+            shown.setdefault(r["dataset"], set()).add(round(r["test_acc"]["mean"], 1))
+    best_test = {d: max(v) for d, v in shown.items() if len(v) > 1}
     cols = ["Train acc.", "Val. acc.", "Test acc."]
-    caption = (
-        caption or "Domain generalization: test-environment accuracy (\\%), mean $\\pm$ std over restarts."
-    )
+    caption = caption or ("Domain generalization: training-, validation- and test-environment accuracy (\\%), "
+                          "mean{\\scriptsize$\\pm$std} over restarts, the best hyper-parameters by validation "
+                          "accuracy. Best test accuracy (oracle excluded) in bold.")
     lines = [
+        "% table_dg: generated by `greg dg table`; do not edit by hand.",
+        "% Needs: \\usepackage{booktabs} (rules)",
         "\\begin{table}[t]",
         "\\centering",
         "\\caption{" + caption + "}",
+        "\\label{tab:table_dg}",
         "\\begin{tabular}{ll" + "c" * len(cols) + "}",
         "\\toprule",
         "Dataset & Algorithm & " + " & ".join(cols) + " \\\\",
@@ -275,12 +320,15 @@ def render_table(runs: list[dict[str, Any]], caption: str | None = None) -> tupl
         cells = []
         for m in METRICS:
             mean, std = r[m]["mean"], r[m]["std"]
-            cell = f"{mean:.1f} $\\pm$ {std:.1f}"
-            if m == "test_acc" and r["algorithm"] != "oracle" and mean == best_test.get(r["dataset"]):
-                cell = f"\\textbf{{{mean:.1f}}} $\\pm$ {std:.1f}"
-            cells.append(cell)
+            if not _finite(mean):  # a NaN result is flagged, never shown as a number (table_command warns)
+                cells.append("n/a")
+                continue
+            text = f"{mean:.1f}"
+            if m == "test_acc" and r["algorithm"] != "oracle" and round(mean, 1) == best_test.get(r["dataset"]):
+                text = f"\\textbf{{{text}}}"
+            cells.append(text + f"{{\\scriptsize$\\pm${std:.1f}}}")
         name = DISPLAY.get(r["algorithm"], r["algorithm"])
-        dataset = r["dataset"].replace("_", "\\_")
+        dataset = DATASET_DISPLAY.get(r["dataset"], r["dataset"].replace("_", "\\_"))
         lines.append(f"{dataset} & {name} & " + " & ".join(cells) + " \\\\")
         w.writerow(
             [r["dataset"], r["algorithm"], r["n_restarts"]]
@@ -291,8 +339,17 @@ def render_table(runs: list[dict[str, Any]], caption: str | None = None) -> tupl
     return "\n".join(lines) + "\n", buf.getvalue()
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def table_command(args: argparse.Namespace) -> int:
     runs = select_runs([load_run(p) for p in args.inputs])
+    for r in runs:
+        bad = [m for m in METRICS if not _finite(r[m]["mean"])]
+        if bad:
+            print(f"greg dg: warning: {r['path']}: {', '.join(bad)} not a finite number; shown as n/a",
+                  file=sys.stderr)
     tex, csv_text = render_table(runs, args.caption)
     atomic_write_text(args.out, tex)
     atomic_write_text(args.out.with_suffix(".csv"), csv_text)
