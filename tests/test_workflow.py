@@ -141,6 +141,7 @@ def test_lint_is_clean():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the workflow's own limit is 900 s, then the report
 def test_smoke_run_end_to_end(tmp_path):
     import yaml
 
@@ -195,6 +196,11 @@ def test_smoke_run_end_to_end(tmp_path):
     for row in dg:
         assert row["dataset"] == "colored_digits" and row["n_restarts"] == "2"
         assert all(0.0 <= float(row[f"{m}_mean"]) <= 100.0 for m in ("train_acc", "val_acc", "test_acc"))
+    # every rendered table compiles with the packages its header names (CI installs pdflatex: .ci/run)
+    if shutil.which("pdflatex") or os.environ.get("GREG_REQUIRE_LATEX"):
+        r = subprocess.run([sys.executable, str(ROOT / ".ci/compile_tables.py"), str(results / "tables")],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
     # the run layout of docs/WORKFLOW.md
     run = results / "tiny" / "small_cnn" / "greg_plus" / "seed42"
     assert (run / "final.pt").exists() and (run / "metrics.jsonl").exists()
