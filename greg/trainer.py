@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from greg import data, io, models
 from greg.config import ConfigError, config_diff, config_hash, config_text, make_method, mix
 from greg.device import resolve_device
+from greg.methods import margins
 from greg.methods.grad_reg import score_input_grad_norm
 from greg.stream import StreamSampler, aux_pool_size, loader, ratio_candidates
 
@@ -228,6 +229,8 @@ class Trainer:
                 "rng": _rng_state(),
                 "config": config_text(self.cfg),
                 "config_hash": config_hash(self.cfg),
+                # margins: auto, fitted before step 0 from the starting model: a resume must not refit
+                "margins": margins.fitted(self.method),
             },
             self.state_path,
         )
@@ -241,6 +244,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
+        if margins.wanted(self.method):
+            if not isinstance(state.get("margins"), dict):
+                raise models.CheckpointError(f"{self.state_path} records no fitted margins (margins: auto); "
+                                             "rerun with --force to start over")
+            margins.apply(self.method, state["margins"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
         return True
@@ -337,6 +345,7 @@ class Trainer:
         if not self.load_state():
             io.atomic_write_text(cfg_file, config_text(self.cfg))
             self._trim_log_all()
+            self._fit_margins()
         else:
             # runtime keys (workers, data root, cadence) may have changed: config.yaml shows this run's
             io.atomic_write_text(cfg_file, config_text(self.cfg))
@@ -425,9 +434,32 @@ class Trainer:
                 "steps": self.step,
                 "config": config_text(self.cfg),
                 "config_hash": config_hash(self.cfg),
+                "margins": margins.fitted(self.method),
             },
         )
         return 0
+
+    def _fit_margins(self) -> None:
+        """``margins: auto``: m_in / m_out from the starting model's energies (greg.methods.margins)."""
+        if not margins.wanted(self.method):
+            return
+        c_data = self.cfg["data"]
+        if not self.cfg["init"]["checkpoint"]:
+            raise ConfigError("method.hparams.margins: auto fits the margins to the starting model: set "
+                              "init.checkpoint (a run from scratch has no model to fit them to)")
+        id_eval = data.load(c_data["id"], "train", c_data["root"])  # eval transform: no augmentation
+        aux_eval = data.load(c_data["aux"], "train", c_data["root"], id_dataset=c_data["id"])
+        try:
+            fitted = margins.fit_margins(
+                self.model, id_eval, aux_eval, quantiles=tuple(self.method.hparams["margin_quantiles"]),
+                seed=mix(self.cfg["seed"], 4), device=self.device,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        margins.apply(self.method, fitted)
+        print(f"margins: auto: m_in = {fitted['m_in']:.4g}, m_out = {fitted['m_out']:.4g} (quantiles "
+              f"{fitted['q_in']:g} / {fitted['q_out']:g} of {fitted['n_id']} ID / {fitted['n_aux']} auxiliary "
+              "energies)", file=sys.stderr)
 
     def _loop(self, id_iter, aux_iter, log, bar) -> bool:
         """Train until the last step (True) or until a stop signal, after checkpointing (False)."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from greg import scores
-from greg.methods import grad_reg
+from greg.methods import grad_reg, margins
 from greg.methods._registry import METHODS
 from greg.methods.base import Batch, Method
 
@@ -31,6 +31,8 @@ class EnergyLoss(Method):
     ``m_out = -7`` (GReg's margins); the Energy baseline's own runs use -23/-5 (CIFAR-10) and -27/-5
     (CIFAR-100): set them in the run config. "Energy + Grad" (GReg paper, Table 4) is ``lambda_grad > 0``;
     the regularized score is the energy and its margins default to ``m_in`` / ``m_out``.
+    ``margins: auto`` (beyond the paper) replaces ``m_in`` / ``m_out`` by quantiles of the starting model's
+    energies (``greg.methods.margins``), fitted by the trainer before step 0.
     """
 
     name = "energy"
@@ -38,13 +40,17 @@ class EnergyLoss(Method):
         "lambda_S": 0.1,
         "m_in": -25.0,
         "m_out": -7.0,
+        "margins": "fixed",  # fixed: m_in / m_out as given; auto: fitted (greg.methods.margins)
+        "margin_quantiles": list(margins.DEFAULT_QUANTILES),  # [q_in, q_out] of margins: auto
         **grad_reg.grad_defaults("energy"),
     }
+    fitted_margins: dict[str, float] | None = None  # set by greg.methods.margins.apply
     needs_aux = True
     detector = "energy"
 
     def validate(self) -> None:
         grad_reg.validate_grad_hparams(self.name, self.hparams)
+        margins.validate_hparams(self.name, self.hparams)
 
     def _grad_fallback_margins(self) -> tuple[float, float] | None:
         if self.hparams["grad_score"] == "energy":
@@ -56,6 +62,11 @@ class EnergyLoss(Method):
     ) -> dict[str, torch.Tensor]:
         """The whole loss on the rows ``[x_id; x_aux]`` (shared by GReg and GReg+)."""
         hp = self.hparams
+        if hp["margins"] == "auto" and self.fitted_margins is None:
+            raise RuntimeError(
+                f"method {self.name!r}: margins: auto, but no margins were fitted (greg train fits them before "
+                "step 0; elsewhere call greg.methods.margins.fit_margins and apply)"
+            )
         n_id = len(x_id)
         use_grad = float(hp["lambda_grad"]) != 0.0
         x, logits = grad_reg.forward_concat(model, x_id, x_aux, input_grad=use_grad, hp=hp)
