@@ -243,9 +243,14 @@ def dir_lock(directory: str | os.PathLike, what: str = "the directory") -> Itera
         except OSError as e:
             # read-only directory: lock an existing file read-only; the first real write then names the
             # output that cannot be written
-            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not path.is_file():
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
-            fd = os.open(path, os.O_RDONLY)
+            # no lock file and none can be made: we cannot write here either, so there is nothing to
+            # protect (a finished run on a read-only disk)
+            fd = os.open(path, os.O_RDONLY) if path.is_file() else None
+    if fd is None:
+        yield path
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
