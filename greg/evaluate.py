@@ -40,10 +40,12 @@ import greg.data as gd
 import greg.models as gm
 from greg import io as gio
 from greg import robustness as rb
+from greg.config import ConfigError, check_kwargs
 from greg.detectors import DETECTORS, Detector
 from greg.detectors import create as create_detector
-from greg.device import DEVICE_HELP, eval_mode, resolve_device
+from greg.device import DEVICE_HELP, check_cuda, eval_mode, resolve_device
 from greg.errors import EXIT_STATUS_HELP, InputError, cli_errors
+from greg.methods import METHODS
 from greg.metrics import METRIC_COLUMNS, metrics_table, ood_metrics  # noqa: F401  (re-exported)
 from greg.metrics import TABLE_COLUMNS as COLUMNS  # noqa: F401  (re-exported: metrics.csv columns)
 
@@ -192,6 +194,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--require-cuda", action="store_true",
+                   help="fail (exit 1) instead of warning when CUDA is unavailable (workflow GPU jobs)")
     p.add_argument("--arch", default=None, help="external checkpoint: architecture name (greg.models)")
     p.add_argument("--num-classes", type=int, default=None, help="external checkpoint: number of outputs")
     p.add_argument("--model-kwargs", default="{}", help="external checkpoint: JSON object of model arguments")
@@ -226,6 +230,7 @@ def _parse_kwargs(text: str, flag: str = "--detector-kwargs") -> dict[str, Any]:
 
 
 def _build_detector(name: str, kwargs: dict[str, Any], id_std: Any) -> Detector:
+    _check_kwargs(kwargs, DETECTORS.get(name), f"--detector-kwargs: detector {name!r}")
     # Input-perturbation detectors step in pixel units: default their std to the ID normalization.
     params = inspect.signature(DETECTORS.get(name)).parameters
     if "std" in params and "std" not in kwargs:
@@ -238,11 +243,19 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
         if args.num_classes is None:
             raise InputError("--arch needs --num-classes for an external checkpoint")
         kwargs = _parse_kwargs(args.model_kwargs, "--model-kwargs")
+        _check_kwargs(kwargs, gm.MODELS.get(args.arch), f"--model-kwargs: model {args.arch!r}", ("num_classes",))
         model = gm.create(args.arch, args.num_classes, **kwargs)
         gm.load_pretrained(model, args.checkpoint)
         meta = {"external": True, "arch": args.arch, "num_classes": args.num_classes, "model_kwargs": kwargs}
         return model.to(device), meta
     return gm.load_checkpoint(args.checkpoint, device)
+
+
+def _check_kwargs(kwargs: dict[str, Any], fn: Any, what: str, exclude: tuple[str, ...] = ()) -> None:
+    try:
+        check_kwargs(kwargs, fn, what, exclude)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
 
 
 def _loader(ds: Any, args: argparse.Namespace, device: torch.device) -> torch.utils.data.DataLoader:
@@ -266,7 +279,14 @@ def _first_n(ds: Any, n: int) -> Any:
 
 @cli_errors("greg evaluate")
 def run(args: argparse.Namespace) -> int:
+    # One greg process per output directory: two would interleave their scores and metrics.
+    with gio.dir_lock(args.out, "output directory"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    check_cuda(args.device, args.require_cuda, "greg evaluate")
     device = resolve_device(args.device)
     ood_names = [s.strip() for s in args.ood.split(",") if s.strip()]
     if not ood_names:
@@ -274,6 +294,16 @@ def run(args: argparse.Namespace) -> int:
     if "id" in ood_names or len(set(ood_names)) != len(ood_names):
         raise InputError(f"--ood names must be unique and not 'id': {ood_names}")
     id_spec = gd.spec(args.id)
+    for name in ood_names:
+        # the ID test set scored as OOD gives AUROC 50 and looks like a result
+        if name == args.id:
+            raise InputError(f"--ood {name}: that is the ID set (--id {args.id}); OOD sets must be other data")
+        if gd.spec(name).role not in ("ood", "id"):
+            raise InputError(f"--ood {name}: a {gd.spec(name).role!r} dataset, not an evaluation set; OOD sets: "
+                             + ", ".join(n for n in gd.DATASETS.names() if gd.spec(n).role == "ood"))
+        if gd.spec(name).role == "id":  # near-OOD (CIFAR-100 vs CIFAR-10) is a real protocol, but say so
+            print(f"greg evaluate: warning: --ood {name} is an ID dataset (its test split), scored as near-OOD",
+                  file=sys.stderr)
     det_kwargs = _parse_kwargs(args.detector_kwargs)
     if "max_fit_samples" in inspect.signature(DETECTORS.get(args.detector)).parameters:
         det_kwargs.setdefault("max_fit_samples", args.fit_max_samples)
@@ -290,9 +320,13 @@ def run(args: argparse.Namespace) -> int:
             f"{args.detector} needs a (K+1)-class model: {args.checkpoint} has {n_out} outputs, "
             f"{args.id} has K={id_spec.num_classes} classes"
         )
-    if n_out < id_spec.num_classes:
+    k = id_spec.num_classes
+    extra = _extra_classes(ckpt_meta, args.detector)
+    if n_out != k + extra:
+        what = f"K={k}" if extra == 0 else f"K+1={k + 1} (a (K+1)-class model)"
         raise InputError(
-            f"{args.checkpoint}: model has {n_out} outputs but {args.id} has {id_spec.num_classes} classes"
+            f"{args.checkpoint}: model has {n_out} outputs but {args.id} has {k} classes: expected {what}"
+            + ("" if extra else "; a (K+1)-class model is evaluated with absent_class or msp_known")
         )
 
     id_ds = gd.load(args.id, "test", args.root)
@@ -354,6 +388,19 @@ def run(args: argparse.Namespace) -> int:
     gio.atomic_write_text(out / "metrics.csv", format_csv(df))
     print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"), file=sys.stderr)
     return 0
+
+
+# Detectors that read the extra (K+1)-th output of DOS/OpenMix-style models.
+_KPLUS1_DETECTORS = ("absent_class", "msp_known")
+
+
+def _extra_classes(ckpt_meta: dict[str, Any], detector: str) -> int:
+    """Outputs beyond the ID classes the model must have: 1 for a (K+1)-class method's run checkpoint or a
+    (K+1) detector, else 0."""
+    method = ckpt_meta.get("method") if isinstance(ckpt_meta, dict) else None
+    if isinstance(method, str) and method in METHODS:
+        return int(METHODS.get(method).extra_classes)
+    return 1 if detector in _KPLUS1_DETECTORS else 0
 
 
 def _json_ok(obj: Any) -> bool:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from greg.config import config_text, load_config
-from greg.device import DEVICE_HELP
-from greg.errors import EXIT_STATUS_HELP, cli_errors
+from greg.device import DEVICE_HELP, check_cuda
+from greg.errors import EXIT_STATUS_HELP, InputError, cli_errors
 from greg.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError, Trainer
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -33,7 +34,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", required=True, help="run directory (final.pt, state.pt, metrics.jsonl, config.yaml)"
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    # Runtime-only settings (greg.config.RUNTIME_KEYS): not part of what the run computes, so a rerun or a
+    # resume may change them. Applied before --set (an explicit --set wins).
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="data-loader worker processes (data.num_workers); the workflow passes its threads")
+    p.add_argument("--data-root", default=None, metavar="DIR", help="dataset root (data.root)")
+    p.add_argument("--require-cuda", action="store_true",
+                   help="fail (exit 1) instead of warning when CUDA is unavailable (the workflow passes it "
+                   "for jobs that asked SLURM for a GPU)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--force", action="store_true",
+                   help="start over: discard --out's final.pt and state.pt (e.g. of another config) and retrain")
     p.epilog = (
         f"{EXIT_STATUS_HELP} Also: {EXIT_NONFINITE} the loss or the weights became NaN/inf (the last good "
         f"checkpoint is kept); {EXIT_PREEMPTED} stopped by SIGTERM/SIGUSR1 after checkpointing (rerun the same "
@@ -44,12 +55,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with cli_errors("greg train") as ce:
-        cfg = load_config(args.config, args.set)
+        runtime = []
+        if args.workers is not None:
+            if args.workers < 0:
+                raise InputError(f"--workers {args.workers}: must be >= 0")
+            runtime.append(f"data.num_workers={args.workers}")
+        if args.data_root is not None:
+            runtime.append(f"data.root={json.dumps(args.data_root)}")  # a JSON string is a YAML string
+        cfg = load_config(args.config, runtime + args.set)
         if args.print_config:
             print(config_text(cfg), end="")
             return 0
         try:
-            return Trainer(cfg, args.out, args.device).run()
+            check_cuda(args.device, args.require_cuda, "greg train")
+            return Trainer(cfg, args.out, args.device, force=args.force).run()
         except NonFiniteError as e:
             state = Path(args.out) / "state.pt"
             kept = (
