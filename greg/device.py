@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +26,31 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
     return dev
+
+
+class CudaUnavailableError(RuntimeError):
+    """A GPU job without CUDA (exit 1: the environment, not the input, is wrong)."""
+
+    exit_code = 1
+
+
+def check_cuda(name: str, require: bool = False, command: str = "greg") -> None:
+    """A job that runs on the CPU although a GPU was expected: with ``require`` (the workflow's GPU rules pass
+    ``--require-cuda``) an error, else, under SLURM with ``--device auto``, a loud warning: a cluster job on
+    a node without a usable GPU would otherwise train on the CPU until its time limit."""
+    if name not in ("auto",) and not name.startswith("cuda") and not require:
+        return  # an explicit --device cpu is what the user asked for
+    if torch.cuda.is_available():
+        return
+    where = f"SLURM job {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "this machine"
+    if require:
+        raise CudaUnavailableError(
+            f"--require-cuda: CUDA is not available in {where} (no GPU allocated, or a CPU-only torch "
+            f"{torch.__version__}); request a GPU (resources gpu=1) or drop --require-cuda")
+    if os.environ.get("SLURM_JOB_ID"):
+        print(f"{command}: WARNING: running on the CPU in {where}: CUDA is not available (no GPU allocated, "
+              f"or a CPU-only torch {torch.__version__}); pass --require-cuda to make this an error",
+              file=sys.stderr)
 
 
 @contextmanager
