@@ -9,7 +9,7 @@ know which names exist and whether a method trains on auxiliary outliers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +251,20 @@ def train_args(config: dict, dataset: str, arch: str, run: str, seed: int | str)
         if k not in run_config.RUNTIME_KEYS:  # they reach greg train through train_runtime_args
             args += ["--set", f"{k}={yaml_value(v)}"]
     return args
+
+
+def check_run_configs(config: dict, cells: Iterable[tuple[str, str, str]]) -> None:
+    """Resolve and validate (``greg.config.load_config``) the run config of every (dataset, arch, run) the
+    workflow will train, so that a typo in ``train_set`` / ``set`` / ``set_by_dataset`` (``train.epochz``)
+    fails the dry run with one line instead of every training job. ``ReportError`` names the run."""
+    for dataset, arch, run in dict.fromkeys(cells):
+        args = train_args(config, dataset, arch, run, 0) + train_runtime_args(config)
+        files = [v for k, v in zip(args, args[1:]) if k == "--config"]
+        sets = [v for k, v in zip(args, args[1:]) if k == "--set"]
+        try:
+            run_config.load_config(files, sets)
+        except (ValueError, OSError) as e:
+            raise ReportError(f"config: run {run!r} of {dataset}/{arch}: {e}") from None
 
 
 def train_runtime_args(config: dict) -> list[str]:

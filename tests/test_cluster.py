@@ -6,6 +6,7 @@ files, the conda envs install greg from the checkout, and every config key is do
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,16 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = BIN / "snakemake"
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import benchmarks as B  # noqa: E402  (workflow/scripts/benchmarks.py)
 import job as J  # noqa: E402  (workflow/scripts/job.py)
+from test_workflow import workdir  # noqa: E402
 
 needs_snakemake = pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed here")
 
 
 def snakemake(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    # in test_workflow's working copy: a user's data/, results/ and .snakemake/ change nothing here
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(SNAKEMAKE), *args], check=False, cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([str(SNAKEMAKE), *args], check=False, cwd=workdir(), env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -54,24 +58,54 @@ def test_hostile_config_values_are_refused_before_any_job(tmp_path):
 
 
 @needs_snakemake
-def test_paths_with_spaces_work_end_to_end(tmp_path):
-    """Dry run: the shell commands carry the quoted paths; real jobs: download + 3-step CE training of the
-    tiny benchmark into a results / data directory whose names contain spaces (job.py, greg train)."""
+@pytest.mark.slow
+def test_paths_with_spaces_work_end_to_end_and_runtime_settings_never_replan_a_model(tmp_path):
+    """Real jobs (download, 3-step CE pretraining, 3-step GReg fine-tuning of the tiny benchmark) into results
+    and data directories whose names contain spaces (quoting, job.py, greg train). Then the data root moves
+    and the worker count, progress and checkpoint/log cadence change: the dry run plans no job (issue 14.1),
+    while a change of what a run computes replans it. Trained checkpoints are write-protected."""
     results, data = tmp_path / "my results", tmp_path / "my data"
-    target = results / "tiny/small_cnn/pretrain/seed42/final.pt"
-    cfg = ["--configfile", "config/smoke.yaml", "--config", f"results={results}", f"data_root={data}"]
-    r = snakemake("-n", "-p", str(target), *cfg)
+    target = results / "tiny/small_cnn/greg/seed42/final.pt"
+    base = ["--configfile", "config/smoke.yaml", "--config", f"results={results}"]
+    r = snakemake("-n", "-p", str(target), *base, f"data_root={data}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"--out '{results}/tiny/small_cnn/pretrain/seed42'" in r.stdout
-    assert f"--root '{data}'" in r.stdout
-    r = snakemake(str(target), *cfg, "--cores", "1", timeout=240)
+    assert f"--data-root '{data}'" in r.stdout and f"--root '{data}'" in r.stdout
+    r = snakemake(str(target), *base, f"data_root={data}", "--cores", "2", timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert target.is_file() and (data / ".greg-ready" / "tiny").is_file()
+    assert target.is_file() and (results / ".greg-ready" / "tiny").is_file()
+    assert target.stat().st_mode & 0o222 == 0  # protected()
     log = results / "logs/train/tiny/small_cnn/pretrain/seed42.log"
     assert log.read_text().startswith("=== attempt 1 ")
     assert (log.parent / "seed42.attempts.log").read_text().count("=== attempt 1 ") == 1
     bench = results / "benchmarks/pretrain/tiny/small_cnn/seed42.tsv"
     assert bench.read_text().startswith("s\t")
+
+    moved = tmp_path / "moved data"
+    moved.mkdir()
+    smoke = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())["train_set"]
+
+    def plan(**train_set) -> subprocess.CompletedProcess:
+        extra = tmp_path / "extra.yaml"
+        extra.write_text(yaml.safe_dump({"train_set": {**smoke, **train_set}}))
+        return snakemake("-n", str(target), "--configfile", "config/smoke.yaml", str(extra),
+                         "--config", f"results={results}", f"data_root={moved}")
+
+    r = plan(**{"data.num_workers": 1, "train.checkpoint_every": 1, "train.progress": True,
+                "train.log_every": 2})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Nothing to be done" in r.stdout + r.stderr, r.stdout[-3000:]
+    # a change of what the runs compute (batch size) replans both trainings
+    r = plan(**{"data.batch_size": 8})
+    assert re.search(r"^train\s+1$", r.stdout, re.M) and re.search(r"^pretrain\s+1$", r.stdout, re.M), r.stdout[-3000:]
+
+
+@needs_snakemake
+def test_typo_in_a_set_key_fails_the_dry_run_with_one_line():
+    r = snakemake("-n", "--config", "train_set={train.epochz: 3}", "--", "table9")
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+    assert "unknown config key 'train.epochz'" in errors[0] and "run 'pretrain'" in errors[0]
 
 
 # ---------------------------------------------------------------------- resources, groups, account (14.3-6)
@@ -257,3 +291,50 @@ def test_every_config_key_is_documented():
         assert f"`{key}`" in doc, key
     catalog = yaml.safe_load((ROOT / ".snakemake-workflow-catalog.yml").read_text())
     assert catalog["usage"]["software-stack-deployment"]["conda"] is True
+
+
+# ------------------------------------------------------------------------ trainer and CUDA (14.8, 14.4)
+
+
+def test_rerun_after_a_kill_before_the_first_checkpoint_starts_over(tmp_path, monkeypatch):
+    """A job killed before its first checkpoint leaves metrics.jsonl (and config.yaml) but no state.pt; the
+    rerun must start over (one fresh log), not fail on the log it removes ('missing file', exit 2)."""
+    from greg import config
+    from greg.trainer import Trainer
+
+    cfg = config.load_config([ROOT / "config/methods/ce.yaml", ROOT / "config/tiny.yaml"],
+                             ["train.max_steps=2", "train.checkpoint_every=2", "train.progress=false",
+                              "train.grad_norm_every=0", "data.batch_size=16"])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "total": 1.0}\n{"step": 1, "tot')  # torn, no state.pt
+    t = Trainer(cfg, out, "cpu")
+    t._trim_log_all()
+    # the log vanishing between a check and the delete (a second attempt of the same job, a requeue) is
+    # not an error: an exists()-then-unlink() raised FileNotFoundError here, i.e. exit 2 "missing file"
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda p: True if p.name == "metrics.jsonl" else real_exists(p))
+    t._trim_log_all()
+    monkeypatch.undo()
+    (out / "metrics.jsonl").write_text('{"step": 0, "total": 1.0}\n')
+    assert t.run() == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1] and (out / "final.pt").is_file()
+
+
+def test_require_cuda_fails_and_slurm_without_cuda_warns(monkeypatch, capsys):
+    import torch
+
+    from greg import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with pytest.raises(device.CudaUnavailableError, match="SLURM job 4242") as e:
+        device.check_cuda("auto", require=True, command="greg train")
+    assert e.value.exit_code == 1
+    device.check_cuda("auto", require=False, command="greg train")
+    assert "greg train: WARNING: running on the CPU in SLURM job 4242" in capsys.readouterr().err
+    device.check_cuda("cpu", require=False)  # an explicit CPU run is what the user asked for
+    monkeypatch.delenv("SLURM_JOB_ID")
+    device.check_cuda("auto", require=False)  # a laptop without CUDA: silent
+    assert capsys.readouterr().err == ""

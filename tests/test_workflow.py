@@ -112,7 +112,8 @@ def test_dry_run_commands_of_the_new_targets():
     pre = next(c for c in cmds if "--out results/cifar100/densenet100/pretrain/seed2" in c)
     assert "init.checkpoint=data/densenet100_cifar100_released/densenet100_cifar100.pth" in pre
     assert "init.kind=pretrained" in pre and "train.epochs=0" in pre and "train.max_steps=null" in pre
-    assert "input: data/.greg-ready/cifar100, config/methods/ce.yaml, data/.greg-ready/densenet100_cifar100_released" in out
+    assert ("input: results/.greg-ready/cifar100, config/methods/ce.yaml, "
+            "results/.greg-ready/densenet100_cifar100_released") in out
     inet = next(c for c in cmds if "--out results/imagenet10/densenet121/pretrain/seed2" in c)
     assert "init.skip_head=true" in inet and "train.epochs=20" in inet
     sam = next(c for c in cmds if "--out results/cifar100/densenet100/sam/seed2" in c)

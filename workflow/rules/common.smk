@@ -52,6 +52,22 @@ RESOLVED = {
 }
 
 
+def _check_run_configs():
+    # Every run the targets can train, validated like `greg train` would: one line, before any job.
+    cells = [(d, a, r) for g in config["grid"] for d in g["datasets"] for a in g["archs"]
+             for r in ["pretrain", *g["runs"]]]
+    cells += [(c["dataset"], c["arch"], c["run"]) for t in RESOLVED.values() for row in t["rows"]
+              for c in row["cells"] if not c.get("na")]
+    try:
+        P.check_run_configs(config, [c for c in cells if cell_ok(*c, "msp")])  # msp: any registered detector
+    except P.ReportError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+_check_run_configs()
+
+
 def table_outputs(name):
     return [f"{RESULTS}/tables/{name}.tex", f"{RESULTS}/tables/{name}.csv"]
 
@@ -120,7 +136,9 @@ def fig_sam_args(wc):
 
 
 def data_stamp(name):
-    return f"{config['data_root']}/.greg-ready/{name}"
+    # Under the results, not data_root: data_root is runtime-only (moving the data must not rerun a model);
+    # consumers take it as ancient() (a re-verification must not either).
+    return f"{RESULTS}/.greg-ready/{name}"
 
 
 def datasets_of(dataset, with_aux):
@@ -145,6 +163,14 @@ GPU_RETRIES = 3
 # A model's training job and the evaluations of its checkpoint form one group (one SLURM job; evaluate.smk).
 MODEL_GROUP = "model_{dataset}_{arch}_{run}_seed{seed}"
 PRETRAIN_GROUP = "model_{dataset}_{arch}_pretrain_seed{seed}"
+
+
+# Runtime-only arguments (greg.config.RUNTIME_KEYS, device, workers = the rule's threads) are not rule params
+# and the shell text names them ({config[...]}, {TRAIN_RUNTIME}) instead of containing them: Snakemake reruns
+# a job when its params or its shell text change, so editing them never reruns (or deletes) a trained model.
+# --require-cuda when the job asked for a GPU (a profile may set gpu=0).
+TRAIN_RUNTIME = quote_args(P.train_runtime_args(config))
+RUNTIME_SHELL = " --device {config[device]:q} $([ {resources.gpu} -gt 0 ] && echo --require-cuda)"
 
 
 def attempt(wildcards, attempt):
@@ -182,7 +208,7 @@ def check_slurm_account():
 def train_inputs(wc):
     spec = P.run_spec(config, wc.run, wc.dataset)
     aux = [data_stamp(config["datasets"][wc.dataset]["aux"])] if P.run_needs_aux(config, wc.run, wc.dataset) else []
-    ins = {"data": [data_stamp(wc.dataset), *aux], "presets": spec["configs"]}
+    ins = {"data": [ancient(f) for f in [data_stamp(wc.dataset), *aux]], "presets": spec["configs"]}
     if spec["init"] == "pretrain":
         ins["init"] = f"{run_dir(wc.dataset, wc.arch, 'pretrain', wc.seed)}/final.pt"
     return ins

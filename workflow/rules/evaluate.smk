@@ -6,7 +6,7 @@
 rule evaluate:
     input:
         ckpt=f"{RESULTS}/{{dataset}}/{{arch}}/{{run}}/seed{{seed}}/final.pt",
-        data=lambda wc: [data_stamp(d) for d in datasets_of(wc.dataset, with_aux=False)],
+        data=lambda wc: [ancient(data_stamp(d)) for d in datasets_of(wc.dataset, with_aux=False)],
     output:
         f"{RESULTS}/{{dataset}}/{{arch}}/{{run}}/seed{{seed}}/eval/{{detector}}/metrics.csv",
     log:
@@ -23,8 +23,6 @@ rule evaluate:
     params:
         ood=lambda wc: ",".join(config["datasets"][wc.dataset]["ood"]),
         out=lambda wc: f"{run_dir(wc.dataset, wc.arch, wc.run, wc.seed)}/eval/{wc.detector}",
-        root=config["data_root"],
-        device=config["device"],
         extra=quote_args(config["evaluate_args"]),
     threads: GPU_THREADS
     resources:
@@ -37,5 +35,5 @@ rule evaluate:
         ENV_GPU
     shell:
         job() + " greg evaluate --checkpoint {input.ckpt:q} --id {wildcards.dataset:q} --ood {params.ood:q}"
-        " --detector {wildcards.detector:q} --root {params.root:q} --device {params.device:q}"
-        " --out {params.out:q} {params.extra}"
+        " --detector {wildcards.detector:q} --out {params.out:q} --root {config[data_root]:q}"
+        " --num-workers {threads}" + RUNTIME_SHELL + " {params.extra}"

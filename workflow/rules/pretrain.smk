@@ -7,12 +7,12 @@
 
 rule pretrain:
     input:
-        data=lambda wc: [data_stamp(wc.dataset)],
+        data=lambda wc: [ancient(data_stamp(wc.dataset))],
         presets=config["pretrain"]["configs"],
         # ancient: a re-download (same checksum, new mtime) must not retrain every seed
         imported=lambda wc: [ancient(data_stamp(n)) for n in [P.pretrain_import(config, wc.dataset, wc.arch)] if n],
     output:
-        f"{RESULTS}/{{dataset}}/{{arch}}/pretrain/seed{{seed}}/final.pt",
+        protected(f"{RESULTS}/{{dataset}}/{{arch}}/pretrain/seed{{seed}}/final.pt"),
     log:
         f"{RESULTS}/logs/train/{{dataset}}/{{arch}}/pretrain/seed{{seed}}.log",
     benchmark:
@@ -20,7 +20,6 @@ rule pretrain:
     params:
         args=lambda wc: quote_args(P.train_args(config, wc.dataset, wc.arch, "pretrain", wc.seed)),
         out=lambda wc: run_dir(wc.dataset, wc.arch, "pretrain", wc.seed),
-        device=config["device"],
     group:
         PRETRAIN_GROUP
     threads: GPU_THREADS
@@ -33,4 +32,4 @@ rule pretrain:
     conda:
         ENV_GPU
     shell:
-        job() + " greg train {params.args} --out {params.out:q} --device {params.device:q}"
+        job() + " greg train {params.args} --out {params.out:q} --workers {threads} {TRAIN_RUNTIME}" + RUNTIME_SHELL

@@ -6,7 +6,7 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        f"{RESULTS}/{{dataset}}/{{arch}}/{{run}}/seed{{seed}}/final.pt",
+        protected(f"{RESULTS}/{{dataset}}/{{arch}}/{{run}}/seed{{seed}}/final.pt"),
     log:
         f"{RESULTS}/logs/train/{{dataset}}/{{arch}}/{{run}}/seed{{seed}}.log",
     benchmark:
@@ -16,7 +16,6 @@ rule train:
     params:
         args=lambda wc: quote_args(P.train_args(config, wc.dataset, wc.arch, wc.run, wc.seed)),
         out=lambda wc: run_dir(wc.dataset, wc.arch, wc.run, wc.seed),
-        device=config["device"],
     group:
         MODEL_GROUP
     threads: GPU_THREADS
@@ -29,4 +28,4 @@ rule train:
     conda:
         ENV_GPU
     shell:
-        job() + " greg train {params.args} --out {params.out:q} --device {params.device:q}"
+        job() + " greg train {params.args} --out {params.out:q} --workers {threads} {TRAIN_RUNTIME}" + RUNTIME_SHELL
