@@ -22,7 +22,8 @@ def _perm(n: int, *key: int) -> torch.Tensor:
 
 def aux_pool_size(n_aux: int, pool_per_epoch: int | None) -> int:
     """Auxiliary images an epoch draws from: ``data.aux_pool_per_epoch`` capped at the set's size, as the
-    released code's ``min(size_candidate_ood, len(aux))`` (o4lc/Greg-OOD train_sea.py@4761101:155); None = all."""
+    released code's ``min(size_candidate_ood, len(aux))`` (o4lc/Greg-OOD train_sea.py@4761101:155); None =
+    the whole set."""
     return n_aux if pool_per_epoch is None else min(int(pool_per_epoch), n_aux)
 
 
