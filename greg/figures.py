@@ -20,7 +20,8 @@ from greg.tables import ReportError, mean_std
 def _save_figure(fig: Any, out: str | Path) -> list[Path]:
     """Lay out ``fig`` (a ``matplotlib.figure.Figure``: no pyplot state, nothing to close) and write ``out``
     (PDF) and the PNG of the same stem, atomically."""
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # the figures below use constrained layout (legends outside the axes)
+        fig.tight_layout()
     out = Path(out)
     paths = [out.with_suffix(".pdf"), out.with_suffix(".png")]
     for p in paths:
@@ -88,11 +89,14 @@ def plot_fig3(runs: dict[str, list[str]], out: str | Path, keys: tuple[str, str]
     """Energy loss and mean input-gradient norm of the score over training steps, one line per run."""
     from matplotlib.figure import Figure  # heavy: only plotting needs it
 
+    from matplotlib.ticker import MaxNLocator
+
     titles = {"energy": r"energy loss $\mathcal{L}_S$", "score_grad_norm": r"mean $\|\nabla_x S(x)\|_2$"}
-    fig = Figure(figsize=(5 * len(keys), 3.5))
-    axes = fig.subplots(1, len(keys))
+    fig = Figure(figsize=(5 * len(keys), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(keys), sharex=True, squeeze=False)[0]
     for ax, key in zip(axes, keys):
         for label, files in runs.items():
+            label = f"{label} ({m})" if (m := run_margins(files)) else label
             curves = [series(read_jsonl(f), key) for f in files]
             curves = [c for c in curves if c[0]]
             if not curves:
@@ -104,9 +108,24 @@ def plot_fig3(runs: dict[str, list[str]], out: str | Path, keys: tuple[str, str]
             if len(curves) > 1:
                 ax.fill_between(steps, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
         ax.set_xlabel("training step")
-        ax.set_title(titles.get(key, key))
-        ax.legend()
+        ax.set_ylabel(titles.get(key, key))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # one legend for both panels, below them: it covers no curve
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), frameon=False)
     return _save_figure(fig, out)
+
+
+def run_margins(files: list[str]) -> str:
+    """The energy-loss margins of a run, from the ``config.yaml`` the trainer writes beside ``metrics.jsonl``
+    (``m_in``/``m_out`` of ``method.hparams``), as ``m_in=-25, m_out=-7``; "" when there is none."""
+    cfg = Path(files[0]).with_name("config.yaml") if files else None
+    if cfg is None or not cfg.is_file():
+        return ""
+    hp = ((io.yaml_load(cfg.read_text(encoding="utf-8")) or {}).get("method") or {}).get("hparams") or {}
+    if hp.get("m_in") is None or hp.get("m_out") is None:
+        return ""
+    return rf"$m_{{in}}$={hp['m_in']:g}, $m_{{out}}$={hp['m_out']:g}"
 
 
 def load_scores(path: str | Path) -> Any:
@@ -126,8 +145,8 @@ def plot_fig4(models: dict[str, list[str]], ood: str, out: str | Path, id_label:
               ood_label: str | None = None, bins: int = 60) -> list[Path]:
     """Histograms of the energy score, ID test set vs one OOD set, one panel per model (seeds pooled)."""
     from matplotlib.figure import Figure  # heavy: only plotting needs it
-    fig = Figure(figsize=(4 * len(models), 3.2))
-    axes = fig.subplots(1, len(models), squeeze=False)
+    fig = Figure(figsize=(4 * len(models), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(models), squeeze=False, sharex=True, sharey=True)  # one score, one axis
     for ax, (label, dirs) in zip(axes[0], models.items()):
         s_id = np.concatenate([load_scores(Path(d) / "scores" / "id.npz") for d in dirs])
         s_ood = np.concatenate([load_scores(Path(d) / "scores" / f"{ood}.npz") for d in dirs])
@@ -139,7 +158,9 @@ def plot_fig4(models: dict[str, list[str]], ood: str, out: str | Path, id_label:
         ax.hist(s_ood, bins=edges, alpha=0.6, density=True, label=ood_label or ood)
         ax.set_title(label)
         ax.set_xlabel(r"energy score $S(x)$ (higher = more OOD)")
-        ax.legend()
+    axes[0][0].set_ylabel("density")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     return _save_figure(fig, out)
 
 
@@ -178,9 +199,12 @@ def plot_fig_sam(diags: dict[str, dict[str, dict]], out: str | Path,
     bad = [k for k in keys if k not in SAM_DIAGNOSTICS]
     if bad:
         raise ReportError(f"fig-sam: unknown diagnostic(s) {bad}; known: {', '.join(SAM_DIAGNOSTICS)}")
+    from matplotlib.ticker import MaxNLocator
+
     set_labels = set_labels or {}
-    fig = Figure(figsize=(4.2 * len(keys), 3.0 * len(diags)))
-    axes = fig.subplots(len(diags), len(keys), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(keys), 2.6 * len(diags) + 0.8), layout="constrained")
+    # a column compares one diagnostic across models: shared x (and bins)
+    axes = fig.subplots(len(diags), len(keys), squeeze=False, sharex="col")
     for j, key in enumerate(keys):
         values = [np.asarray(d[key], dtype=float) for sets in diags.values() for d in sets.values()]
         finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
@@ -191,12 +215,14 @@ def plot_fig_sam(diags: dict[str, dict[str, dict]], out: str | Path,
                 v = np.asarray(d[key], dtype=float)
                 ax.hist(v[np.isfinite(v)], bins=edges, density=True, histtype="step", linewidth=1.2,
                         label=set_labels.get(name, "ID" if name == "id" else name))
-            ax.set_title(label, fontsize="medium")
-            ax.set_xlabel(SAM_DIAGNOSTICS[key], fontsize="small")
-            if j == 0:
-                ax.set_ylabel("density")
-            if i == 0 and j == len(keys) - 1:
-                ax.legend(fontsize="x-small")
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # long tick labels (head gradient norm) never touch
+            ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 4))
+            if i == len(diags) - 1:  # shared x: the label once, under the column
+                ax.set_xlabel(SAM_DIAGNOSTICS[key], fontsize="small")
+            if j == 0:  # row label: the model, once per row
+                ax.set_ylabel(f"{label}\ndensity")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), frameon=False)
     return _save_figure(fig, out)
 
 

@@ -494,3 +494,16 @@ def _overlay(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _overlay(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
+
+
+def test_fig3_legend_states_each_runs_margins(tmp_path):
+    """fig3's legend: each curve's energy-loss margins, from the config.yaml the trainer writes beside
+    metrics.jsonl; none for a run without margins (or without its config)."""
+    run = tmp_path / "greg"
+    run.mkdir()
+    (run / "config.yaml").write_text("method:\n  name: greg\n  hparams: {m_in: -25.0, m_out: -7.0}\n")
+    (tmp_path / "ce").mkdir()
+    (tmp_path / "ce" / "config.yaml").write_text("method: {name: ce, hparams: {}}\n")
+    assert F.run_margins([str(run / "metrics.jsonl")]) == r"$m_{in}$=-25, $m_{out}$=-7"
+    assert F.run_margins([str(tmp_path / "ce" / "metrics.jsonl")]) == ""
+    assert F.run_margins([str(tmp_path / "none" / "metrics.jsonl")]) == ""
