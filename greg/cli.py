@@ -7,6 +7,7 @@ modules are imported lazily so ``greg --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import sys
 
@@ -17,6 +18,36 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("greg.report", "aggregate metrics over seeds into LaTeX/CSV tables and figures"),
     "dg": ("greg.dg.cli", "domain generalization (Hessian alignment) experiments"),
 }
+
+
+def _has_default(action: argparse.Action) -> bool:
+    # identity, not ==: a default of 0 is a default; None / a store_true's False are none
+    return not any(action.default is x for x in (None, False, argparse.SUPPRESS))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (unless the text already states one, or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or not _has_default(action) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and _has_default(action):
+            action = copy.copy(action)  # argparse prints nothing for help=None: show the default at least
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def _use_formatter(parser: argparse.ArgumentParser) -> None:
+    """HelpFormatter for ``parser`` and every sub-command parser below it (greg report table, greg dg run...)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _use_formatter(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     # Only import the module that is asked for; list the others by their help text.
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (mod_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == wanted:
             mod = importlib.import_module(mod_name)
             mod.add_arguments(p)
+            _use_formatter(p)
             modules[name] = mod
     args = parser.parse_args(argv)
     try:

@@ -88,7 +88,6 @@ def plot_fig3(runs: dict[str, list[str]], out: str | Path, keys: tuple[str, str]
               smooth_window: int | None = None) -> list[Path]:
     """Energy loss and mean input-gradient norm of the score over training steps, one line per run."""
     from matplotlib.figure import Figure  # heavy: only plotting needs it
-
     from matplotlib.ticker import MaxNLocator
 
     titles = {"energy": r"energy loss $\mathcal{L}_S$", "score_grad_norm": r"mean $\|\nabla_x S(x)\|_2$"}

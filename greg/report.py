@@ -94,8 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f4.add_argument("--model", action="append", required=True, metavar="LABEL=EVAL_DIR[,EVAL_DIR...]",
                     help="a panel: its label and the evaluation directory of each seed (with scores/)")
     f4.add_argument("--ood", required=True, help="OOD set name (scores/<ood>.npz)")
-    f4.add_argument("--id-label", default="ID")
-    f4.add_argument("--ood-label", default=None)
+    f4.add_argument("--id-label", default="ID", help="legend name of the ID test set")
+    f4.add_argument("--ood-label", default=None, help="legend name of the OOD set (default: its name)")
     f4.add_argument("--out", required=True, help="output PDF (a PNG of the same stem is written too)")
     fs = sub.add_parser("fig-sam", help="SAM appendix diagnostics: head-gradient norm, max logit, scores, "
                                         "ID vs each OOD set, before/after fine-tuning (greg.diagnostics)")
@@ -106,7 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fs.add_argument("--root", default="data", help="data root (default: data)")
     fs.add_argument("--device", default="auto", help=DEVICE_HELP)
     fs.add_argument("--max-samples", type=int, default=2000, help="subsample of each set (0 = all)")
-    fs.add_argument("--batch-size", type=int, default=256)
+    fs.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     fs.add_argument("--keys", default="head_grad_norm,max_logit,energy",
                     help=f"comma-separated columns among {', '.join(SAM_DIAGNOSTICS)}")
     fs.add_argument("--labels-json", default="{}", help="JSON object: set name -> display name")
