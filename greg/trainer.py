@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from greg import data, io, models
 from greg.config import ConfigError, config_diff, config_hash, config_text, make_method, mix
-from greg.device import resolve_device
+from greg.device import eval_mode, resolve_device
 from greg.methods import margins
 from greg.methods.grad_reg import score_input_grad_norm
 from greg.stream import StreamSampler, aux_pool_size, loader, ratio_candidates
@@ -175,6 +175,7 @@ class Trainer:
         self.total_steps = total
         self.optimizer = make_optimizer(self.model.parameters(), cfg["optim"])
         self.step = 0
+        self.last_loss: float | None = None  # total loss of the last step this process ran
         self._stop_signal: int | None = None
 
     # -- init / checkpoints -------------------------------------------------------------------------
@@ -437,7 +438,39 @@ class Trainer:
                 "margins": margins.fitted(self.method),
             },
         )
+        self._print_summary()
         return 0
+
+    def _print_summary(self) -> None:
+        """One closing line: steps, final loss, ID test accuracy (when the ID set has a test split), final.pt."""
+        parts = [f"{self.step} steps"]
+        loss = self.last_loss if self.last_loss is not None else self._logged_loss()
+        if loss is not None:
+            parts.append(f"final loss {loss:.4f}")
+        c_data = self.cfg["data"]
+        if "test" in data.spec(c_data["id"]).splits:
+            test = data.load(c_data["id"], "test", c_data["root"])
+            parts.append(f"ID test accuracy {100 * self._accuracy(test):.2f} % ({len(test)} images)")
+        print(f"greg train: done: {', '.join(parts)}; {self.final_path}", file=sys.stderr)
+
+    def _accuracy(self, ds) -> float:
+        """Top-1 accuracy over the ID classes ((K+1)-class models never predict the extra class)."""
+        k = data.spec(self.cfg["data"]["id"]).num_classes
+        dl = torch.utils.data.DataLoader(ds, batch_size=2 * self.cfg["data"]["batch_size"],
+                                         num_workers=self.cfg["data"]["num_workers"])
+        correct = 0
+        with eval_mode(self.model), torch.inference_mode():
+            for x, y in dl:
+                pred = self.model(x.to(self.device))[:, :k].argmax(dim=1).cpu()
+                correct += int((pred == torch.as_tensor(y)).sum())
+        return correct / max(len(ds), 1)
+
+    def _logged_loss(self) -> float | None:
+        """The last logged total loss (a resume that had no step left to run)."""
+        if not self.log_path.exists():
+            return None
+        lines = self.log_path.read_text(encoding="utf-8").splitlines()
+        return json.loads(lines[-1]).get("total") if lines else None
 
     def _fit_margins(self) -> None:
         """``margins: auto``: m_in / m_out from the starting model's energies (greg.methods.margins)."""
@@ -490,6 +523,7 @@ class Trainer:
             if gne and self.step % gne == 0:
                 rec.update(self._grad_norms(batch, c_train["grad_norm_score"]))
             rec["time"] = time.perf_counter() - t0
+            self.last_loss = rec["total"]
             self.step += 1
             if c_train["log_every"] and (self.step - 1) % c_train["log_every"] == 0:
                 log.write(json.dumps(rec, sort_keys=True) + "\n")

@@ -250,3 +250,36 @@ def test_aux_pool_sets_ratio_and_epoch_stream(tmp_path, monkeypatch):
     assert Trainer(_cfg(tmp_path, **{**over, "train.max_steps": 2}), tmp_path / "run2", "cpu").run() == 0
     # (n, per_pass, seed, stream, start, stop, pool) of the aux stream
     assert made[1] == (1000, 40 * 17, 5, 2, 0, 2 * 17, 700)
+
+
+def test_run_ends_with_one_summary_line(tmp_path, capsys, monkeypatch):
+    """Steps, the last step's loss, ID test accuracy (of final.pt, recomputed here) and final.pt's path."""
+    import dataclasses
+    import re
+
+    from greg import data, models
+
+    out = tmp_path / "run"
+    t = Trainer(_cfg(tmp_path, method="ce", **{"train.max_steps": 3}), out, "cpu")
+    capsys.readouterr()
+    assert t.run() == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    m = re.fullmatch(r"greg train: done: 3 steps, final loss (\S+), ID test accuracy (\S+) % \((\d+) images\); (.+)",
+                     last)
+    assert m, last
+    loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["total"]
+    assert float(m[1]) == pytest.approx(loss, abs=5e-5)
+    test = data.load("tiny", "test", str(tmp_path / "data"))
+    model, _ = models.load_checkpoint(out / "final.pt", "cpu")
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(torch.stack([test[i][0] for i in range(j, min(j + 100, len(test)))])).argmax(1)
+                          for j in range(0, len(test), 100)])
+    acc = 100 * sum(int(p) == test[i][1] for i, p in enumerate(pred)) / len(test)
+    assert float(m[2]) == pytest.approx(acc, abs=5e-3) and int(m[3]) == len(test) == 500
+    assert m[4] == str(out / "final.pt")
+    # An ID set without a test split: no accuracy, the rest unchanged.
+    real_spec = data.spec
+    monkeypatch.setattr(data, "spec", lambda name: dataclasses.replace(real_spec(name), splits=("train",)))
+    t._print_summary()
+    assert capsys.readouterr().err.strip() == f"greg train: done: 3 steps, final loss {m[1]}; {out / 'final.pt'}"
