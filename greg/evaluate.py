@@ -190,9 +190,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--root", default="data", help="data root (default: data)")
     p.add_argument("--n-ood", type=int, default=10000, help="subsample each OOD set to at most N (0 = all)")
-    p.add_argument("--subsample-seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--subsample-seed", type=int, default=0,
+                   help="seed of the --n-ood subsample (the same seed picks the same images for every model)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per scoring batch (no effect on scores)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (0 = main process)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--require-cuda", action="store_true",
                    help="fail (exit 1) instead of warning when CUDA is unavailable (workflow GPU jobs)")
@@ -211,11 +212,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--robustness-n", type=int, default=1000, help="first N samples of each set for robustness"
     )
-    p.add_argument("--attack-norm", choices=("linf", "l2"), default="linf")
+    p.add_argument("--attack-norm", choices=("linf", "l2"), default="linf", help="norm of the PGD attack's ball")
     p.add_argument("--attack-eps", type=float, default=0.01, help="PGD radius on the normalized input")
     p.add_argument("--attack-alpha", type=float, default=0.0025, help="PGD step size")
-    p.add_argument("--attack-steps", type=int, default=10)
-    p.add_argument("--cert-norm", choices=("l2", "linf"), default="l2")
+    p.add_argument("--attack-steps", type=int, default=10, help="PGD iterations")
+    p.add_argument("--cert-norm", choices=("l2", "linf"), default="l2",
+                   help="norm of the certified radius (Eq. 4)")
     p.add_argument("--cert-eps", type=float, default=0.5, help="cap of the certified radius")
 
 

@@ -510,9 +510,12 @@ def test_fig3_legend_states_each_runs_margins(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["evaluate", "--help"], ["--batch-size BATCH_SIZE\n                        (default: 256)", "(default: data)"]),
+    (["evaluate", "--help"], ["(no effect on scores)\n                        (default: 256)", "(default: data)"]),
     (["report", "fig4", "--help"], ["legend name of the ID test set (default: ID)"]),
     (["dg", "run", "--help"], ["(default: 10)"]),
+    (["train", "--help"], ["(default: auto)"]),
+    (["data", "--help"], []),
+    (["report", "--help"], []),
 ])
 def test_every_cli_help_shows_defaults(argv, expected, capsys):
     with pytest.raises(SystemExit):
@@ -521,3 +524,23 @@ def test_every_cli_help_shows_defaults(argv, expected, capsys):
     for text in expected:
         assert text in out, out
     assert "(default: None)" not in out and "(default: False)" not in out
+    # Every option of this command and of each of its sub-commands says what it does, not only its default.
+    import argparse
+    import importlib
+
+    from greg.cli import COMMANDS
+
+    def options(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    yield from options(sub, f"{path} {name}")
+            elif a.option_strings and not isinstance(a, argparse._HelpAction):
+                yield path, a
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[argv[0]][0]).add_arguments(parser)
+    found = list(options(parser, f"greg {argv[0]}"))
+    assert found
+    bare = [f"{path} {a.option_strings[0]}" for path, a in found if not (a.help or "").strip()]
+    assert not bare, bare

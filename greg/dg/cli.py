@@ -47,6 +47,8 @@ DISPLAY = {
     "oracle": "Oracle (grayscale ERM)",
 }
 ORDER = list(DISPLAY)
+# Names as registered in greg.dg.datasets (not imported here: it pulls torch into `greg dg --help`).
+DATASET_HELP = "DG dataset: colored_digits, colored_digits_ls (no download), colored_mnist, colored_mnist_ls"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,10 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = sub.add_parser(
         "run", help="train an algorithm for several restarts (resumable)", epilog=EXIT_STATUS_HELP
     )
-    r.add_argument("--dataset", required=True)
-    r.add_argument("--algorithm", required=True)
-    r.add_argument("--restarts", type=int, default=10)
-    r.add_argument("--out", required=True, type=Path)
+    r.add_argument("--dataset", required=True, help=DATASET_HELP)
+    r.add_argument("--algorithm", required=True, help=f"one of: {', '.join(ORDER)}")
+    r.add_argument("--restarts", type=int, default=10,
+                   help="independent restarts (seeds --seed, --seed + 1, ...); the table averages them")
+    r.add_argument("--out", required=True, type=Path,
+                   help="run directory (config.json, results.csv one row per restart, summary.json)")
     r.add_argument("--steps", type=int, default=None, help="default: the dataset's protocol (501)")
     r.add_argument("--device", default="auto", help=DEVICE_HELP)
     r.add_argument("--seed", type=int, default=0, help="restart r uses seed + r (data, init, draws)")
@@ -68,15 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--data-root", default="data", help="where MNIST is downloaded (colored_mnist)")
     r.add_argument("--progress", action="store_true", help="tqdm bar per restart")
     t = sub.add_parser("table", help="LaTeX + CSV table of several runs", epilog=EXIT_STATUS_HELP)
-    t.add_argument("--inputs", nargs="+", required=True, type=Path)
+    t.add_argument("--inputs", nargs="+", required=True, type=Path, help="run directories of greg dg run")
     t.add_argument("--out", required=True, type=Path, help=".tex path; the .csv goes next to it")
-    t.add_argument("--caption", default=None)
+    t.add_argument("--caption", default=None, help="LaTeX caption (already escaped); none: a standard caption")
     d = sub.add_parser(
         "download",
         help="fetch and check a dataset's files (MNIST for colored_mnist*; nothing for colored_digits*)",
         epilog=EXIT_STATUS_HELP,
     )
-    d.add_argument("--dataset", required=True)
+    d.add_argument("--dataset", required=True, help=DATASET_HELP)
     d.add_argument("--data-root", default="data", help="where MNIST is downloaded (colored_mnist)")
 
 
