@@ -4,7 +4,8 @@ A table is built from a *resolved* spec (``greg.plan.resolve_table``): every cel
 files, one per seed, or says why it is n/a. For each cell, the value of each seed's row (an OOD set, or
 ``mean``) is read; the table shows the mean over seeds and the sample standard deviation (ddof=1; 0 with
 one seed). The best mean of each column is bold and the runner-up underlined, compared on the displayed
-(rounded) values so that ties are marked alike; a column whose values all tie marks none. Every table that
+(rounded) values so that ties are marked alike; a column whose values all tie marks none. A table with
+sections (Tables 8-10: one block of rows per network) marks best / runner-up within each section. Every table that
 shows FPR95 states its convention (default: the paper's, ``fpr95_idpos``).
 """
 
@@ -132,22 +133,30 @@ def build_table(resolved: dict, reader: Callable[[str], dict] = read_metrics_csv
             m, s = mean_std(seeds)
             values.append(Value(m, s, len(seeds)))
         table.rows.append((row["label"], row.get("section"), values))
-    for j, (_, _, metric) in enumerate(columns):
-        higher = METRICS[metric][1]
-        shown = sorted({round(v.mean, digits) for _, _, vals in table.rows if (v := vals[j]).mean is not None},
-                       reverse=higher)
-        for _, _, vals in table.rows:
-            v = vals[j]
-            if v.mean is None:
-                continue
-            r = round(v.mean, digits)
-            if len(shown) < 2:  # one value, or every row ties: marking the whole column says nothing
-                break
-            if r == shown[0]:
-                v.style = "best"
-            elif len(shown) > 1 and r == shown[1]:
-                v.style = "second"
+    # Rows of one section (Tables 8-10: one network each) are ranked among themselves, not across networks.
+    blocks: dict[str | None, list[list[Value]]] = {}
+    for _, section, vals in table.rows:
+        blocks.setdefault(section, []).append(vals)
+    for block in blocks.values():
+        for j, (_, _, metric) in enumerate(columns):
+            _mark_best(block, j, METRICS[metric][1], digits)
     return table
+
+
+def _mark_best(rows: list[list[Value]], j: int, higher: bool, digits: int) -> None:
+    """Style column ``j`` of ``rows``: best bold, runner-up underlined, compared as displayed."""
+    shown = sorted({round(v.mean, digits) for vals in rows if (v := vals[j]).mean is not None}, reverse=higher)
+    if len(shown) < 2:  # one value, or every row ties: marking the whole column says nothing
+        return
+    for vals in rows:
+        v = vals[j]
+        if v.mean is None:
+            continue
+        r = round(v.mean, digits)
+        if r == shown[0]:
+            v.style = "best"
+        elif r == shown[1]:
+            v.style = "second"
 
 
 def latex_escape(text: str) -> str:

@@ -115,6 +115,24 @@ def test_ties_are_marked_alike(tmp_path):
     assert a[1].mean == b[1].mean == d[1].mean == 96.0 and a[1].style == b[1].style == d[1].style == ""
 
 
+def test_sections_are_ranked_separately(tmp_path):
+    """Tables 8-10: bold / underline within each network's block of rows, never across blocks."""
+    spec = _spec(tmp_path)
+    more = {"D": ("S2", 40), "E": ("S1", 50)}  # x FPR95 of both seeds (AUROC 96 everywhere)
+    for label, (section, fpr) in more.items():
+        files = [write_metrics(tmp_path / label / f"s{i}.csv", {"x": (fpr, 5, 96), "mean": (16, 46, 97)})
+                 for i in range(2)]
+        spec["rows"].append({"label": label, "section": section,
+                             "cells": [{**spec["rows"][1]["cells"][0], "files": files}]})
+    spec["rows"][1]["section"] = "S2"  # sections: S1 = A (15.0), E (50.0); S2 = B (30.0), D (40.0); C n/a
+    a, b, _, d, e = (vals for _, _, vals in T.build_table(spec).rows)
+    assert (a[0].mean, e[0].mean, b[0].mean, d[0].mean) == (15.0, 50.0, 30.0, 40.0)
+    assert (a[0].style, e[0].style) == ("best", "second")
+    assert (b[0].style, d[0].style) == ("best", "second")  # over the whole table: B second, D unmarked
+    # x AUROC: S1 = A 91.0, E 96.0; S2 = B, D 96.0 tie -> S2 marks none
+    assert (e[1].style, a[1].style, b[1].style, d[1].style) == ("best", "second", "", "")
+
+
 def test_render_tex_and_csv(tmp_path):
     t = T.build_table(_spec(tmp_path))
     tex = T.render_tex(t)
