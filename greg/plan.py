@@ -9,6 +9,7 @@ know which names exist and whether a method trains on auxiliary outliers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -259,8 +260,8 @@ def check_run_configs(config: dict, cells: Iterable[tuple[str, str, str]]) -> No
     fails the dry run with one line instead of every training job. ``ReportError`` names the run."""
     for dataset, arch, run in dict.fromkeys(cells):
         args = train_args(config, dataset, arch, run, 0) + train_runtime_args(config)
-        files = [v for k, v in zip(args, args[1:]) if k == "--config"]
-        sets = [v for k, v in zip(args, args[1:]) if k == "--set"]
+        files = [v for k, v in itertools.pairwise(args) if k == "--config"]
+        sets = [v for k, v in itertools.pairwise(args) if k == "--set"]
         try:
             run_config.load_config(files, sets)
         except (ValueError, OSError) as e:

@@ -14,7 +14,7 @@ rule benchmarks:
     log:
         f"{RESULTS}/logs/benchmarks.log",
     params:
-        script=os.path.join(workflow.basedir, "workflow", "scripts", "benchmarks.py"),
+        script=os.path.join(workflow.basedir, "workflow", "scripts", "gpu_hours.py"),
         root=lambda wc, output: os.path.join(os.path.dirname(output[0]), "benchmarks"),
         gpus=",".join(f"{r}={GPUS}" for r in ("pretrain", "train", "evaluate", "fig_sam")),
     conda:

@@ -170,17 +170,11 @@ PRETRAIN_GROUP = "model_{dataset}_{arch}_pretrain_seed{seed}"
 # a job when its params or its shell text change, so editing them never reruns (or deletes) a trained model.
 # --require-cuda when the job asked for a GPU (a profile may set gpu=0).
 TRAIN_RUNTIME = quote_args(P.train_runtime_args(config))
-RUNTIME_SHELL = " --device {config[device]:q} $([ {resources.gpu} -gt 0 ] && echo --require-cuda)"
 
 
 def attempt(wildcards, attempt):
     """Resource `attempt`: Snakemake's attempt number, for job.py (resources are the only place it reaches)."""
     return attempt
-
-
-def job(log_name="log"):
-    """Shell prefix that runs the rest of the command line through job.py, logging into {log}."""
-    return f"python {shlex.quote(JOB)} --log {{{log_name}:q}} --attempt {{resources.attempt}} --"
 
 
 def benchmark_file(kind, *parts):

@@ -34,6 +34,8 @@ rule evaluate:
     conda:
         ENV_GPU
     shell:
-        job() + " greg evaluate --checkpoint {input.ckpt:q} --id {wildcards.dataset:q} --ood {params.ood:q}"
+        "python {JOB:q} --log {log:q} --attempt {resources.attempt} --"
+        " greg evaluate --checkpoint {input.ckpt:q} --id {wildcards.dataset:q} --ood {params.ood:q}"
         " --detector {wildcards.detector:q} --out {params.out:q} --root {config[data_root]:q}"
-        " --num-workers {threads}" + RUNTIME_SHELL + " {params.extra}"
+        " --num-workers {threads} --device {config[device]:q} $([ {resources.gpu} -gt 0 ] && echo --require-cuda)"
+        " {params.extra}"

@@ -32,4 +32,6 @@ rule pretrain:
     conda:
         ENV_GPU
     shell:
-        job() + " greg train {params.args} --out {params.out:q} --workers {threads} {TRAIN_RUNTIME}" + RUNTIME_SHELL
+        "python {JOB:q} --log {log:q} --attempt {resources.attempt} --"
+        " greg train {params.args} --out {params.out:q} --workers {threads} {TRAIN_RUNTIME}"
+        " --device {config[device]:q} $([ {resources.gpu} -gt 0 ] && echo --require-cuda)"

@@ -165,7 +165,8 @@ rule fig_sam:
     conda:
         ENV_GPU
     shell:
-        job() + " greg report fig-sam {params.args} --root {params.root:q} --device {params.device:q}"
+        "python {JOB:q} --log {log:q} --attempt {resources.attempt} --"
+        " greg report fig-sam {params.args} --root {params.root:q} --device {params.device:q}"
         " --out {output.pdf:q} --npz {output.npz:q}"
 
 

@@ -1,6 +1,6 @@
 """Summarize Snakemake `benchmark:` files into GPU-hours per rule kind (<results>/benchmarks.csv).
 
-    python benchmarks.py RESULTS/benchmarks --out RESULTS/benchmarks.csv [--gpus pretrain=1,train=1,...]
+    python gpu_hours.py RESULTS/benchmarks --out RESULTS/benchmarks.csv [--gpus pretrain=1,train=1,...]
 
 Every GPU rule writes ``<results>/benchmarks/<rule>/.../<job>.tsv`` (Snakemake's columns: ``s`` wall seconds,
 ``max_rss`` MB, ``cpu_time`` seconds, ...). One CSV row per rule (the first directory level): number of jobs,
