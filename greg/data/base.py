@@ -149,7 +149,9 @@ class DatasetSpec:
     layout: tuple[str, ...] = ()
     data_dir: str | None = None
     eval_resize: int | None = None  # shorter side before the center crop; None = image_size
-    train_aug: str = "crop_flip"  # "crop_flip" (pad 4 + random crop + flip) or "rrc_flip" (RandomResizedCrop)
+    # "crop_flip" (pad 4 + random crop + flip), "crop_noflip" (the same, no flip: digits) or "rrc_flip"
+    # (RandomResizedCrop + flip)
+    train_aug: str = "crop_flip"
     # How an OOD set's eval images are brought to the ID size, as the released code does per set
     # (o4lc/Greg-OOD datasets/__init__.py:133-141): "resize_crop" (default; tensor bilinear resize of the shorter
     # side + center crop), "crop" (center crop only, no resize: LSUN-C's 36x36 images), "pil_resize_crop" (PIL
@@ -167,7 +169,7 @@ class DatasetSpec:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"dataset {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
-        if self.train_aug not in ("crop_flip", "rrc_flip"):
+        if self.train_aug not in ("crop_flip", "crop_noflip", "rrc_flip"):
             raise ValueError(f"dataset {self.name!r}: unknown train_aug {self.train_aug!r}")
 
     @property
@@ -247,13 +249,13 @@ def _randint(high: int) -> int:
     return int(torch.randint(0, high, (1,)).item())
 
 
-def random_crop_flip(x: torch.Tensor, size: int, padding: int = 4) -> torch.Tensor:
-    """Zero-pad ``padding``, take a random ``size`` crop, flip horizontally with probability 1/2."""
+def random_crop_flip(x: torch.Tensor, size: int, padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """Zero-pad ``padding``, take a random ``size`` crop; if ``flip``, flip horizontally with probability 1/2."""
     x = F.pad(x, (padding, padding, padding, padding))
     h, w = x.shape[-2:]
     i, j = _randint(h - size + 1), _randint(w - size + 1)
     x = x[..., i : i + size, j : j + size]
-    return x.flip(-1) if torch.rand(1).item() < 0.5 else x
+    return x.flip(-1) if flip and torch.rand(1).item() < 0.5 else x
 
 
 def random_resized_crop_flip(
@@ -292,7 +294,8 @@ class ImageTransform:
 
     Eval: resize the shorter side to ``eval_resize`` (skipped when it already has that size), center-crop
     ``S``. Train: ``crop_flip`` = eval geometry, then zero-pad 4 + random ``S`` crop + horizontal flip;
-    ``rrc_flip`` = RandomResizedCrop(S) + flip. Random draws come from torch's global generator, so a
+    ``crop_noflip`` = the same without the flip (a mirrored digit is another glyph); ``rrc_flip`` =
+    RandomResizedCrop(S) + flip. Random draws come from torch's global generator, so a
     seeded trainer (and DataLoader workers, which torch seeds from it) reproduces them. Pure torch: no
     torchvision import (it is slow) and the same arithmetic for arrays and image files.
     """
@@ -319,7 +322,7 @@ class ImageTransform:
         else:
             x = center_crop(resize_shorter(x, self.resize), self.size)
             if self.train:
-                x = random_crop_flip(x, self.size)
+                x = random_crop_flip(x, self.size, flip=self.mode == "crop_flip")
         return ((x - self.mean) / self.std).contiguous()
 
     def __repr__(self) -> str:

@@ -1,0 +1,45 @@
+"""The CPU demo on the ``tiny`` benchmark (issue 16): its data and model choices."""
+
+import torch
+
+from greg import data
+from greg.data.base import random_crop_flip
+
+
+def test_tiny_training_augmentation_shifts_but_never_flips():
+    assert data.spec("tiny").train_aug == "crop_noflip"
+    ds = data.load("tiny", "train", "unused-root", train=True)
+    plain = data.load("tiny", "train", "unused-root")
+    x0 = plain[0][0]
+    fill = ((0.0 - torch.tensor(data.spec("tiny").mean)) / torch.tensor(data.spec("tiny").std)).view(3, 1, 1)
+    padded = torch.cat([fill.expand(3, 32, 4), x0, fill.expand(3, 32, 4)], dim=2)
+    padded = torch.cat([fill.expand(3, 4, 40), padded, fill.expand(3, 4, 40)], dim=1)
+    shifts = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        x = ds[0][0]
+        # the augmented image is one of the 81 shifted windows of the zero-padded (unflipped) image
+        found = [
+            (i, j)
+            for i in range(9)
+            for j in range(9)
+            if torch.allclose(x, padded[:, i : i + 32, j : j + 32], atol=1e-6)
+        ]
+        assert found, f"seed {seed}: not a shift of the original (flipped?)"
+        shifts.add(found[0])
+    assert len(shifts) > 10  # it does shift
+
+
+def test_random_crop_flip_flips_only_when_asked():
+    x = torch.arange(24, dtype=torch.float32).view(1, 3, 8)  # asymmetric along the width
+    windows = [x[..., j : j + 3] for j in range(6)]
+    flipped = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        a = random_crop_flip(x, 3, padding=0, flip=True)
+        torch.manual_seed(seed)
+        b = random_crop_flip(x, 3, padding=0, flip=False)
+        assert any(torch.equal(b, w) for w in windows)  # the same window, never mirrored
+        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))  # same draws, then a coin flip
+        flipped += int(not torch.equal(a, b))
+    assert 0 < flipped < 20
