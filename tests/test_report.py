@@ -157,7 +157,7 @@ def _config():
         "results": "res", "seeds": [1, 2], "data_root": "dat",
         "datasets": {"cifar10": {"aux": "random300k", "ood": ["svhn", "textures"]},
                      "tiny": {"aux": "tiny_aux", "ood": ["tiny_faces", "tiny_photos"], "set": {"data.batch_size": 8}}},
-        "archs": {"densenet100": {"model": "densenet100"}, "small_cnn": {"model": "small_cnn", "kwargs": {"w": 1}}},
+        "archs": {"densenet100": {"model": "densenet100"}, "small_cnn": {"model": "small_cnn", "kwargs": {"widths": [8]}}},
         "pretrain": {"configs": [str(ROOT / "config/methods/ce.yaml")]},
         "variants": {
             "greg": {"configs": [str(ROOT / "config/methods/greg.yaml")], "init": "pretrain", "detector": "energy",
@@ -218,8 +218,11 @@ def test_train_args():
     args = P.train_args(cfg, "tiny", "small_cnn", "greg", 7)
     assert args[:2] == ["--config", str(ROOT / "config/methods/greg.yaml")]
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-    assert "seed=7" in sets and "model.name=small_cnn" in sets and "model.kwargs={w: 1}" in sets
-    assert "data.aux=tiny_aux" in sets and "data.root=dat" in sets and "data.batch_size=8" in sets
+    assert "seed=7" in sets and "model.name=small_cnn" in sets and "model.kwargs={widths: [8]}" in sets
+    assert "data.aux=tiny_aux" in sets and "data.batch_size=8" in sets
+    # runtime-only keys are not part of the run's identity: they come from train_runtime_args
+    assert not any(s.startswith("data.root=") for s in sets)
+    assert P.train_runtime_args(cfg)[:2] == ["--data-root", "dat"]
     assert "init.checkpoint=res/tiny/small_cnn/pretrain/seed7/final.pt" in sets and "init.kind=run" in sets
     assert sets.index("train.epochs=2") < sets.index("train.max_steps=3")  # train_set comes last
     pre = P.train_args(cfg, "tiny", "small_cnn", "pretrain", 1)
