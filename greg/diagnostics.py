@@ -1,4 +1,4 @@
-"""The SAM appendix's diagnostics (REFERENCE.md section 6): per-sample classifier-layer gradient norm and
+"""The SAM appendix's diagnostics (docs/METHOD.md#sam-only-norm): per-sample classifier-layer gradient norm and
 maximum logit, ID vs each OOD set, and score distributions before/after fine-tuning.
 
 Per-sample head gradient norm: for a sample with penultimate features ``h`` and logits ``f = W h + b``, the

@@ -1,7 +1,7 @@
 """OOD detection metrics on outlier scores (higher = more OOD), written with numpy only.
 
 Two FPR95 conventions exist and differ by tens of points on wide or tied score distributions
-(REFERENCE.md section 5), so both are computed and named explicitly:
+(docs/METHOD.md#metrics), so both are computed and named explicitly:
 
 - ``fpr95`` / ``fpr95_idpos`` (paper convention, the default in every table): ID is the positive class,
   the threshold accepts ~95 % of ID test samples, FPR = fraction of OOD samples accepted as ID. The

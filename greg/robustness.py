@@ -5,7 +5,7 @@ the **normalized** input, e.g. ``detector_score_fn(greg.detectors.create("energy
 attack budgets are therefore in normalized-input units, and no pixel box constraint is enforced unless
 ``clamp`` bounds are given.
 
-Certified radius (Eq. 4, REFERENCE.md section 2): with ``gamma`` the threshold that accepts 95 % of ID test
+Certified radius (Eq. 4, docs/METHOD.md#gradient-regularizer): with ``gamma`` the threshold that accepts 95 % of ID test
 samples (ID iff ``S <= gamma``) and the local Lipschitz constant replaced by the gradient norm (exact
 inside a linear region of a ReLU network, a first-order estimate otherwise), an ID sample is certified up to
 ``r(x) = min(eps, (gamma - S(x)) / ||grad_x S(x)||_*)`` (``r = 0`` if ``S(x) > gamma``), where ``||.||_*``

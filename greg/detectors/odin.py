@@ -21,7 +21,7 @@ class ODIN(Detector):
     scaled) max softmax, which helps ID inputs more than OOD ones. The step is taken in pixel units, so
     on the normalized input it is divided by the per-channel normalization ``std`` (pass the ID
     dataset's std; ``None`` = no division). Defaults ``T = 1000``, ``eps = 0.0014`` as in the GReg
-    tables (REFERENCE.md section 4). ``T = 1, eps = 0`` is MSP.
+    tables (docs/METHOD.md#post-hoc-detectors). ``T = 1, eps = 0`` is MSP.
 
     Source: Liang et al., "Enhancing the Reliability of Out-of-distribution Image Detection in Neural
     Networks", ICLR 2018 (code: facebookresearch/odin; energy_ood ``get_ood_scores_odin``).

@@ -17,7 +17,7 @@ class CrossEntropy(Method):
     """``L = CE(f(x_id), y_id)``. Auxiliary data, if present in the batch, is ignored.
 
     ``detector = "msp"`` is only the default: the evaluation of a CE model runs every post-hoc detector
-    (MSP, ODIN, Energy, ReAct, DICE, ...; REFERENCE.md §4).
+    (MSP, ODIN, Energy, ReAct, DICE, ...; docs/METHOD.md#post-hoc-detectors).
     """
 
     name = "ce"

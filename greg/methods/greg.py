@@ -11,7 +11,7 @@ from greg.methods.energy import EnergyLoss
 @METHODS.register("greg")
 class GReg(EnergyLoss):
     """``L = CE(ID) + lambda_S * L_S + lambda_grad * L_grad``, ``lambda_S = 0.1``, ``lambda_grad = 1``,
-    ``m_in = -25``, ``m_out = -7`` (REFERENCE.md §2).
+    ``m_in = -25``, ``m_out = -7`` (docs/METHOD.md#energy-loss).
 
     ``L_S`` is the energy loss (``greg.methods.energy.energy_loss``); ``L_grad`` is the gradient regularizer
     of the energy score (``greg.methods.grad_reg``), by default with the official code's scaling

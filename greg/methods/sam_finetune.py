@@ -1,4 +1,4 @@
-"""SAM fine-tuning for OOD detection with pseudo-OOD data (the SAM appendix; REFERENCE.md section 6).
+"""SAM fine-tuning for OOD detection with pseudo-OOD data (the SAM appendix; docs/METHOD.md#sam-only-norm).
 
 Fine-tunes a pretrained classifier on ID data plus pseudo-OOD images made from the same batch
 (``greg.pseudo_ood``), with a sharpness-aware update (``greg.optim.sam``): ``sam_only_norm`` perturbs only

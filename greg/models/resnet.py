@@ -6,7 +6,7 @@ kuangliu-style CIFAR checkpoints load through the ``fc.``/``linear.`` -> ``head.
 
 - ``stem="cifar"`` (default): 3x3 stride-1 conv, no max-pool; a 32x32 input gives a 4x4x512 feature map.
 - ``stem="imagenet"``: torchvision's 7x7 stride-2 conv + 3x3 stride-2 max-pool, which the released GReg
-  code ran on 32x32 CIFAR images (feature map 1x1x512 there), see REFERENCE.md section 3.
+  code ran on 32x32 CIFAR images (feature map 1x1x512 there), see docs/METHOD.md#architectures.
 """
 
 from __future__ import annotations
