@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 URL_BASE_ENV = "GREG_DATA_URL_BASE"
-#: A local directory holding files under their catalog file names (CI: ../shared/checkpoints); copied, then
+#: A local directory holding files under their catalog file names (CI: the checkpoint folder beside the checkout); copied, then
 #: verified against the same checksums as a download.
 MIRROR_ENV = "GREG_MIRROR"
 LOCK_NAME = "checksums.lock.json"
