@@ -144,6 +144,28 @@ def test_profile_plans_one_gpu_job_per_model():
         assert re.search(rf"localrules:\n(?:    \w+,\n)*    {rule},", _rules_text()), rule
 
 
+@needs_snakemake
+def test_profile_merges_the_evaluations_of_a_trained_model_into_one_job(tmp_path):
+    """The model exists (no training job to connect them): group-components still makes its 7 post-hoc
+    evaluations one SLURM job."""
+    results = tmp_path / "results"
+    (results / ".greg-ready").mkdir(parents=True)
+    for name in ("tiny", "tiny_aux", "tiny_textures", "tiny_faces", "tiny_photos", "tiny_gaussian", "tiny_uniform"):
+        (results / ".greg-ready" / name).touch()
+    run = results / "tiny/small_cnn/pretrain/seed42"
+    run.mkdir(parents=True)
+    time.sleep(0.05)
+    (run / "final.pt").touch()  # newer than its inputs
+    dets = ("msp", "odin", "energy", "react", "dice", "line", "mahalanobis")
+    r = snakemake("--profile", "slurm", "-n", "--configfile", "config/smoke.yaml", "--config",
+                  f"results={results}", f"data_root={tmp_path / 'data'}", "--",
+                  *(str(run / "eval" / d / "metrics.csv") for d in dets))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^evaluate\s+7$", r.stdout, re.MULTILINE) and "pretrain " not in r.stdout
+    assert set(re.findall(r"Group job (\S+) ", r.stdout)) == {"model_tiny_small_cnn_pretrain_seed42"}
+    assert r.stdout.count("Group job ") == 1 and r.stdout.count("    rule evaluate:") == 7
+
+
 def _rules_text() -> str:
     return "\n".join(p.read_text() for p in sorted((ROOT / "workflow/rules").glob("*.smk")))
 
@@ -338,3 +360,24 @@ def test_require_cuda_fails_and_slurm_without_cuda_warns(monkeypatch, capsys):
     monkeypatch.delenv("SLURM_JOB_ID")
     device.check_cuda("auto", require=False)  # a laptop without CUDA: silent
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------- packaging (14.10)
+
+
+def test_package_metadata_is_a_library_not_a_pin():
+    import tomllib
+
+    from greg import __version__
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = meta["project"]["dependencies"]
+    assert not any("==" in d for d in deps), deps  # exact pins live in .ci/run and envs/*.yaml
+    assert not any(d.split(">")[0].split("<")[0] in ("pyarrow", "jsonschema", "faiss-cpu") for d in deps)
+    extras = meta["project"]["optional-dependencies"]
+    assert any(d.startswith("snakemake>=9") for d in extras["workflow"]) and extras["faiss"]
+    assert 'torch==2.14.1' in (ROOT / ".ci/run").read_text()
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License") and (ROOT / "greg/py.typed").exists()
+    assert "py.typed" in meta["tool"]["setuptools"]["package-data"]["greg"]
+    r = subprocess.run([str(BIN / "greg"), "--version"], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == f"greg {__version__}"
