@@ -264,11 +264,14 @@ class ReluGates(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def fd_step_size(x: torch.Tensor, rel_step: float) -> float:
-    """The displacement (L2 norm per row) of the finite difference: ``rel_step`` times the RMS row norm of
-    ``x``, so the rule does not depend on how the inputs are normalized."""
-    rms = x.detach().flatten(1).pow(2).sum(1).mean().sqrt()
-    return float(rel_step) * max(float(rms), 1e-12)
+def fd_step_size(coef: torch.Tensor, value: torch.Tensor, step: float) -> float:
+    """``eps`` of the finite difference along ``v``: chosen so that the first-order change of the hinge-weighted
+    scores, ``eps * sum_i v_i . G_i / sum_i |c_i| = eps * L / sum_i |c_i|``, is ``step`` score units (nats for
+    the energy). Measuring the step by what the network outputs, not by the input scale, keeps it as linear
+    on a trained, sharp network as on a fresh one (docs/METHOD.md, "Finite-difference gradient
+    regularization": an input-relative step that is fine on a fresh net moved a trained DenseNet's energies
+    by nats)."""
+    return float(step) * float(coef.abs().sum()) / max(float(value), 1e-30)
 
 
 def fd_surrogate(
@@ -279,7 +282,7 @@ def fd_surrogate(
     coef: torch.Tensor,
     j_lin_base: torch.Tensor,
     score_fn: Any,
-    rel_step: float,
+    step: float,
     rng_before: RngState | None,
     gates: ReluGates | None = None,
 ) -> torch.Tensor:
@@ -295,12 +298,10 @@ def fd_surrogate(
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     u = g / safe.view(-1, *([1] * (g.dim() - 1)))
     v = u * row_weights.view(-1, *([1] * (g.dim() - 1)))
-    w_max = float(row_weights.max()) if row_weights.numel() else 0.0
-    if w_max == 0.0 or not bool((norms > 0).any()):
+    value = (row_weights * norms).sum()
+    if not bool(value > 0):
         return j_lin_base.new_zeros(())
-    # the row with the largest weight moves by h (L2); eps v has rows of norm h * w_i / w_max
-    h = fd_step_size(x, rel_step)
-    eps = h / w_max
+    eps = fd_step_size(coef, value, step)
     x_pert = (x.detach() + eps * v).requires_grad_(False)
     with (
         frozen_buffers(model),

@@ -3,7 +3,7 @@
 Generic over the score ``S`` of the logits (``greg.scores``: energy, msp, ...; higher = more OOD), so that
 "X + Grad" (paper Table 4) is one hparam (``lambda_grad``) on any method with a single training forward.
 
-Official value (``reduction="official"``, the scaling for which ``lambda_grad = 1`` holds; REFERENCE.md §2),
+Official value (``reduction="official"``, the scaling for which ``lambda_grad = 1`` holds; docs/METHOD.md#gradient-regularizer),
 on ONE train-mode forward of ``x = [x_id; x_aux]`` (N = n_id + n_aux rows, the same forward that gives the
 CE / energy terms)::
 
@@ -43,11 +43,12 @@ REDUCTIONS = ("official", "paper")
 # with a hand-written batch-norm double backward; "exact_native" the same with PyTorch's own (the
 # reference); "fd" a finite difference of two first-order backward passes (the penalty value stays exact).
 GRAD_BACKENDS = ("exact", "exact_native", "fd")
-# Relative step of "fd": each row moves by this times the batch's RMS row norm (docs/METHOD.md,
-# "Finite-difference gradient regularization"; measured on the released DenseNet-100 checkpoints).
-FD_STEP = 1e-3
+# Step of "fd" in score units: the first-order change of the hinge-weighted scores along the difference
+# (grad_backends.fd_step_size; docs/METHOD.md, "Finite-difference gradient regularization": float32 error
+# vs step measured on the released DenseNet-100 CIFAR-10 checkpoint).
+FD_STEP = 3e-3
 
-# Hinge margins per score when a method gives none. energy: GReg's (REFERENCE.md §2). msp (S = -max softmax,
+# Hinge margins per score when a method gives none. energy: GReg's (docs/METHOD.md#gradient-regularizer). msp (S = -max softmax,
 # in [-1, -1/K]): not known from the paper (Table 4 "OE + Grad" gives no margins); our choice penalizes ID
 # samples with max softmax > 0.9 and auxiliary samples with max softmax < 0.5.
 DEFAULT_MARGINS: dict[str, tuple[float, float]] = {"energy": (-25.0, -7.0), "msp": (-0.9, -0.5)}
@@ -238,7 +239,7 @@ def fd_gradient_penalty(
     m_out: float,
     reduction: str,
     score_fn: Any,
-    rel_step: float = FD_STEP,
+    step: float = FD_STEP,
 ) -> GradPenalty:
     """:func:`gradient_penalty` without double backprop (``grad_backend: fd``): ``loss`` has the exact value
     and a parameter gradient from a finite difference (``greg.methods.grad_backends.fd_surrogate``).
@@ -262,7 +263,5 @@ def fd_gradient_penalty(
     w = _row_weights(len(x), n_id, reduction, norms)
     value = (w * norms).sum()
     j_lin_base = (coef.detach() * s).sum()
-    sur = grad_backends.fd_surrogate(
-        model, x, g, w, coef.detach(), j_lin_base, score_fn, rel_step, rng, gates
-    )
+    sur = grad_backends.fd_surrogate(model, x, g, w, coef.detach(), j_lin_base, score_fn, step, rng, gates)
     return GradPenalty(value + (sur - sur.detach()), norms)
