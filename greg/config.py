@@ -280,7 +280,7 @@ SCHEMA: dict[str, _Check] = {
     "seed": (_INT, False, lambda v: v >= 0, "an integer >= 0"),
     "model.name": (_STR, False, None, "a model name"),
     "model.kwargs": ((dict,), False, None, "a mapping"),
-    "init.checkpoint": (_STR, True, lambda v: v != "", "a file path or null"),
+    "init.checkpoint": (_STR, True, lambda v: v != "", "a file path, a released checkpoint name or null"),
     "init.kind": (_STR, False, lambda v: v in INIT_KINDS, f"one of {', '.join(INIT_KINDS)}"),
     "init.skip_head": (_BOOL, False, None, "true or false"),
     "data.root": (_STR, False, lambda v: v != "", "a directory path"),

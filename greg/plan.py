@@ -242,8 +242,8 @@ def train_args(config: dict, dataset: str, arch: str, run: str, seed: int | str)
     sets.update(config.get("train_set") or {})
     imported = pretrain_import(config, dataset, arch) if run == "pretrain" else None
     if imported:
-        ckpt = str(data.weights_path(imported, config["data_root"]))
-        sets.update({"init.checkpoint": ckpt, "init.kind": "pretrained", "init.skip_head": False,
+        # the catalog name, resolved under --data-root by greg train: data_root stays out of the run's identity
+        sets.update({"init.checkpoint": imported, "init.kind": "pretrained", "init.skip_head": False,
                      "train.epochs": 0, "train.max_steps": None})
     args: list[str] = []
     for f in spec["configs"]:

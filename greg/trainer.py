@@ -122,6 +122,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def init_checkpoint_path(cfg: dict) -> str:
+    """``init.checkpoint`` as a file: a released checkpoint of the data catalog (``greg data list``, role
+    ``weights``) is looked up under ``data.root``, so the run's identity names the checkpoint, not where the
+    data lives (moving ``data.root`` must not make it a different run)."""
+    ref = cfg["init"]["checkpoint"]
+    if ref in data.names("weights"):
+        return str(data.weights_path(ref, cfg["data"]["root"]))
+    return ref
+
+
 class Trainer:
     def __init__(self, cfg: dict, out: str | os.PathLike, device: str = "auto", force: bool = False):
         self.cfg = cfg
@@ -136,7 +146,7 @@ class Trainer:
         torch.manual_seed(mix(cfg["seed"], 0))
         self.model = models.create(cfg["model"]["name"], self.num_classes, **cfg["model"]["kwargs"])
         if cfg["init"]["checkpoint"]:
-            self._init_from(cfg["init"]["checkpoint"], cfg["init"]["kind"])
+            self._init_from(init_checkpoint_path(cfg), cfg["init"]["kind"])
         self.model.to(self.device)
 
         self.id_train = data.load(c_data["id"], "train", c_data["root"], train=c_data["augment"])

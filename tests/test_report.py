@@ -321,7 +321,7 @@ def test_pretrain_import_replaces_ce_training():
     # train_set's max_steps cap (3) is overridden: 0 steps, the file imported as the run checkpoint
     assert {k: values[k] for k in ("init.checkpoint", "init.kind", "init.skip_head", "train.epochs",
                                    "train.max_steps")} == {
-        "init.checkpoint": "dat/densenet100_cifar10_released/densenet100_cifar10.pth", "init.kind": "pretrained", "init.skip_head": "false",
+        "init.checkpoint": "densenet100_cifar10_released", "init.kind": "pretrained", "init.skip_head": "false",
         "train.epochs": "0", "train.max_steps": "null"}
     assert P.pretrain_import(cfg, "tiny", "small_cnn") == "densenet100_cifar10_released"
     assert P.pretrain_import(cfg, "tiny", "densenet100") is None and P.pretrain_import(cfg, "cifar10", "x") is None
@@ -347,7 +347,8 @@ def test_pretrain_import_runs_in_greg_train(tmp_path, checkpoint_mirror):
                              progress=False)
     released = data.weights_path("densenet100_cifar10_released", cfg["data_root"])
     out = tmp_path / "run"
-    args = P.train_args(cfg, "tiny", "densenet100", "pretrain", 2)
+    args = P.train_args(cfg, "tiny", "densenet100", "pretrain", 2) + P.train_runtime_args(cfg)
+    assert "init.checkpoint=densenet100_cifar10_released" in args  # the name, not a data_root path
     assert greg_main(["train", *args, "--out", str(out), "--device", "cpu"]) == 0
     ckpt = safe_torch_load(out / "final.pt")
     raw = safe_torch_load(released)["state_dict"]  # the CIFAR-10 file names its classifier `fc`

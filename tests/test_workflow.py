@@ -113,7 +113,7 @@ def test_dry_run_commands_of_the_new_targets():
     assert r.returncode == 0, out[-3000:]
     cmds = [ln.split("Shell command:", 1)[1].strip() for ln in out.splitlines() if "Shell command:" in ln]
     pre = next(c for c in cmds if "--out results/cifar100/densenet100/pretrain/seed2" in c)
-    assert "init.checkpoint=data/densenet100_cifar100_released/densenet100_cifar100.pth" in pre
+    assert "init.checkpoint=densenet100_cifar100_released" in pre
     assert "init.kind=pretrained" in pre and "train.epochs=0" in pre and "train.max_steps=null" in pre
     assert ("input: results/.greg-ready/cifar100, config/methods/ce.yaml, "
             "results/.greg-ready/densenet100_cifar100_released") in out
