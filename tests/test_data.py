@@ -14,6 +14,7 @@ from greg.data import base, catalog, tiny
 
 TINY_SETS = [
     "tiny",
+    "tiny_m",
     "tiny_aux",
     "tiny_textures",
     "tiny_faces",
@@ -24,7 +25,7 @@ TINY_SETS = [
 
 
 def _split(name: str) -> str:
-    return gd.spec(name).splits[0] if name != "tiny" else "test"
+    return gd.spec(name).splits[0] if name not in ("tiny", "tiny_m") else "test"
 
 
 def _raw01(name: str, split: str) -> np.ndarray:
@@ -34,6 +35,7 @@ def _raw01(name: str, split: str) -> np.ndarray:
 
 def test_all_tiny_sets_generate_quickly_from_scratch():
     tiny._digits.cache_clear()
+    tiny._digits_m.cache_clear()
     tiny.tiny_images.cache_clear()
     t0 = time.perf_counter()
     for name in TINY_SETS:
@@ -72,9 +74,10 @@ def test_normalization_uses_the_id_statistics(name):
         for i in (0, 3, len(ds) - 1):
             x = ds[i][0].numpy().transpose(1, 2, 0)
             np.testing.assert_allclose(x, (raw[i] - mean) / std, atol=2e-6)
-    # without id_dataset a tiny OOD set uses its benchmark's (tiny's) statistics
+    # without id_dataset a tiny OOD set uses its benchmark's (tiny's) statistics, an ID set its own
     x = gd.load(name, split, "unused-root")[0][0].numpy().transpose(1, 2, 0)
-    np.testing.assert_allclose(x, (raw[0] - np.array(tiny.TINY_MEAN)) / np.array(tiny.TINY_STD), atol=2e-6)
+    mean, std = (tiny.TINY_M_MEAN, tiny.TINY_M_STD) if name == "tiny_m" else (tiny.TINY_MEAN, tiny.TINY_STD)
+    np.testing.assert_allclose(x, (raw[0] - np.array(mean)) / np.array(std), atol=2e-6)
 
 
 def test_id_set_used_as_ood_has_no_labels():
@@ -177,7 +180,7 @@ def test_registry_contents():
         "densenet100_cifar10_released", "densenet100_cifar100_released",
     }  # fmt: skip
     assert set(gd.names()) == expected
-    assert set(gd.names("id")) == {"cifar10", "cifar100", "imagenet10", "tiny"}
+    assert set(gd.names("id")) == {"cifar10", "cifar100", "imagenet10", "tiny", "tiny_m"}
     for n in gd.names():
         s = gd.spec(n)
         assert s.manual or s.resources or n.startswith("tiny"), n

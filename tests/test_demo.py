@@ -43,3 +43,21 @@ def test_random_crop_flip_flips_only_when_asked():
         assert torch.equal(a, b) or torch.equal(a, b.flip(-1))  # same draws, then a coin flip
         flipped += int(not torch.equal(a, b))
     assert 0 < flipped < 20
+
+
+def test_tiny_m_shares_tiny_split_and_its_own_statistics():
+    import numpy as np
+
+    from greg.data import tiny
+
+    s, t = data.spec("tiny_m"), data.spec("tiny")
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(s.loader(s, split, None).labels, t.loader(t, split, None).labels)
+    x = np.asarray(s.loader(s, "train", None).images, dtype=np.float64).reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(x.mean(axis=0), tiny.TINY_M_MEAN, atol=1e-5)
+    np.testing.assert_allclose(x.std(axis=0), tiny.TINY_M_STD, atol=1e-5)
+    # the OOD sets are normalized with the ID set's statistics when evaluated against tiny_m
+    raw = data.spec("tiny_photos").loader(data.spec("tiny_photos"), "test", None).images[0]
+    got = data.load("tiny_photos", "test", "unused-root", id_dataset="tiny_m")[0][0]
+    want = (raw.astype(np.float64) / 255.0 - np.array(tiny.TINY_M_MEAN)) / np.array(tiny.TINY_M_STD)
+    np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), want, atol=2e-6)

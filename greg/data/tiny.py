@@ -3,6 +3,9 @@
 - ``tiny`` (ID, 10 classes): scikit-learn's ``load_digits`` (1797 8x8 images) drawn as 3x32x32 images: each digit
   upsampled to 20-26 px, placed at a random position, painted in a random bright colour on a random dark
   background, plus pixel noise. Fixed stratified split: 1297 train / 500 test.
+- ``tiny_m`` (ID, 10 classes, the CPU demo's): the same digits, placements and split, in a bright colour on a
+  smooth random colour background (blotches and gradients) instead of a flat dark one, so that ID images share
+  the OOD sets' brightness and colour variety (mean 0.39 vs 0.27 for ``tiny``).
 - ``tiny_aux`` (aux): 1000 random 32x32 crops, at several scales, of scikit-image's colour photographs
   ``astronaut, coffee, chelsea, rocket, hubble_deep_field, immunohistochemistry``.
 - OOD sets: ``tiny_textures`` (600 crops of ``brick, grass, gravel``), ``tiny_faces`` (``lfw_subset``: 200
@@ -33,6 +36,9 @@ TEXTURES = ("brick", "grass", "gravel")
 # Per-channel mean/std of the ``tiny`` train split; tests/test_data.py recomputes them from the images.
 TINY_MEAN = (0.26844, 0.26988, 0.27155)
 TINY_STD = (0.19713, 0.19787, 0.19933)
+# The same for ``tiny_m`` (tests/test_demo.py recomputes them).
+TINY_M_MEAN = (0.39730, 0.39381, 0.39410)
+TINY_M_STD = (0.21014, 0.21149, 0.21158)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -101,6 +107,53 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         mask[idx[:, None, None], rows[:, :, None], cols[:, None, :]] = up
     out = bg[:, None, None, :] + (fg - bg)[:, None, None, :] * mask[..., None]
     out += 0.04 * rng.standard_normal(size=out.shape, dtype=np.float32)
+    images = _to_uint8(out)
+    tr, te = stratified_split(y, TINY_N_TEST, seed=0)
+    return (_readonly(images[tr]), _readonly(y[tr]), _readonly(images[te]), _readonly(y[te]))
+
+
+def _smooth_fields(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` colour backgrounds ``32 x 32 x 3`` in [0, 1]: a random colour grid (2x2 to 8x8 cells) upsampled
+    bicubically, plus a second, finer grid at random strength: blotches and gradients, no pixel noise."""
+    out = np.empty((n, 32, 32, 3), dtype=np.float32)
+    coarse = rng.integers(2, 6, size=n)
+    fine = rng.integers(8, 17, size=n)
+    amp = rng.uniform(0.0, 0.3, size=n).astype(np.float32)
+    for g in np.unique(coarse):
+        idx = np.flatnonzero(coarse == g)
+        out[idx] = _resize(rng.uniform(0, 1, size=(len(idx), g, g, 3)).astype(np.float32), 32)
+    for g in np.unique(fine):
+        idx = np.flatnonzero(fine == g)
+        grid = rng.uniform(-1, 1, size=(len(idx), g, g, 3)).astype(np.float32)
+        out[idx] += amp[idx, None, None, None] * _resize(grid, 32)
+    return np.clip(out, 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_m() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``tiny_m``: the glyphs of ``tiny`` (same size range and split) composited onto smooth random colour
+    backgrounds (in the spirit of MNIST-M, Ganin et al., JMLR 2016), so that ID images are about as bright
+    and as varied in colour as the OOD sets and the stroke shapes, not a flat dark frame, tell a digit."""
+    raw, y = _load_digits()
+    glyphs = (raw / 16.0).astype(np.float32)[..., None]
+    y = y.astype(np.int64)
+    rng = np.random.default_rng(20240601)
+    n = len(y)
+    sizes = rng.integers(20, 27, size=n)
+    mask = np.zeros((n, 32, 32), dtype=np.float32)
+    for s in np.unique(sizes):
+        idx = np.flatnonzero(sizes == s)
+        up = _resize(glyphs[idx], int(s))[..., 0]
+        offs = rng.integers(0, 32 - s + 1, size=(len(idx), 2))
+        rows = offs[:, :1] + np.arange(s)
+        cols = offs[:, 1:] + np.arange(s)
+        mask[idx[:, None, None], rows[:, :, None], cols[:, None, :]] = up
+    bg = _smooth_fields(np.random.default_rng(7), n)
+    # strokes brighter than the background in every channel (one polarity, as in tiny): a small CNN learns
+    # the glyphs in seconds; with both polarities it stayed at chance for 300 steps
+    bg *= 0.6
+    fg = rng.uniform(0.8, 1.0, size=(n, 3)).astype(np.float32)
+    out = bg + (fg[:, None, None, :] - bg) * mask[..., None]
     images = _to_uint8(out)
     tr, te = stratified_split(y, TINY_N_TEST, seed=0)
     return (_readonly(images[tr]), _readonly(y[tr]), _readonly(images[te]), _readonly(y[te]))
@@ -206,6 +259,12 @@ def _tiny_id(s: DatasetSpec, split: str, root: Path) -> RawImages:
     return RawImages(labels=y, images=x)
 
 
+def _tiny_m_id(s: DatasetSpec, split: str, root: Path) -> RawImages:
+    xtr, ytr, xte, yte = _digits_m()
+    x, y = (xtr, ytr) if split == "train" else (xte, yte)
+    return RawImages(labels=y, images=x)
+
+
 def _tiny_unlabelled(s: DatasetSpec, split: str, root: Path) -> RawImages:
     x = tiny_images(s.name)
     return RawImages(labels=np.full(len(x), -1, dtype=np.int64), images=x)
@@ -218,6 +277,14 @@ add(DatasetSpec(
     name="tiny", role="id", num_classes=10, loader=_tiny_id, splits=("train", "test"),
     source="scikit-learn load_digits drawn as 3x32x32 with colour/position jitter",
     sizes={"train": 1797 - TINY_N_TEST, "test": TINY_N_TEST}, **_common,
+))  # fmt: skip
+# tiny_m: the demo's ID set (README, config/demo.yaml). tiny's OOD/aux sets serve it too: evaluate and train
+# pass the ID set, whose statistics normalize them.
+add(DatasetSpec(
+    name="tiny_m", role="id", num_classes=10, loader=_tiny_m_id, splits=("train", "test"),
+    source="tiny's digits composited on smooth random colour backgrounds",
+    sizes={"train": 1797 - TINY_N_TEST, "test": TINY_N_TEST},
+    **{**_common, "mean": TINY_M_MEAN, "std": TINY_M_STD},
 ))  # fmt: skip
 for _name, _split, _role, _n, _src in (
     ("tiny_aux", "train", "aux", 1000, f"random crops of skimage photos {', '.join(AUX_PHOTOS)}"),
