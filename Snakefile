@@ -2,6 +2,7 @@
 # methods -> evaluation on every OOD set -> tables (LaTeX + CSV) and figures. See docs/WORKFLOW.md.
 #
 #   snakemake --profile slurm all_tables              # the paper's tables on a SLURM cluster
+#   snakemake demo --configfile config/demo.yaml -c2  # the CPU demo: a table that shows the method (15 min)
 #   snakemake all --configfile config/smoke.yaml -c2  # the same DAG on the tiny benchmark, CPU, minutes
 
 from snakemake.utils import min_version
@@ -31,6 +32,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/dg.smk"
 include: "workflow/rules/benchmarks.smk"
+include: "workflow/rules/demo.smk"
 
 
 onstart:
