@@ -93,8 +93,9 @@ rule fig3:
         f"{RESULTS}/logs/report/fig3.log",
     params:
         runs=fig3_args,
+        # runs and smooth are shell-quoted here (quote_args): lists of arguments cannot take {x:q}
         smooth=lambda wc: "" if config["figures"]["fig3"].get("smooth") is None
-        else f"--smooth {config['figures']['fig3']['smooth']}",
+        else quote_args(["--smooth", str(config["figures"]["fig3"]["smooth"])]),
     conda:
         ENV_CPU
     shell:
@@ -121,7 +122,7 @@ rule fig4:
     log:
         f"{RESULTS}/logs/report/fig4.log",
     params:
-        args=fig4_args,
+        args=fig4_args,  # shell-quoted by quote_args
     conda:
         ENV_CPU
     shell:
