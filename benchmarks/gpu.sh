@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU figures for issue 15 in one go (< 5 min on one CUDA GPU): (a)/(b) for each grad_backend, the
 # k-means backends vs scikit-learn, the selection share and images/s of a GReg+ step at the paper's batch
-# (64 ID + 384 candidates -> 128). All numbers come from benchmarks/bench_train_step.py.
+# (64 ID + 384 candidates -> 128), and whether channels_last / bf16 candidate scoring keeps the selected
+# indices. All numbers come from benchmarks/bench_train_step.py.
 #   benchmarks/gpu.sh                         # CUDA, paper sizes
 #   benchmarks/gpu.sh --device cpu --small    # smoke test on a CPU (tiny sizes)
 set -euo pipefail
@@ -31,5 +32,7 @@ echo "== (a) GReg step / energy step and (b) / official, per grad_backend"
 "$PY" benchmarks/bench_train_step.py --device "$device" "${steps[@]}" --skip-kmeans
 echo "== GReg+ step: selection share and images/s"
 "$PY" benchmarks/bench_train_step.py --device "$device" "${plus[@]}" --skip-steps --skip-kmeans --greg-plus
+echo "== GReg+ candidate scoring under channels_last / bf16 autocast: same selected indices?"
+"$PY" benchmarks/bench_train_step.py --device "$device" "${plus[@]}" --skip-steps --skip-kmeans --selection-check
 echo "== k-means (torch on $device, faiss-gpu if installed) vs scikit-learn"
 "$PY" benchmarks/bench_train_step.py --device "$device" --skip-steps "${km[@]}"

@@ -53,6 +53,42 @@ def test_batchnorm_train_function_gradgradcheck():
     assert torch.autograd.gradgradcheck(f, (x1, w1, b1))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu_train_function_gradgradcheck(inplace):
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    x[x.abs() < 0.1] = 0.5  # away from the kink, where finite differences are meaningless
+
+    def f(t):
+        return grad_backends.ReluTrain.apply(t.clone() if inplace else t, inplace)
+
+    xg = x.clone().requires_grad_(True)
+    assert torch.equal(f(xg), torch.relu(x))
+    assert torch.autograd.gradcheck(f, (xg,))
+    assert torch.autograd.gradgradcheck(f, (xg,))
+    # the mode routes every ReLU spelling, in place or not, and leaves grad-free calls alone
+    with grad_backends.fused_batchnorm():
+        ys = [F.relu(xg), F.relu(xg.clone(), inplace=True), torch.relu(xg), xg.clone().relu_(), xg.relu()]
+        free = F.relu(x)
+    assert all(type(y.grad_fn).__name__ == "ReluTrainBackward" for y in ys)
+    assert all(torch.equal(y, torch.relu(x)) for y in ys) and free.grad_fn is None
+
+
+def test_double_backward_4d_equals_general_formula():
+    """The out-of-place form that torch.compile fuses is the same math as the eager in-place one."""
+    g = torch.Generator().manual_seed(0)
+    shape, c = (3, 4, 2, 5), 4
+    t = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    v = [torch.randn(c, generator=g, dtype=torch.float64) for _ in range(6)]
+    gy, x, ggx = t
+    weight, mean, gw, gb, ggw, ggb = v
+    invstd = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    ref = grad_backends._double_backward(gy, x, weight, mean, invstd, gw, gb, ggx, ggw, ggb)
+    out = grad_backends._double_backward_4d(gy, x, weight, mean, invstd, gw, gb, ggx, ggw, ggb)
+    for a, b in zip(out, ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_mode_updates_running_stats_like_native():
     torch.manual_seed(0)
     native, fused = nn.BatchNorm2d(4), nn.BatchNorm2d(4, momentum=None)
@@ -83,6 +119,26 @@ def test_fused_mode_updates_running_stats_like_native():
 )
 @pytest.mark.parametrize("reduction", ["official", "paper"])
 def test_exact_backend_equals_native_float32(arch, kwargs, size, reduction):
+    _check_equals_native(arch, kwargs, size, reduction, "exact")
+
+
+def test_exact_compiled_backend_equals_native_float32():
+    """torch.compile'd double backward (or its eager fallback, where no compiler works) on a DenseNet."""
+    _check_equals_native("densenet100", {"depth": 16}, 16, "official", "exact_compiled")
+
+
+def test_exact_compiled_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(grad_backends, "_COMPILED", {})
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no compiler here") as rec:
+        _check_equals_native("densenet100", {"depth": 10}, 8, "official", "exact_compiled")
+    assert len([w for w in rec if "torch.compile failed" in str(w.message)]) == 1
+
+
+def _check_equals_native(arch, kwargs, size, reduction, backend):
     torch.manual_seed(0)
     base = models.create(arch, num_classes=10, **kwargs).train()
     batch = _batch(3, 5, size)
@@ -92,7 +148,7 @@ def test_exact_backend_equals_native_float32(arch, kwargs, size, reduction):
     hp = {"m_in": float(s[:3].median()), "m_out": float(s[3:].median()), "grad_reduction": reduction}
     ref_model, fast_model = copy.deepcopy(base), copy.deepcopy(base)
     ref_out, ref_g = _step("greg", ref_model, batch, grad_backend="exact_native", **hp)
-    out, g = _step("greg", fast_model, batch, grad_backend="exact", **hp)
+    out, g = _step("greg", fast_model, batch, grad_backend=backend, **hp)
     assert ref_out["grad"].item() > 0
     for key in ("total", "grad", "ce", "energy"):
         assert out[key].item() == pytest.approx(ref_out[key].item(), rel=1e-5, abs=0)

@@ -117,8 +117,13 @@ class ClusterSelection(Method):
     ``seed`` is required too. Put it first among the bases (``class GRegPlus(ClusterSelection, GReg)``).
     """
 
-    REQUIRED_HPARAMS: ClassVar[tuple[str, ...]] = ("n_clusters", "n_selected", "kmeans_backend", "kmeans_kwargs",
-                                                   "seed")
+    REQUIRED_HPARAMS: ClassVar[tuple[str, ...]] = (
+        "n_clusters",
+        "n_selected",
+        "kmeans_backend",
+        "kmeans_kwargs",
+        "seed",
+    )
     needs_aux: ClassVar[bool] = True
     selection_score: ClassVar[str] = "energy"
     _sampler: Any = None

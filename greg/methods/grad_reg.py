@@ -40,9 +40,10 @@ from greg.methods import grad_backends
 
 REDUCTIONS = ("official", "paper")
 # How the parameter gradient of L_grad is computed (greg.methods.grad_backends): "exact" double backprop
-# with a hand-written batch-norm double backward; "exact_native" the same with PyTorch's own (the
-# reference); "fd" a finite difference of two first-order backward passes (the penalty value stays exact).
-GRAD_BACKENDS = ("exact", "exact_native", "fd")
+# with a hand-written batch-norm and ReLU double backward; "exact_native" the same with PyTorch's own (the
+# reference); "exact_compiled" = "exact" with the batch-norm double backward through torch.compile (eager
+# fallback); "fd" a finite difference of two first-order backward passes (the penalty value stays exact).
+GRAD_BACKENDS = ("exact", "exact_native", "exact_compiled", "fd")
 # Step of "fd" in score units: the first-order change of the hinge-weighted scores along the difference
 # (grad_backends.fd_step_size; docs/METHOD.md, "Finite-difference gradient regularization": float32 error
 # vs step measured on the released DenseNet-100 CIFAR-10 checkpoint).
@@ -176,16 +177,16 @@ def forward_concat(
     """One forward of ``[x_id; x_aux]``; returns ``(x, logits)`` with ``x`` a grad-requiring leaf if asked.
 
     With ``input_grad``, ``hp["grad_backend"]`` (default ``"exact"``; ``hp=None``: ``"exact_native"``) picks
-    how the forward is recorded for :func:`add_grad_terms`: ``exact`` records train-mode batch norms with
-    the cheap double backward; ``fd`` keeps the model and the RNG state for the second forward.
+    how the forward is recorded for :func:`add_grad_terms`: ``exact`` (``exact_compiled``) records
+    train-mode batch norms and ReLUs with the cheap double backward; ``fd`` keeps the model and the RNG state for the second forward.
     """
     x = x_id if x_aux is None else torch.cat([x_id, x_aux], dim=0)
     if not input_grad:
         return x, model(x)
     x = x.detach().clone().requires_grad_(True)
     backend = "exact_native" if hp is None else hp.get("grad_backend", "exact")
-    if backend == "exact":
-        with grad_backends.fused_batchnorm():
+    if backend in ("exact", "exact_compiled"):
+        with grad_backends.fused_batchnorm(compiled=backend == "exact_compiled"):
             return x, model(x)
     if backend == "fd":
         gates = grad_backends.ReluGates()

@@ -81,8 +81,9 @@ class ClusterSampler:
         """Scores (n,) and L2-normalized penultimate features (n x d) of ``x`` in eval mode, no grad.
 
         Runs under ``torch.inference_mode`` (no autograd bookkeeping at all) in chunks of
-        ``forward_batch_size``; the results are cloned out as ordinary tensors. No channels_last / bf16
-        autocast: not measured on a GPU to keep the selected indices identical (benchmarks/README.md).
+        ``forward_batch_size``; the results are cloned out as ordinary tensors. No bf16 autocast: it
+        changes which candidates are selected (``bench_train_step.py --selection-check``,
+        benchmarks/README.md); no channels_last: the model's memory format is also the training one.
         """
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
