@@ -11,6 +11,9 @@ import copy
 import importlib
 import sys
 
+# Help of every --device flag; here (not in greg.device) so that commands without torch can show it.
+DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N"
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("greg.train", "train a model (CE pretraining, fine-tuning, GReg/GReg+, baselines); resumes"),
     "evaluate": ("greg.evaluate", "score ID and OOD test sets with a detector; write scores and metrics"),

@@ -10,9 +10,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from greg.cli import DEVICE_HELP  # noqa: F401 - re-exported
 from greg.errors import InputError
-
-DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N"
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -281,13 +281,15 @@ def _first_n(ds: Any, n: int) -> Any:
 
 @cli_errors("greg evaluate")
 def run(args: argparse.Namespace) -> int:
+    # The arguments are checked before --out is created and locked: a mistyped command leaves nothing.
+    checked = _check_args(args)
     # One greg process per output directory: two would interleave their scores and metrics.
     with gio.dir_lock(args.out, "output directory"):
-        return _run(args)
+        return _run(args, *checked)
 
 
-def _run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+def _check_args(args: argparse.Namespace) -> tuple[torch.device, list[str], Any, Any]:
+    """Everything about the command that needs no model: device, OOD names, detector, checkpoint file."""
     check_cuda(args.device, args.require_cuda, "greg evaluate")
     device = resolve_device(args.device)
     ood_names = [s.strip() for s in args.ood.split(",") if s.strip()]
@@ -312,7 +314,13 @@ def _run(args: argparse.Namespace) -> int:
     detector = _build_detector(args.detector, det_kwargs, id_spec.std)
     if args.robustness and detector.requires_grad:
         raise InputError(f"--robustness needs a differentiable detector; {args.detector} perturbs its input")
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    return device, ood_names, id_spec, detector
 
+
+def _run(args: argparse.Namespace, device: torch.device, ood_names: list[str], id_spec: Any, detector: Any) -> int:
+    out = Path(args.out)
     model, ckpt_meta = _load_model(args, device)
     model.eval()
     n_out = int(model.head.out_features)

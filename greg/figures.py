@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from greg import diagnostics, io
+from greg import io
 from greg.tables import ReportError, mean_std
 
 
@@ -163,6 +163,13 @@ def plot_fig4(models: dict[str, list[str]], ood: str, out: str | Path, id_label:
     return _save_figure(fig, out)
 
 
+def _diagnostics():  # type: ignore[no-untyped-def]
+    # on use: it needs torch and the models (~2.5 s to import), which the table/plot jobs never touch
+    from greg import diagnostics
+
+    return diagnostics
+
+
 # SAM appendix figure: titles of the greg.diagnostics arrays (raw values, not outlier scores).
 SAM_DIAGNOSTICS = {
     "head_grad_norm": r"per-sample head gradient norm $\|\nabla_W \mathrm{CE}(f, \hat y)\|$",
@@ -180,7 +187,7 @@ def collect_fig_sam(models: dict[str, str], id_dataset: str, ood: list[str], roo
     for label, ckpt in models.items():
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"model {label!r}: checkpoint not found: {ckpt}")
-        out[label] = diagnostics.collect_checkpoint(ckpt, id_dataset, ood, root, device, batch_size=batch_size,
+        out[label] = _diagnostics().collect_checkpoint(ckpt, id_dataset, ood, root, device, batch_size=batch_size,
                                                     max_samples=max_samples)
     return out
 
@@ -227,5 +234,5 @@ def plot_fig_sam(diags: dict[str, dict[str, dict]], out: str | Path,
 
 def save_fig_sam_npz(path: str | Path, diags: dict[str, dict[str, dict]]) -> None:
     """Every array of the figure in one ``.npz`` (atomic), named ``<model label>/<set>/<diagnostic>``."""
-    diagnostics.save_npz(path, {f"{label}/{name}": d for label, sets in diags.items() for name, d in sets.items()})
+    _diagnostics().save_npz(path, {f"{label}/{name}": d for label, sets in diags.items() for name, d in sets.items()})
 

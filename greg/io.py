@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
 import yaml
 
 
@@ -80,6 +79,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     # Serialized in memory first: torch's zip writer turns a failed write (ENOSPC) into a RuntimeError from
     # inline_container.cc; a plain write keeps the OSError and its errno ("[Errno 28] ... state.pt", exit 1).
     buf = _io.BytesIO()
+    import torch  # on use: table/figure jobs read CSV and JSON only and skip torch's ~2.5 s import
+
     torch.save(obj, buf)
     with atomic_open(path, "wb") as f:
         f.write(buf.getbuffer())
@@ -96,6 +97,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load`` restricted to tensors and plain containers (no code runs from the file)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

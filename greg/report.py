@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from greg import io
-from greg.device import DEVICE_HELP, resolve_device
+from greg.cli import DEVICE_HELP
 from greg.errors import cli_errors
 from greg.figures import (
     SAM_DIAGNOSTICS,
@@ -130,6 +130,8 @@ def _fig_sam(args: argparse.Namespace) -> list[Path]:
     labels = json.loads(args.labels_json)
     if not isinstance(labels, dict):
         raise ReportError(f"--labels-json must be a JSON object, got {args.labels_json!r}")
+    from greg.device import resolve_device  # on use: it imports torch
+
     diags = collect_fig_sam(models, args.id, [o for o in args.ood.split(",") if o], args.root,
                             str(resolve_device(args.device)), args.max_samples or None, args.batch_size)
     if args.npz:

@@ -151,10 +151,9 @@ def test_second_train_or_evaluate_on_a_locked_directory_exits_naming_the_holder(
 
 
 def test_dir_lock_is_exclusive_and_released(tmp_path):
-    with gio.dir_lock(tmp_path / "d"):
-        with pytest.raises(gio.LockedError, match=f"pid {os.getpid()} on {socket.gethostname()}"):
-            with gio.dir_lock(tmp_path / "d"):
-                pass
+    held = pytest.raises(gio.LockedError, match=f"pid {os.getpid()} on {socket.gethostname()}")
+    with gio.dir_lock(tmp_path / "d"), held, gio.dir_lock(tmp_path / "d"):
+        pass
     with gio.dir_lock(tmp_path / "d"):
         pass
 
@@ -314,6 +313,20 @@ def test_evaluate_refuses_wrong_output_count_id_as_ood_and_kwarg_typos(tmp_path,
                    "--detector", "energy", "--out", tmp_path / "ev3", "--device", "cpu"], capsys)
     assert rc == 2 and "did you mean 'widths'?" in errline(err), err
     assert not (tmp_path / "ev" / "metrics.csv").exists()
+
+
+def test_evaluate_argument_errors_leave_no_output_directory(tmp_path, capsys):
+    ck = tmp_path / "ce.pt"
+    gm.save_checkpoint(ck, gm.create("small_cnn", 10), arch="small_cnn", num_classes=10, meta={"method": "ce"})
+    for extra, msg in [
+        (("--ood", "tiny_aux"), "not an evaluation set"),
+        (("--ood", "tiny_uniform", "--detector-kwargs", '{"temprature": 2}'), "did you mean 'temperature'?"),
+    ]:
+        rc, err = _eval(tmp_path, capsys, ck, *extra)
+        assert rc == 2 and msg in errline(err), err
+    rc, err = _eval(tmp_path, capsys, tmp_path / "missing.pt", "--ood", "tiny_uniform")
+    assert rc == 2 and "missing.pt" in errline(err), err
+    assert not (tmp_path / "ev").exists()  # neither the directory nor its .greg.lock was created
 
 
 # -------------------------------------------------------------------------------- 13.9 full disk in a save

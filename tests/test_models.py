@@ -387,3 +387,21 @@ def test_run_checkpoint_errors(tmp_path):
             tmp_path / "c.pt", model, arch="small_cnn", num_classes=5, meta={"dir": tmp_path}
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.pth", "final.pt"]
+
+
+def test_cli_modules_import_without_torchvision_and_report_without_torch():
+    """Every Snakemake job is a fresh `python -m greg ...`: `import torchvision` (~2.5 s, it pulls in
+    torch._dynamo) is paid only by jobs that build a torchvision-based model, and table/plot jobs skip torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, greg.report; assert 'torch' not in sys.modules, 'report imports torch'; "
+        "import greg.train, greg.evaluate, greg.dg.cli, greg.data.cli; "
+        "assert 'torchvision' not in sys.modules, 'a CLI module imports torchvision'; "
+        "from greg import models; models.create('small_cnn', num_classes=10); "
+        "assert 'torchvision' not in sys.modules; models.create('resnet18', num_classes=10); "
+        "assert 'torchvision' in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -11,7 +11,6 @@ import re
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from greg.models._registry import MODELS
 from greg.models.base import FeatureModel
@@ -28,6 +27,8 @@ class DenseNet121(FeatureModel):
 
     def __init__(self, num_classes: int = 1000, **tv_kwargs):
         super().__init__()
+        import torchvision.models  # on use: ~2.5 s to import (greg.models.resnet._basic_block)
+
         tv = torchvision.models.densenet121(weights=None, num_classes=num_classes, **tv_kwargs)
         self.body = tv.features
         self.head = tv.classifier

@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from greg.models._registry import MODELS
 from greg.models.base import FeatureModel
 
 STEMS = ("cifar", "imagenet")
+
+
+def _basic_block() -> type[nn.Module]:
+    # imported on use: `import torchvision` costs ~2.5 s (it pulls in torch._dynamo), paid by every CLI
+    # process (and every Snakemake job) that never builds a ResNet
+    from torchvision.models.resnet import BasicBlock
+
+    return BasicBlock
 
 
 class ResNet(FeatureModel):
@@ -46,7 +53,7 @@ class ResNet(FeatureModel):
         self.layer2 = self._make_layer(128, layers[1], stride=2)
         self.layer3 = self._make_layer(256, layers[2], stride=2)
         self.layer4 = self._make_layer(512, layers[3], stride=2)
-        self.head = nn.Linear(512 * BasicBlock.expansion, num_classes)
+        self.head = nn.Linear(512 * _basic_block().expansion, num_classes)
         # torchvision's initialization (the Linear keeps PyTorch's default, as in torchvision)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -56,6 +63,7 @@ class ResNet(FeatureModel):
                 nn.init.zeros_(m.bias)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        BasicBlock = _basic_block()
         downsample = None
         if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
             downsample = nn.Sequential(
