@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from greg.device import eval_mode
 from greg.methods._registry import METHODS
 from greg.methods.base import Batch
 from greg.methods.energy import EnergyLoss
@@ -239,14 +240,9 @@ class POEM(EnergyLoss):
     @torch.no_grad()
     def eval_features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features of ``x`` in eval mode (each submodule's flag restored), in chunks."""
-        flags = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
+        with eval_mode(model):
             chunks = torch.split(x, int(self.hparams["forward_batch_size"]))
             return torch.cat([model.features(c).flatten(1) for c in chunks])
-        finally:
-            for m, flag in flags:
-                m.training = flag
 
     def mine(self, model: nn.Module, x_id: torch.Tensor, x_cand: torch.Tensor) -> torch.Tensor:
         """Indices of the mined candidates; records the ID rows and the mined rows in the window."""

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from greg import scores as score_fns
+from greg.device import eval_mode
 from greg.sampling.clustering import kmeans
 from greg.sampling.select import select_from_clusters
 
@@ -85,21 +86,15 @@ class ClusterSampler:
         changes which candidates are selected (``bench_train_step.py --selection-check``,
         benchmarks/README.md); no channels_last: the model's memory format is also the training one.
         """
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.inference_mode():
-                feats, scores = [], []
-                for chunk in torch.split(x, self.forward_batch_size):
-                    h = model.features(chunk)
-                    scores.append(self.score_fn(model.head(h)))
-                    feats.append(h.flatten(1))
-                h = F.normalize(torch.cat(feats).float(), dim=1)
-                s = torch.cat(scores).float()
-            return s.clone(), h.clone()
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with eval_mode(model), torch.inference_mode():
+            feats, scores = [], []
+            for chunk in torch.split(x, self.forward_batch_size):
+                h = model.features(chunk)
+                scores.append(self.score_fn(model.head(h)))
+                feats.append(h.flatten(1))
+            h = F.normalize(torch.cat(feats).float(), dim=1)
+            s = torch.cat(scores).float()
+        return s.clone(), h.clone()
 
     def select(
         self, model: nn.Module, x_candidates: torch.Tensor, generator: torch.Generator | None = None
