@@ -50,9 +50,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of ``key`` over the records that have it."""
-    pts = [(int(r["step"]), float(r[key])) for r in records if key in r and r[key] is not None]
+def series(records: Iterable[dict], key: str, source: str = "log") -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` over the records that have it; ``source`` names the file in errors."""
+    pts = []
+    for r in records:
+        v = r.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ReportError(f"{source}, step {r['step']}: {key!r} is {v!r}, not a number")
+        pts.append((int(r["step"]), float(v)))
     return [s for s, _ in pts], [v for _, v in pts]
 
 
@@ -96,7 +103,7 @@ def plot_fig3(runs: dict[str, list[str]], out: str | Path, keys: tuple[str, str]
     for ax, key in zip(axes, keys):
         for label, files in runs.items():
             label = f"{label} ({m})" if (m := run_margins(files)) else label
-            curves = [series(read_jsonl(f), key) for f in files]
+            curves = [series(read_jsonl(f), key, str(f)) for f in files]
             curves = [c for c in curves if c[0]]
             if not curves:
                 raise ReportError(f"run {label!r}: no {key!r} values in {', '.join(files)}")

@@ -286,6 +286,11 @@ def test_fig3_and_fig4(tmp_path):
     steps, means, stds = F.seed_mean([F.series(F.read_jsonl(f), "energy") for f in logs["e"]])
     assert steps == list(range(10)) and means[0] == pytest.approx(2.5) and stds[0] == pytest.approx(math.sqrt(0.5))
     assert F.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    # a non-number in a log is named with its file and step, not a bare float() error
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 0, "energy": 1.5}\n{"step": 4, "energy": "nan?"}\n')
+    with pytest.raises(F.ReportError, match=r"bad.jsonl, step 4: 'energy' is 'nan\?', not a number"):
+        F.plot_fig3({"e": [str(bad)]}, tmp_path / "out" / "bad.pdf")
 
     rng = np.random.default_rng(0)
     d = tmp_path / "eval"
