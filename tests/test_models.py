@@ -403,5 +403,5 @@ def test_cli_modules_import_without_torchvision_and_report_without_torch():
         "assert 'torchvision' not in sys.modules; models.create('resnet18', num_classes=10); "
         "assert 'torchvision' in sys.modules"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -211,7 +211,7 @@ def test_smoke_run_end_to_end(tmp_path):
     # every rendered table compiles with the packages its header names (CI installs pdflatex: .ci/run)
     if shutil.which("pdflatex") or os.environ.get("GREG_REQUIRE_LATEX"):
         r = subprocess.run([sys.executable, str(ROOT / ".ci/compile_tables.py"), str(results / "tables")],
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, check=False)
         assert r.returncode == 0, r.stderr[-3000:]
     # the run layout of docs/WORKFLOW.md
     run = results / "tiny" / "small_cnn" / "greg_plus" / "seed42"
