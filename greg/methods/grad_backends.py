@@ -9,10 +9,11 @@ only the autograd graph differs, so values and gradients agree to float rounding
 :class:`ReluTrain`, whose backward declares that it does not depend on the ReLU output: PyTorch's own
 double backward of a ReLU sends a full tensor of zeros back through the network (~8 % of a step).
 
-``exact_compiled``: ``exact`` with the batch-norm double backward compiled by ``torch.compile`` (one fused
-reduction and one fused elementwise kernel per layer instead of a dozen passes; 5-8x faster per layer on CPU).
-Needs a working compiler (a C++ compiler on CPU, Triton on CUDA) and costs a one-off compile per process
-(~30-60 s); if compiling fails it warns once and runs the eager ``exact`` code, which gives the same values.
+``exact_compiled``: ``exact`` with the batch-norm double backward compiled by ``torch.compile`` (fused
+reductions and elementwise kernels instead of a dozen passes; half the eager time in a DenseNet-100 step on
+CPU, benchmarks/README.md). Needs a working compiler (a C++ compiler on CPU, Triton on CUDA) and costs a
+one-off compile per process (about 20 s on CPU); if compiling fails it warns once and runs the eager
+``exact`` code, which gives the same values.
 
 ``fd``: no double backprop. For ``L = sum_i w_i ||G_i||`` with ``G = dJ/dx`` and ``u_i = G_i / ||G_i||``,
 ``dL/dtheta = d/dtheta [sum_i w_i u_i . G_i]`` with ``u`` held fixed, and ``sum_i v_i . G_i`` (``v_i = w_i u_i``)
