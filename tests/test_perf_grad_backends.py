@@ -74,21 +74,6 @@ def test_relu_train_function_gradgradcheck(inplace):
     assert all(torch.equal(y, torch.relu(x)) for y in ys) and free.grad_fn is None
 
 
-def test_double_backward_4d_equals_general_formula():
-    """The out-of-place form that torch.compile fuses is the same math as the eager in-place one."""
-    g = torch.Generator().manual_seed(0)
-    shape, c = (3, 4, 2, 5), 4
-    t = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
-    v = [torch.randn(c, generator=g, dtype=torch.float64) for _ in range(6)]
-    gy, x, ggx = t
-    weight, mean, gw, gb, ggw, ggb = v
-    invstd = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
-    ref = grad_backends._double_backward(gy, x, weight, mean, invstd, gw, gb, ggx, ggw, ggb)
-    out = grad_backends._double_backward_4d(gy, x, weight, mean, invstd, gw, gb, ggx, ggw, ggb)
-    for a, b in zip(out, ref):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-
-
 def test_fused_mode_updates_running_stats_like_native():
     torch.manual_seed(0)
     native, fused = nn.BatchNorm2d(4), nn.BatchNorm2d(4, momentum=None)

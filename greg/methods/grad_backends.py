@@ -71,10 +71,7 @@ class _BatchNormBackward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, ggx, ggw, ggb):  # type: ignore[override]
         gy, x, weight, mean, invstd, gw, gb = ctx.saved_tensors
-        if ctx.compiled and ggx is not None and x.dim() == 4:
-            zeros = torch.zeros_like(invstd)
-            ggw = zeros if ggw is None else ggw
-            ggb = zeros if ggb is None else ggb
+        if ctx.compiled:
             # weight.detach(): dynamo keeps a Parameter's shape static, which would pin every channel count
             out = _compiled_double_backward(gy, x, weight.detach(), mean, invstd, gw, gb, ggx, ggw, ggb)
             if out is not None:
@@ -115,43 +112,18 @@ def _double_backward(gy, x, weight, mean, invstd, gw, gb, ggx, ggw, ggb):  # typ
     return d_gy, d_x, r * q
 
 
-def _double_backward_4d(gy, x, weight, mean, invstd, gw, gb, ggx, ggw, ggb):  # type: ignore[no-untyped-def]
-    """:func:`_double_backward` for NCHW inputs with every cotangent present, written out of place so
-    that ``torch.compile`` fuses it into a reduction and an elementwise kernel."""
-    m = x.numel() // x.shape[1]
-    r = invstd
-    wr = weight * r
-
-    def cv(t):  # type: ignore[no-untyped-def]
-        return t[None, :, None, None]
-
-    xh = (x - cv(mean)) * cv(r)
-    gbar, a = gb / m, gw / m
-    s1 = ggx.sum(dim=(0, 2, 3))
-    s2 = (ggx * xh).sum(dim=(0, 2, 3))
-    q = (ggx * gy).sum(dim=(0, 2, 3)) - gbar * s1 - a * s2
-    coef_b = ggw - wr * s2 / m
-    coef_a = -wr * a
-    mean_h = coef_a * s1 / m + coef_b * gbar
-    mean_hxh = coef_a * s2 / m + coef_b * a
-    c_xh = -(r * mean_hxh + r * r * weight * q / m)
-    d_x = gy * cv(r * coef_b) + xh * cv(c_xh) + ggx * cv(r * coef_a) - cv(r * mean_h)
-    d_gy = xh * cv(coef_b) + ggx * cv(wr) + cv(ggb - wr * s1 / m)
-    return d_gy, d_x, r * q
-
-
 _COMPILED: dict[str, Any] = {}
 
 
-def _compiled_double_backward(*args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """:func:`_double_backward_4d` through ``torch.compile`` (built on first use); None, after one warning,
+def _compiled_double_backward(*args: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
+    """:func:`_double_backward` through ``torch.compile`` (built on first use); None, after one warning,
     where compiling does not work here (the caller then runs the eager code)."""
     if _COMPILED.get("failed"):
         return None
     fn = _COMPILED.get("fn")
     try:
         if fn is None:
-            fn = _COMPILED["fn"] = torch.compile(_double_backward_4d, dynamic=True)
+            fn = _COMPILED["fn"] = torch.compile(_double_backward, dynamic=True)
         return fn(*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same math, eager
         _COMPILED["failed"] = True
