@@ -41,13 +41,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-CPU_TIMES: dict[str, float] = {}  # median process CPU seconds of the last race() (CPU runs)
-
-
-def race(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device) -> dict:
-    """Median wall seconds of each function; all run once per round, in turn. Also records the median
-    process CPU time (user + system) in :data:`CPU_TIMES`: on a shared CPU box it leaves out the time the
-    process waited for a core, which wall time counts."""
+def race(
+    fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall seconds and median process CPU seconds (user + system) of each function; all run once
+    per round, in turn. On a shared CPU box CPU time leaves out the time the process waited for a core."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
@@ -59,9 +57,8 @@ def race(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device
             if r >= warmup:
                 times[name].append(time.perf_counter() - t)
                 cpu[name].append(time.process_time() - c)
-    CPU_TIMES.clear()
-    CPU_TIMES.update({name: statistics.median(ts) for name, ts in cpu.items()})
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    wall = {name: statistics.median(ts) for name, ts in times.items()}
+    return wall, {name: statistics.median(ts) for name, ts in cpu.items()}
 
 
 # ------------------------------------------------------------------------------ the official GReg step
@@ -111,7 +108,7 @@ def make_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) ->
     return step
 
 
-def bench_steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def bench_steps(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
     torch.manual_seed(0)
     base = models.create(args.model, num_classes=10).to(device).train()
     b = args.batch
@@ -316,9 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {args.batch}+{2 * args.batch}, repeats {args.repeats}, warmup {args.warmup}"
     )
     if not args.skip_steps:
-        t = bench_steps(args, device)
+        t, c = bench_steps(args, device)
         print("\ntraining step (median wall s): " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
-        c = dict(CPU_TIMES)
         if device.type == "cpu":
             print("training step (median CPU s):  " + ", ".join(f"{k} {v:.3f}" for k, v in c.items()))
         for b in args.backends:
