@@ -326,7 +326,7 @@ def replayed_rng(before: RngState | None) -> Iterator[None]:
         after.restore()
 
 
-_RELUS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+_RELUS = tuple(_RELUS_INPLACE)  # every ReLU spelling, as in the exact mode
 
 
 class ReluGates(TorchFunctionMode):

@@ -178,7 +178,8 @@ def forward_concat(
 
     With ``input_grad``, ``hp["grad_backend"]`` (default ``"exact"``; ``hp=None``: ``"exact_native"``) picks
     how the forward is recorded for :func:`add_grad_terms`: ``exact`` (``exact_compiled``) records
-    train-mode batch norms and ReLUs with the cheap double backward; ``fd`` keeps the model and the RNG state for the second forward.
+    train-mode batch norms and ReLUs with the cheap double backward; ``fd`` keeps the model and the RNG
+    state for the second forward.
     """
     x = x_id if x_aux is None else torch.cat([x_id, x_aux], dim=0)
     if not input_grad:

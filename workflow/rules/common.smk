@@ -158,7 +158,7 @@ JOB = os.path.join(workflow.basedir, "workflow", "scripts", "job.py")
 GPUS = 0 if config["device"] == "cpu" else 1
 # Threads of a training/evaluation job (cores per GPU; data-loader workers). Runtime only: the shell text
 # names {threads}, not the value, so changing it reruns nothing.
-GPU_THREADS = int(config.get("job_threads", 8))
+GPU_THREADS = config["job_threads"]  # schema default: 8
 # Retries help against preemption, node failures and walltime kills (the CLIs resume); job.py makes a
 # retry after exit 2 (bad config) or 3 (NaN) end at once.
 GPU_RETRIES = 3
