@@ -10,7 +10,6 @@ from snakemake.utils import validate
 
 from greg import plan as P
 
-
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 RESULTS = config["results"]
@@ -26,10 +25,15 @@ UNAVAILABLE = P.registry_checker(config)
 def _check_names():
     # Fail at parse time, naming the key, when the grid/figures reference undefined things.
     for i, g in enumerate(config["grid"]):
-        for kind, key, known in (("dataset", "datasets", config["datasets"]), ("arch", "archs", config["archs"])):
+        for kind, key, known in (
+            ("dataset", "datasets", config["datasets"]),
+            ("arch", "archs", config["archs"]),
+        ):
             for name in g[key]:
                 if name not in known:
-                    raise ValueError(f"config grid[{i}].{key}: unknown {kind} {name!r} (known: {sorted(known)})")
+                    raise ValueError(
+                        f"config grid[{i}].{key}: unknown {kind} {name!r} (known: {sorted(known)})"
+                    )
         for run in g["runs"]:
             if run not in config["variants"]:
                 raise ValueError(f"config grid[{i}].runs: unknown variant {run!r} (known: {VARIANTS})")
@@ -47,17 +51,25 @@ def cell_ok(dataset, arch, run, detector):
     return UNAVAILABLE({"dataset": dataset, "arch": arch, "run": run, "detector": detector}) is None
 
 
-RESOLVED = {
-    name: P.resolve_table(name, spec, config, UNAVAILABLE) for name, spec in TABLES.items()
-}
+RESOLVED = {name: P.resolve_table(name, spec, config, UNAVAILABLE) for name, spec in TABLES.items()}
 
 
 def _check_run_configs():
     # Every run the targets can train, validated like `greg train` would: one line, before any job.
-    cells = [(d, a, r) for g in config["grid"] for d in g["datasets"] for a in g["archs"]
-             for r in ["pretrain", *g["runs"]]]
-    cells += [(c["dataset"], c["arch"], c["run"]) for t in RESOLVED.values() for row in t["rows"]
-              for c in row["cells"] if not c.get("na")]
+    cells = [
+        (d, a, r)
+        for g in config["grid"]
+        for d in g["datasets"]
+        for a in g["archs"]
+        for r in ["pretrain", *g["runs"]]
+    ]
+    cells += [
+        (c["dataset"], c["arch"], c["run"])
+        for t in RESOLVED.values()
+        for row in t["rows"]
+        for c in row["cells"]
+        if not c.get("na")
+    ]
     try:
         P.check_run_configs(config, [c for c in cells if cell_ok(*c, "msp")])  # msp: any registered detector
     except P.ReportError as e:
@@ -83,7 +95,9 @@ def figure_outputs(name):
 
 
 def rules_inputs_all_figures():
-    return [f for name in ("fig3", "fig4", "fig_sam") if name in config["figures"] for f in figure_outputs(name)]
+    return [
+        f for name in ("fig3", "fig4", "fig_sam") if name in config["figures"] for f in figure_outputs(name)
+    ]
 
 
 def rules_inputs_all_runs():
@@ -106,7 +120,9 @@ def figure_runs(name):
     dataset = P.alias(config, "dataset", f["dataset"])
     arch = P.alias(config, "arch", f["arch"])
     det = f.get("detector", "energy")
-    return [(label, dataset, arch, run) for label, run in f["runs"].items() if cell_ok(dataset, arch, run, det)]
+    return [
+        (label, dataset, arch, run) for label, run in f["runs"].items() if cell_ok(dataset, arch, run, det)
+    ]
 
 
 def fig_sam_sets():
@@ -119,7 +135,9 @@ def fig_sam_sets():
 
 def fig_sam_ckpts(wc):
     """label -> final.pt of the first seed, for each implemented run of fig_sam (first: before fine-tuning)."""
-    return {label: f"{run_dir(d, ar, run, SEEDS[0])}/final.pt" for label, d, ar, run in figure_runs("fig_sam")}
+    return {
+        label: f"{run_dir(d, ar, run, SEEDS[0])}/final.pt" for label, d, ar, run in figure_runs("fig_sam")
+    }
 
 
 def fig_sam_args(wc):
@@ -130,8 +148,18 @@ def fig_sam_args(wc):
     args = []
     for label, ckpt in fig_sam_ckpts(wc).items():
         args += ["--model", f"{label}={ckpt}"]
-    args += ["--id", dataset, "--ood", ",".join(ood), "--max-samples", str(f["max_samples"]),
-             "--keys", ",".join(f["keys"]), "--labels-json", json.dumps(labels, sort_keys=True)]
+    args += [
+        "--id",
+        dataset,
+        "--ood",
+        ",".join(ood),
+        "--max-samples",
+        str(f["max_samples"]),
+        "--keys",
+        ",".join(f["keys"]),
+        "--labels-json",
+        json.dumps(labels, sort_keys=True),
+    ]
     return quote_args(args)
 
 
@@ -193,17 +221,23 @@ def check_slurm_account():
             continue
         account = str(j.resources.get("slurm_account", "") or "")
         if account.strip("'\"") == "my_account":
-            print("ERROR: slurm_account is still the placeholder 'my_account': set your account in "
-                  "slurm/config.v9+.yaml (default-resources), or pass --default-resources slurm_account=NAME "
-                  "(slurm-no-account: true on clusters without accounting); nothing was submitted",
-                  file=sys.stderr)
+            print(
+                "ERROR: slurm_account is still the placeholder 'my_account': set your account in "
+                "slurm/config.v9+.yaml (default-resources), or pass --default-resources slurm_account=NAME "
+                "(slurm-no-account: true on clusters without accounting); nothing was submitted",
+                file=sys.stderr,
+            )
             sys.exit(2)
         return
 
 
 def train_inputs(wc):
     spec = P.run_spec(config, wc.run, wc.dataset)
-    aux = [data_stamp(config["datasets"][wc.dataset]["aux"])] if P.run_needs_aux(config, wc.run, wc.dataset) else []
+    aux = (
+        [data_stamp(config["datasets"][wc.dataset]["aux"])]
+        if P.run_needs_aux(config, wc.run, wc.dataset)
+        else []
+    )
     ins = {"data": [ancient(f) for f in [data_stamp(wc.dataset), *aux]], "presets": spec["configs"]}
     if spec["init"] == "pretrain":
         ins["init"] = f"{run_dir(wc.dataset, wc.arch, 'pretrain', wc.seed)}/final.pt"
@@ -233,8 +267,14 @@ def fig4_args(wc):
     args = []
     for label, dirs in fig4_dirs(wc).items():
         args += ["--model", f"{label}={','.join(dirs)}"]
-    args += ["--ood", ood, "--ood-label", config["labels"].get(ood, ood),
-             "--id-label", config["labels"].get(P.alias(config, "dataset", f["dataset"]), "ID")]
+    args += [
+        "--ood",
+        ood,
+        "--ood-label",
+        config["labels"].get(ood, ood),
+        "--id-label",
+        config["labels"].get(P.alias(config, "dataset", f["dataset"]), "ID"),
+    ]
     return quote_args(args)
 
 
@@ -252,9 +292,11 @@ def dg_summaries():
 
 def dg_caption():
     steps = "the protocol's 501" if DG["steps"] is None else str(DG["steps"])
-    return (f"Domain generalization (Hessian alignment), test-environment accuracy (\\%) of the last step, "
-            f"mean $\\pm$ std over {DG['restarts']} restarts, {steps} full-batch steps; best non-oracle test "
-            "accuracy in bold.")
+    return (
+        f"Domain generalization (Hessian alignment), test-environment accuracy (\\%) of the last step, "
+        f"mean $\\pm$ std over {DG['restarts']} restarts, {steps} full-batch steps; best non-oracle test "
+        "accuracy in bold."
+    )
 
 
 wildcard_constraints:

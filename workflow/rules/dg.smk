@@ -3,6 +3,7 @@
 # `greg dg run` resumes at the next restart when rerun (results.csv is not a declared output, so Snakemake
 # never deletes it); a changed steps/seed/hparams is refused: delete <results>/dg/<dataset>/<algorithm> first.
 
+
 # MNIST cannot be fetched from compute nodes without internet: the download runs where Snakemake runs.
 # For colored_digits (scikit-learn's bundled digits) it only checks that the data loads.
 rule dg_download:

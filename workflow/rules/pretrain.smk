@@ -10,7 +10,9 @@ rule pretrain:
         data=lambda wc: [ancient(data_stamp(wc.dataset))],
         presets=config["pretrain"]["configs"],
         # ancient: a re-download (same checksum, new mtime) must not retrain every seed
-        imported=lambda wc: [ancient(data_stamp(n)) for n in [P.pretrain_import(config, wc.dataset, wc.arch)] if n],
+        imported=lambda wc: [
+            ancient(data_stamp(n)) for n in [P.pretrain_import(config, wc.dataset, wc.arch)] if n
+        ],
     output:
         protected(f"{RESULTS}/{{dataset}}/{{arch}}/pretrain/seed{{seed}}/final.pt"),
     log:

@@ -75,7 +75,9 @@ for _name in TABLES:
 rule fig3:
     """Energy loss and mean input-gradient norm of the score during training, with and without GReg."""
     input:
-        lambda wc: [f"{run_dir(d, ar, run, s)}/final.pt" for _, d, ar, run in figure_runs("fig3") for s in SEEDS],
+        lambda wc: [
+            f"{run_dir(d, ar, run, s)}/final.pt" for _, d, ar, run in figure_runs("fig3") for s in SEEDS
+        ],
     output:
         pdf=report(
             f"{RESULTS}/figures/fig3.pdf",
@@ -94,8 +96,11 @@ rule fig3:
     params:
         runs=fig3_args,
         # runs and smooth are shell-quoted here (quote_args): lists of arguments cannot take {x:q}
-        smooth=lambda wc: "" if config["figures"]["fig3"].get("smooth") is None
-        else quote_args(["--smooth", str(config["figures"]["fig3"]["smooth"])]),
+        smooth=lambda wc: (
+            ""
+            if config["figures"]["fig3"].get("smooth") is None
+            else quote_args(["--smooth", str(config["figures"]["fig3"]["smooth"])])
+        ),
     conda:
         ENV_CPU
     shell:
