@@ -25,6 +25,7 @@ import yaml
 
 from greg import data, io, methods, models, scores
 from greg.methods.base import ClusterSelection
+from greg.optim.registry import OPTIMIZERS, SCHEDULES
 
 DEFAULTS: dict[str, Any] = {
     # Seed of everything: data order, augmentation, initialization, method RNGs.
@@ -56,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "method": {"name": "ce", "hparams": {}},
     "optim": {
-        "name": "sgd",  # sgd | adam
+        "name": "sgd",  # greg.optim.registry.OPTIMIZERS
         "lr": 0.1,
         "momentum": 0.9,
         "nesterov": True,
@@ -66,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "schedule": {
         # cosine: the Energy/GReg LambdaLR multiplier from 1 down to lr_min_ratio over all steps.
         # multistep: multiply by gamma at each epoch in milestones.  constant: no change.
-        "name": "cosine",
+        "name": "cosine",  # greg.optim.registry.SCHEDULES
         "lr_min_ratio": 1.0e-3,
         "milestones": [],
         "gamma": 0.1,
@@ -294,7 +295,7 @@ SCHEMA: dict[str, _Check] = {
     "data.augment": (_BOOL, False, None, "true or false"),
     "method.name": (_STR, False, None, "a method name"),
     "method.hparams": ((dict,), False, None, "a mapping"),
-    "optim.name": (_STR, False, lambda v: v in ("sgd", "adam"), "sgd or adam"),
+    "optim.name": (_STR, False, lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS.names())}"),
     "optim.lr": (_NUM, False, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
     "optim.momentum": (_NUM, False, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "optim.nesterov": (_BOOL, False, None, "true or false"),
@@ -302,8 +303,7 @@ SCHEMA: dict[str, _Check] = {
     "optim.betas": ((list,), False,
                     lambda v: len(v) == 2 and all(_is(x, _NUM) and 0 <= x < 1 for x in v),
                     "a list of two numbers in [0, 1)"),
-    "schedule.name": (_STR, False, lambda v: v in ("cosine", "multistep", "constant"),
-                      "cosine, multistep or constant"),
+    "schedule.name": (_STR, False, lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES.names())}"),
     "schedule.lr_min_ratio": (_NUM, False, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "schedule.milestones": ((list,), False, lambda v: all(_is(x, _INT) and x >= 0 for x in v),
                             "a list of epoch numbers (integers >= 0)"),

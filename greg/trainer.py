@@ -11,7 +11,6 @@ One cohesive class (init, checkpoints, resume, the loop), hence over ~400 lines.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -29,6 +28,7 @@ from greg.config import ConfigError, config_diff, config_hash, config_text, make
 from greg.device import eval_mode, resolve_device
 from greg.methods import margins
 from greg.methods.grad_reg import score_input_grad_norm
+from greg.optim.registry import lr_multiplier, make_optimizer
 from greg.stream import StreamSampler, aux_pool_size, loader, ratio_candidates
 
 EXIT_NONFINITE = 3
@@ -37,38 +37,6 @@ EXIT_PREEMPTED = 143
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-# --------------------------------------------------------------------------------------------- schedule
-
-
-def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, sched: dict) -> float:
-    """Learning-rate multiplier at ``step`` (0-based), a pure function so resume needs no scheduler state."""
-    name = sched["name"]
-    if name == "constant":
-        return 1.0
-    if name == "cosine":
-        # Energy-OOD's cosine_annealing(step, total, 1, lr_min_ratio) inside a LambdaLR.
-        lo = sched["lr_min_ratio"]
-        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(step / total_steps * math.pi))
-    if name == "multistep":
-        epoch = step // steps_per_epoch
-        return sched["gamma"] ** sum(epoch >= m for m in sched["milestones"])
-    raise ConfigError(f"unknown schedule {name!r}")
-
-
-def make_optimizer(params, optim: dict) -> torch.optim.Optimizer:
-    if optim["name"] == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=optim["lr"],
-            momentum=optim["momentum"],
-            nesterov=optim["nesterov"] and optim["momentum"] > 0,
-            weight_decay=optim["weight_decay"],
-        )
-    return torch.optim.Adam(
-        params, lr=optim["lr"], betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"]
-    )
 
 
 # --------------------------------------------------------------------------------------------- trainer

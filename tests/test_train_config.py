@@ -3,11 +3,12 @@
 import math
 
 import pytest
+import torch
 
 from greg import config
 from greg.config import ConfigError, deep_merge, parse_set
+from greg.optim.registry import lr_multiplier, make_optimizer
 from greg.stream import StreamSampler
-from greg.trainer import lr_multiplier
 
 
 def test_parse_set_nested_and_yaml_values():
@@ -72,6 +73,21 @@ def test_multistep_multiplier_by_epoch():
     assert lr_multiplier(500, 600, 10, s) == pytest.approx(0.1)  # epoch 50
     s2 = {"name": "multistep", "milestones": [2, 4], "gamma": 0.5}
     assert [lr_multiplier(e * 3, 18, 3, s2) for e in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_optimizer_names_come_from_the_registry():
+    # A name the trainer cannot build is refused at load (it used to fall through to Adam).
+    with pytest.raises(ConfigError, match=r"'optim\.name' must be one of adam, sgd, got 'rmsprop'"):
+        config.load_config([], ["optim.name=rmsprop"])
+    with pytest.raises(ConfigError, match=r"'schedule\.name' must be one of constant, cosine, multistep"):
+        config.load_config([], ["schedule.name=linear"])
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    opt = make_optimizer(w, {**config.DEFAULTS["optim"], "name": "adam", "lr": 0.5, "betas": [0.5, 0.25]})
+    assert type(opt) is torch.optim.Adam and opt.defaults["betas"] == (0.5, 0.25)
+    opt = make_optimizer(w, {**config.DEFAULTS["optim"], "momentum": 0.0})
+    assert type(opt) is torch.optim.SGD and opt.defaults["nesterov"] is False  # nesterov needs momentum
+    with pytest.raises(KeyError, match="unknown optimizer 'rmsprop'"):
+        make_optimizer(w, {"name": "rmsprop"})
 
 
 def _take(sampler, n):
