@@ -1,5 +1,6 @@
-"""The SAM appendix's diagnostics (docs/METHOD.md#sam-only-norm): per-sample classifier-layer gradient norm and
-maximum logit, ID vs each OOD set, and score distributions before/after fine-tuning.
+"""Diagnostics: the input-gradient norm of a score (paper Fig. 3), and the SAM appendix's
+(docs/METHOD.md#sam-only-norm): per-sample classifier-layer gradient norm and maximum logit, ID vs each OOD
+set, and score distributions before/after fine-tuning.
 
 Per-sample head gradient norm: for a sample with penultimate features ``h`` and logits ``f = W h + b``, the
 cross-entropy against the *predicted* label ``y_hat = argmax f`` (no ground truth needed, so it applies to
@@ -26,6 +27,34 @@ from greg import data, io, models, scores
 from greg.device import eval_mode
 
 DIAGNOSTICS = ("head_grad_norm", "max_logit", "energy", "msp")
+
+
+def score_input_grad_norm(model: nn.Module, x: torch.Tensor, score: str = "energy") -> float:
+    """Mean over rows of ``||d S(x_i) / d x_i||_2`` in eval mode (paper Fig. 3 diagnostic).
+
+    Eval mode makes the rows independent, so one backward of ``sum_i S(x_i)`` gives every per-row gradient.
+    Only the input gradient is computed: no parameter ``.grad`` is touched. The model's modes are restored.
+    """
+    score_fn = scores.get(score)
+    with eval_mode(model), torch.enable_grad():
+        xl = x.detach().clone().requires_grad_(True)
+        s = score_fn(model(xl))
+        (g,) = torch.autograd.grad(s.sum(), xl, allow_unused=True)
+    if g is None:
+        return 0.0
+    return torch.linalg.vector_norm(g.flatten(1), ord=2, dim=1).mean().item()
+
+
+def score_grad_norms(model: nn.Module, batch: Mapping[str, torch.Tensor], score: str) -> dict[str, float]:
+    """:func:`score_input_grad_norm` of a training step's ID batch and auxiliary batch (when there is one)
+    and ``score_grad_norm``, their mean (the trainer logs these every ``train.grad_norm_every`` steps)."""
+    rec = {"grad_norm_id": score_input_grad_norm(model, batch["x_id"], score)}
+    if "x_aux" in batch:
+        rec["grad_norm_aux"] = score_input_grad_norm(model, batch["x_aux"], score)
+        rec["score_grad_norm"] = 0.5 * (rec["grad_norm_id"] + rec["grad_norm_aux"])
+    else:
+        rec["score_grad_norm"] = rec["grad_norm_id"]
+    return rec
 
 
 def _head_params(head: nn.Module, include_bias: bool) -> dict[str, torch.Tensor]:

@@ -5,30 +5,28 @@ A run is a pure function of its resolved config: data order and augmentation are
 random state is checkpointed. A run killed at any point and restarted with the same command therefore ends
 with the same weights as an uninterrupted one (on CPU; cuDNN nondeterminism aside on GPU).
 
-One cohesive class (init, checkpoints, resume, the loop), hence over ~400 lines.
+The run directory's files (resume state, final checkpoint, log, identity) are :mod:`greg.rundir`'s; what a
+method fits before step 0 and how it updates are the method's (:class:`greg.methods.Method`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import random
 import signal
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from greg import data, io, models
-from greg.config import ConfigError, config_diff, config_hash, config_text, make_method, mix
+from greg.config import ConfigError, make_method, mix
 from greg.device import eval_mode, resolve_device
-from greg.methods import margins
-from greg.methods.grad_reg import score_input_grad_norm
+from greg.diagnostics import score_grad_norms
 from greg.optim.registry import lr_multiplier, make_optimizer
+from greg.rundir import RunDir
 from greg.stream import StreamSampler, aux_pool_size, loader, ratio_candidates
 
 EXIT_NONFINITE = 3
@@ -42,52 +40,15 @@ class NonFiniteError(RuntimeError):
 # --------------------------------------------------------------------------------------------- trainer
 
 
-def _rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_pos": random.getstate()[2],
-        "numpy": np.random.get_state()[1].tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-# state.pt: key -> (type, what); "rng" -> the keys _set_rng_state reads.
-_STATE_TYPES = {"step": int, "model": dict, "optimizer": dict, "method": dict, "rng": dict, "config": str}
-# python_pos is random's gauss_next (a float or None), despite its name
-_RNG_KEYS = {"torch": torch.Tensor, "python": list, "python_pos": (float, int, type(None)), "numpy": list,
-             "numpy_pos": int}
-
-
-def _check_state(state: object, path: Path) -> None:
-    """A resume state of the expected shape, or one ``CheckpointError`` naming the file and the key."""
-    def bad(what: str) -> models.CheckpointError:
-        return models.CheckpointError(f"{path} is not a greg resume state: {what}; delete it (the run restarts "
-                                      "from step 0) or rerun with --force")
-
-    if not isinstance(state, dict):
-        raise bad(f"expected a dict, found {type(state).__name__}")
-    for table, where in ((_STATE_TYPES, ""), (_RNG_KEYS, "rng.")):
-        d = state if not where else state["rng"]
-        for key, typ in table.items():
-            if key not in d:
-                raise bad(f"no {where}{key!r} entry")
-            if not isinstance(d[key], typ) or isinstance(d[key], bool):
-                want = "/".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
-                raise bad(f"{where}{key} is a {type(d[key]).__name__}, expected {want}")
-    if state["step"] < 0:
-        raise bad(f"step is {state['step']}")
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def eval_view(ds: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+    """The same images with the eval transform (no augmentation), without reading them again."""
+    tf = getattr(ds, "transform", None)
+    if not getattr(tf, "train", False):
+        return ds
+    view = copy.copy(ds)
+    view.transform = copy.copy(tf)
+    view.transform.train = False
+    return view
 
 
 def init_checkpoint_path(cfg: dict) -> str:
@@ -101,9 +62,12 @@ def init_checkpoint_path(cfg: dict) -> str:
 
 
 class Trainer:
+    """One run: model, data and optimizer of the config ``cfg``, trained in the run directory ``out``."""
+
     def __init__(self, cfg: dict, out: str | os.PathLike, device: str = "auto", force: bool = False):
         self.cfg = cfg
-        self.out = Path(out)
+        self.rundir = RunDir(out, cfg)
+        self.out = self.rundir.out
         self.force = force  # start over: discard this directory's final.pt / state.pt of another config
         self.device = resolve_device(device)
         c_data, c_train = cfg["data"], cfg["train"]
@@ -126,25 +90,7 @@ class Trainer:
         self.aux = None
         self.aux_bs = 0
         if self.method.needs_aux:
-            self.aux = data.load(
-                c_data["aux"], "train", c_data["root"], id_dataset=c_data["id"], train=c_data["augment"]
-            )
-            if len(self.aux) == 0:
-                raise ConfigError(f"auxiliary dataset {c_data['aux']!r} is empty (root {c_data['root']})")
-            # Each epoch's auxiliary pool (data.aux_pool_per_epoch; the whole set when null).
-            self.aux_pool = aux_pool_size(len(self.aux), c_data["aux_pool_per_epoch"])
-            abs_ = c_data["aux_batch_size"]
-            how = ""
-            if abs_ == "ratio":
-                abs_ = ratio_candidates(self.aux_pool, len(self.id_train), c_data["batch_size"])
-                how = f" ('ratio': {self.aux_pool} auxiliary / {len(self.id_train)} ID images x batch_size)"
-            self.aux_bs = int(abs_)
-            if self.aux_bs < self.method.aux_needed():
-                raise ConfigError(
-                    f"data.aux_batch_size is {self.aux_bs}{how}, but method {cfg['method']['name']!r} selects "
-                    f"{self.method.aux_needed()} auxiliary samples per step (method.hparams.n_selected): "
-                    "raise data.aux_batch_size or lower n_selected"
-                )
+            self._load_aux()
 
         self.steps_per_epoch = len(self.id_train) // c_data["batch_size"]
         total = c_train["epochs"] * self.steps_per_epoch
@@ -156,7 +102,26 @@ class Trainer:
         self.last_loss: float | None = None  # total loss of the last step this process ran
         self._stop_signal: int | None = None
 
-    # -- init / checkpoints -------------------------------------------------------------------------
+    def _load_aux(self) -> None:
+        """The auxiliary set, its per-epoch pool and the candidates per step (``data.aux_batch_size``)."""
+        c_data = self.cfg["data"]
+        self.aux = data.load(c_data["aux"], "train", c_data["root"], id_dataset=c_data["id"], train=c_data["augment"])
+        if len(self.aux) == 0:
+            raise ConfigError(f"auxiliary dataset {c_data['aux']!r} is empty (root {c_data['root']})")
+        # Each epoch's auxiliary pool (data.aux_pool_per_epoch; the whole set when null).
+        self.aux_pool = aux_pool_size(len(self.aux), c_data["aux_pool_per_epoch"])
+        abs_ = c_data["aux_batch_size"]
+        how = ""
+        if abs_ == "ratio":
+            abs_ = ratio_candidates(self.aux_pool, len(self.id_train), c_data["batch_size"])
+            how = f" ('ratio': {self.aux_pool} auxiliary / {len(self.id_train)} ID images x batch_size)"
+        self.aux_bs = int(abs_)
+        if self.aux_bs < self.method.aux_needed():
+            raise ConfigError(
+                f"data.aux_batch_size is {self.aux_bs}{how}, but method {self.cfg['method']['name']!r} selects "
+                f"{self.method.aux_needed()} auxiliary samples per step (method.hparams.n_selected): "
+                "raise data.aux_batch_size or lower n_selected"
+            )
 
     def _init_from(self, path: str, kind: str) -> None:
         raw = io.safe_torch_load(path)
@@ -180,210 +145,78 @@ class Trainer:
         else:
             models.load_pretrained(self.model, path, skip_head=skip_head or extra > 0)
 
-    @property
-    def state_path(self) -> Path:
-        return self.out / "state.pt"
-
-    @property
-    def final_path(self) -> Path:
-        return self.out / "final.pt"
-
-    @property
-    def log_path(self) -> Path:
-        return self.out / "metrics.jsonl"
-
-    def _check_finite_weights(self) -> None:
-        for name, p in self.model.state_dict().items():
-            if p.is_floating_point() and not torch.isfinite(p).all():
-                raise NonFiniteError(f"parameter {name!r} became non-finite at step {self.step}")
+    # -- checkpoints ---------------------------------------------------------------------------------
 
     def save_state(self) -> None:
-        self._check_finite_weights()  # never replace the last good checkpoint with a broken one
-        io.atomic_torch_save(
-            {
-                "step": self.step,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "method": self.method.state_dict(),
-                "rng": _rng_state(),
-                "config": config_text(self.cfg),
-                "config_hash": config_hash(self.cfg),
-                # margins: auto, fitted before step 0 from the starting model: a resume must not refit
-                "margins": margins.fitted(self.method),
-            },
-            self.state_path,
-        )
+        for name, p in self.model.state_dict().items():  # never replace the last good checkpoint with a broken one
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise NonFiniteError(f"parameter {name!r} became non-finite at step {self.step}")
+        self.rundir.save_state(self.step, self.model, self.optimizer, self.method)
 
     def load_state(self) -> bool:
-        if not self.state_path.exists():
+        step = self.rundir.load_state(self.model, self.optimizer, self.method, self.device)
+        if step is None:
             return False
-        state = io.safe_torch_load(self.state_path, map_location=self.device)
-        _check_state(state, self.state_path)
-        self._check_same_run(self.state_path, state["config"], "was written by")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_state_dict(state["method"])
-        if margins.wanted(self.method):
-            if not isinstance(state.get("margins"), dict):
-                raise models.CheckpointError(f"{self.state_path} records no fitted margins (margins: auto); "
-                                             "rerun with --force to start over")
-            margins.apply(self.method, state["margins"])
-        _set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step = step
         return True
 
-    def _trim_log(self) -> None:
-        """Drop log lines of steps after the resumed checkpoint (and a torn last line)."""
-        if not self.log_path.exists():
-            return
-        keep = []
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step", 0) < self.step:
-                keep.append(line)
-        io.atomic_write_text(self.log_path, "".join(k + "\n" for k in keep))
+    def _setup_method(self) -> None:
+        """A fresh start: the method fits what it needs from the starting model (:meth:`Method.setup`)."""
+        try:
+            note = self.method.setup(
+                self.model, eval_view(self.id_train), None if self.aux is None else eval_view(self.aux),
+                self.device, mix(self.cfg["seed"], 4), from_scratch=not self.cfg["init"]["checkpoint"],
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if note:
+            print(note, file=sys.stderr)
 
     # -- loop ----------------------------------------------------------------------------------------
 
     def _train_step(self, batch: dict) -> dict:
-        # Methods with their own update rule (SAM: two forward/backward passes) do it in train_step.
         terms = self.method.train_step(self.model, batch, self.optimizer)
-        custom = terms is not None
-        if not custom:
-            terms = self.method.compute_loss(self.model, batch)
         total = terms["total"]
         if not torch.isfinite(total):
             raise NonFiniteError(
                 f"loss is {float(total.detach())} at step {self.step} "
                 f"({', '.join(f'{k}={float(torch.as_tensor(v).detach()):.4g}' for k, v in terms.items())})"
             )
-        if not custom:
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
         return terms
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def _check_same_run(self, path: Path, stored: object, verb: str) -> None:
-        """The run stored in ``path`` must have this run's scientific config (runtime keys may differ)."""
-        try:
-            old = yaml.safe_load(stored) if isinstance(stored, str) else None
-        except yaml.YAMLError:
-            old = None
-        if not isinstance(old, dict):
-            raise ConfigError(f"{path} records no readable run config; rerun with --force to start over, or "
-                              "use a new --out")
-        diff = config_diff(old, self.cfg)
-        if diff:
-            more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
-            raise ConfigError(
-                f"{path} {verb} a different config (differs in {', '.join(diff[:3])}{more}); rerun with "
-                "--force to start over in this directory, or use a new --out"
-            )
-
-    def _check_final(self) -> None:
-        """final.pt of this very config, and readable (format, types, shapes of the model it describes)."""
-        try:
-            ck = models.read_checkpoint(self.final_path)
-        except (ValueError, RuntimeError, EOFError) as e:
-            raise models.CheckpointError(
-                f"{self.final_path} exists but is not a valid run checkpoint ({e}); rerun with --force to "
-                "train again, or use a new --out"
-            ) from None
-        meta = ck["meta"]
-        if meta.get("config_hash") != config_hash(self.cfg):  # files of older versions: compare the text
-            self._check_same_run(self.final_path, meta.get("config"), "was trained with")
-        if ck["arch"] != self.cfg["model"]["name"] or ck["num_classes"] != self.num_classes:
-            raise models.CheckpointError(
-                f"{self.final_path} holds {ck['arch']} with {ck['num_classes']} classes, this config trains "
-                f"{self.cfg['model']['name']} with {self.num_classes}; rerun with --force, or use a new --out"
-            )
-
     def run(self) -> int:
-        # One greg process per run directory: a second one would replace this one's checkpoints.
-        with io.dir_lock(self.out, "run directory"):
+        with self.rundir.lock():
             return self._run_locked()
 
     def _run_locked(self) -> int:
         if self.force:
-            for p in (self.final_path, self.state_path):  # this run's own outputs, replaced on request
-                p.unlink(missing_ok=True)
-        if self.final_path.exists():
-            self._check_final()
-            print(f"{self.final_path} exists: run already complete", file=sys.stderr)
+            self.rundir.discard()
+        if self.rundir.final_path.exists():
+            self.rundir.check_final(self.num_classes)
+            print(f"{self.rundir.final_path} exists: run already complete", file=sys.stderr)
             return 0
-        # Temp files of a greg write that a SIGKILL interrupted are never outputs; don't let them pile up.
-        # Only greg's own temp names, and only of writers that are gone (we hold the directory's lock).
-        io.remove_stale_temp_files(self.out, locked=True)
-        cfg_file = self.out / "config.yaml"
-        if not self.load_state():
-            io.atomic_write_text(cfg_file, config_text(self.cfg))
-            self._trim_log_all()
-            self._fit_margins()
+        resumed = self.load_state()
+        self.rundir.write_config()
+        if not resumed:
+            self.rundir.clear_log()
+            self._setup_method()
         else:
-            # runtime keys (workers, data root, cadence) may have changed: config.yaml shows this run's
-            io.atomic_write_text(cfg_file, config_text(self.cfg))
             print(f"resuming {self.out} from step {self.step}/{self.total_steps}", file=sys.stderr)
-            self._trim_log()
+            self.rundir.trim_log(self.step)
 
-        c_data, c_train = self.cfg["data"], self.cfg["train"]
-        bs, seed = c_data["batch_size"], self.cfg["seed"]
-        id_iter = iter(
-            loader(
-                self.id_train,
-                StreamSampler(
-                    len(self.id_train),
-                    self.steps_per_epoch * bs,
-                    seed,
-                    1,
-                    self.step * bs,
-                    self.total_steps * bs,
-                ),
-                bs,
-                c_data["num_workers"],
-                self.device,
-            )
-        )
-        aux_iter = None
-        if self.aux is not None:
-            per_pass = max(len(self.aux) // self.aux_bs, 1) * self.aux_bs
-            pool = None
-            if c_data["aux_pool_per_epoch"] is not None:
-                # One pass = one epoch, which draws its own pool (released: a fresh random.sample per epoch,
-                # o4lc/Greg-OOD train_sea.py@4761101:157).
-                per_pass, pool = self.steps_per_epoch * self.aux_bs, self.aux_pool
-            aux_iter = iter(
-                loader(
-                    self.aux,
-                    StreamSampler(
-                        len(self.aux),
-                        per_pass,
-                        seed,
-                        2,
-                        self.step * self.aux_bs,
-                        self.total_steps * self.aux_bs,
-                        pool,
-                    ),
-                    self.aux_bs,
-                    c_data["num_workers"],
-                    self.device,
-                )
-            )
-
+        id_iter, aux_iter = self._streams()
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             with (
-                open(self.log_path, "a", encoding="utf-8") as log,
+                open(self.rundir.log_path, "a", encoding="utf-8") as log,
                 tqdm(
                     total=self.total_steps,
                     initial=self.step,
                     desc=f"train {self.cfg['method']['name']}",
-                    disable=not c_train["progress"],
+                    disable=not self.cfg["train"]["progress"],
                     mininterval=1.0 if sys.stderr.isatty() else 30.0,
                     dynamic_ncols=True,
                 ) as bar,
@@ -399,37 +232,50 @@ class Trainer:
                 signal.signal(s, h)
         self.save_state()
         self.model.eval()
-        models.save_checkpoint(
-            self.final_path,
-            self.model,
-            arch=self.cfg["model"]["name"],
-            num_classes=self.num_classes,
-            model_kwargs=self.cfg["model"]["kwargs"],
-            meta={
-                "method": self.cfg["method"]["name"],
-                "detector": self.method.detector,
-                "id_dataset": c_data["id"],
-                "seed": self.cfg["seed"],
-                "steps": self.step,
-                "config": config_text(self.cfg),
-                "config_hash": config_hash(self.cfg),
-                "margins": margins.fitted(self.method),
-            },
-        )
+        self.rundir.save_final(self.model, self.num_classes, {
+            "method": self.cfg["method"]["name"],
+            "detector": self.method.detector,
+            "extra_classes": self.method.extra_classes,
+            "id_dataset": self.cfg["data"]["id"],
+            "seed": self.cfg["seed"],
+            "steps": self.step,
+            "setup": self.method.setup_record(),
+        })
         self._print_summary()
         return 0
+
+    def _streams(self) -> tuple:
+        """Iterators of ID batches and auxiliary batches (None without auxiliary data) from the current step."""
+        c_data = self.cfg["data"]
+        bs, seed = c_data["batch_size"], self.cfg["seed"]
+        id_sampler = StreamSampler(
+            len(self.id_train), self.steps_per_epoch * bs, seed, 1, self.step * bs, self.total_steps * bs
+        )
+        id_iter = iter(loader(self.id_train, id_sampler, bs, c_data["num_workers"], self.device))
+        if self.aux is None:
+            return id_iter, None
+        per_pass = max(len(self.aux) // self.aux_bs, 1) * self.aux_bs
+        pool = None
+        if c_data["aux_pool_per_epoch"] is not None:
+            # One pass = one epoch, which draws its own pool (released: a fresh random.sample per epoch,
+            # o4lc/Greg-OOD train_sea.py@4761101:157).
+            per_pass, pool = self.steps_per_epoch * self.aux_bs, self.aux_pool
+        aux_sampler = StreamSampler(
+            len(self.aux), per_pass, seed, 2, self.step * self.aux_bs, self.total_steps * self.aux_bs, pool
+        )
+        return id_iter, iter(loader(self.aux, aux_sampler, self.aux_bs, c_data["num_workers"], self.device))
 
     def _print_summary(self) -> None:
         """One closing line: steps, final loss, ID test accuracy (when the ID set has a test split), final.pt."""
         parts = [f"{self.step} steps"]
-        loss = self.last_loss if self.last_loss is not None else self._logged_loss()
+        loss = self.last_loss if self.last_loss is not None else self.rundir.last_logged_loss()
         if loss is not None:
             parts.append(f"final loss {loss:.4f}")
         c_data = self.cfg["data"]
         if "test" in data.spec(c_data["id"]).splits:
             test = data.load(c_data["id"], "test", c_data["root"])
             parts.append(f"ID test accuracy {100 * self._accuracy(test):.2f} % ({len(test)} images)")
-        print(f"greg train: done: {', '.join(parts)}; {self.final_path}", file=sys.stderr)
+        print(f"greg train: done: {', '.join(parts)}; {self.rundir.final_path}", file=sys.stderr)
 
     def _accuracy(self, ds) -> float:
         """Top-1 accuracy over the ID classes ((K+1)-class models never predict the extra class)."""
@@ -442,35 +288,6 @@ class Trainer:
                 pred = self.model(x.to(self.device))[:, :k].argmax(dim=1).cpu()
                 correct += int((pred == torch.as_tensor(y)).sum())
         return correct / max(len(ds), 1)
-
-    def _logged_loss(self) -> float | None:
-        """The last logged total loss (a resume that had no step left to run)."""
-        if not self.log_path.exists():
-            return None
-        lines = self.log_path.read_text(encoding="utf-8").splitlines()
-        return json.loads(lines[-1]).get("total") if lines else None
-
-    def _fit_margins(self) -> None:
-        """``margins: auto``: m_in / m_out from the starting model's energies (greg.methods.margins)."""
-        if not margins.wanted(self.method):
-            return
-        c_data = self.cfg["data"]
-        if not self.cfg["init"]["checkpoint"]:
-            raise ConfigError("method.hparams.margins: auto fits the margins to the starting model: set "
-                              "init.checkpoint (a run from scratch has no model to fit them to)")
-        id_eval = data.load(c_data["id"], "train", c_data["root"])  # eval transform: no augmentation
-        aux_eval = data.load(c_data["aux"], "train", c_data["root"], id_dataset=c_data["id"])
-        try:
-            fitted = margins.fit_margins(
-                self.model, id_eval, aux_eval, quantiles=tuple(self.method.hparams["margin_quantiles"]),
-                seed=mix(self.cfg["seed"], 4), device=self.device,
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        margins.apply(self.method, fitted)
-        print(f"margins: auto: m_in = {fitted['m_in']:.4g}, m_out = {fitted['m_out']:.4g} (quantiles "
-              f"{fitted['q_in']:g} / {fitted['q_out']:g} of {fitted['n_id']} ID / {fitted['n_aux']} auxiliary "
-              "energies)", file=sys.stderr)
 
     def _loop(self, id_iter, aux_iter, log, bar) -> bool:
         """Train until the last step (True) or until a stop signal, after checkpointing (False)."""
@@ -499,7 +316,7 @@ class Trainer:
             rec.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
             gne = c_train["grad_norm_every"]
             if gne and self.step % gne == 0:
-                rec.update(self._grad_norms(batch, c_train["grad_norm_score"]))
+                rec.update(score_grad_norms(self.model, batch, c_train["grad_norm_score"]))
             rec["time"] = time.perf_counter() - t0
             self.last_loss = rec["total"]
             self.step += 1
@@ -515,19 +332,3 @@ class Trainer:
             if self._stop_signal is not None:
                 return False
         return True
-
-    def _grad_norms(self, batch: dict, score: str) -> dict[str, float]:
-        """Mean input-gradient norm of the score (paper Fig. 3), on the ID and auxiliary batches."""
-        rec = {"grad_norm_id": score_input_grad_norm(self.model, batch["x_id"], score)}
-        if "x_aux" in batch:
-            rec["grad_norm_aux"] = score_input_grad_norm(self.model, batch["x_aux"], score)
-            rec["score_grad_norm"] = 0.5 * (rec["grad_norm_id"] + rec["grad_norm_aux"])
-        else:
-            rec["score_grad_norm"] = rec["grad_norm_id"]
-        return rec
-
-    def _trim_log_all(self) -> None:
-        """A fresh start: no log lines of an earlier attempt (one killed before its first checkpoint)."""
-        self.log_path.unlink(missing_ok=True)  # idempotent: a missing log is the goal, not an error
-
-

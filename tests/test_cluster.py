@@ -331,12 +331,12 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_starts_over(tmp_path, mo
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 0, "total": 1.0}\n{"step": 1, "tot')  # torn, no state.pt
     t = Trainer(cfg, out, "cpu")
-    t._trim_log_all()
+    t.rundir.clear_log()
     # the log vanishing between a check and the delete (a second attempt of the same job, a requeue) is
     # not an error: an exists()-then-unlink() raised FileNotFoundError here, i.e. exit 2 "missing file"
     real_exists = Path.exists
     monkeypatch.setattr(Path, "exists", lambda p: True if p.name == "metrics.jsonl" else real_exists(p))
-    t._trim_log_all()
+    t.rundir.clear_log()
     monkeypatch.undo()
     (out / "metrics.jsonl").write_text('{"step": 0, "total": 1.0}\n')
     assert t.run() == 0

@@ -12,7 +12,7 @@ from torch import nn
 from torch.autograd.functional import jacobian
 from torch.func import functional_call
 
-from greg import methods
+from greg import diagnostics, methods
 from greg.methods import grad_reg
 
 
@@ -180,12 +180,12 @@ def test_score_input_grad_norm_hand_and_mode_restored():
     a = math.log(3.0)
     x = torch.tensor([[0.0, 0.0], [a, 0.0]])
     expected = (math.sqrt(0.5) + math.sqrt(0.625)) / 2
-    assert grad_reg.score_input_grad_norm(model, x, "energy") == pytest.approx(expected, rel=1e-6)
+    assert diagnostics.score_input_grad_norm(model, x, "energy") == pytest.approx(expected, rel=1e-6)
     # msp, S = -max softmax = -p_0 off ties: grad = -p_0 (e_0 - p), norm p_0 p_1 sqrt(2) for K = 2.
     # [ln3, 0]: p = (.75, .25); [ln4, 0]: p = (.8, .2). (At the tie [0, 0] amax splits the gradient: 0.)
     x = torch.tensor([[a, 0.0], [math.log(4.0), 0.0], [0.0, 0.0]])
     expected_msp = (0.75 * 0.25 * math.sqrt(2) + 0.8 * 0.2 * math.sqrt(2) + 0.0) / 3
-    assert grad_reg.score_input_grad_norm(model, x, "msp") == pytest.approx(expected_msp, rel=1e-6)
+    assert diagnostics.score_input_grad_norm(model, x, "msp") == pytest.approx(expected_msp, rel=1e-6)
 
 
 def test_score_input_grad_norm_eval_mode_no_param_grads(setup):
@@ -195,7 +195,7 @@ def test_score_input_grad_norm_eval_mode_no_param_grads(setup):
     model.bn.eval()  # a frozen BN must stay frozen after the call
     running = model.bn.running_mean.clone()
     with torch.no_grad():  # the trainer may call it anywhere
-        value = grad_reg.score_input_grad_norm(model, x)
+        value = diagnostics.score_input_grad_norm(model, x)
     assert model.training and not model.bn.training and model.conv.training
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(model.bn.running_mean, running)

@@ -61,7 +61,7 @@ def test_paper_presets_keep_fixed_margins():
     for name in ("energy", "greg", "greg_plus", "poem"):
         m = methods.create(name)
         assert m.hparams["margins"] == "fixed" and m.hparams["m_in"] == -25.0 and m.hparams["m_out"] == -7.0
-        assert not margins.wanted(m)
+        assert m.setup_record() is None and "margins" not in m.state_dict()
 
 
 def test_auto_method_refuses_to_train_before_the_margins_are_fitted():
@@ -74,7 +74,8 @@ def test_auto_method_refuses_to_train_before_the_margins_are_fitted():
 def test_applied_margins_drive_the_energy_loss():
     m = methods.create("energy", margins="auto", lambda_S=1.0)
     margins.apply(m, {"m_in": -2.0, "m_out": -1.0})
-    assert (m.hparams["m_in"], m.hparams["m_out"]) == (-2.0, -1.0) and not margins.wanted(m)
+    assert (m.hparams["m_in"], m.hparams["m_out"]) == (-2.0, -1.0)
+    assert m.setup_record() == m.state_dict()["margins"] == {"m_in": -2.0, "m_out": -1.0}
     # IdentityNet: logits = x. ID rows: logits 0,0,0 -> S = -log 3 = -1.0986; aux row logits ln 2 -> S = -ln 6
     x_id, x_aux = torch.zeros(1, 3), torch.full((1, 3), float(np.log(2.0)))
     out = m.compute_loss(
@@ -138,8 +139,8 @@ def test_trainer_fits_margins_before_step_0_and_records_them(tmp_path, start_ckp
             x = torch.stack([ds[i][0] for i in range(len(ds))])
             e.append((-torch.logsumexp(model.eval()(x), dim=1)).numpy())
     want_in, want_out = float(np.quantile(e[0], 0.05)), float(np.quantile(e[1], 0.95))
-    meta = io.safe_torch_load(tmp_path / "g" / "final.pt")["meta"]["margins"]
-    state = io.safe_torch_load(tmp_path / "g" / "state.pt")["margins"]
+    meta = io.safe_torch_load(tmp_path / "g" / "final.pt")["meta"]["setup"]
+    state = io.safe_torch_load(tmp_path / "g" / "state.pt")["method"]["margins"]
     assert meta == state
     assert meta["m_in"] == pytest.approx(want_in, abs=1e-5) and meta["m_out"] == pytest.approx(
         want_out, abs=1e-5
@@ -148,7 +149,7 @@ def test_trainer_fits_margins_before_step_0_and_records_them(tmp_path, start_ckp
     # fixed margins record none
     cfg_fixed = _cfg(tmp_path, "greg", {}, init={"checkpoint": str(start_ckpt)})
     assert Trainer(cfg_fixed, tmp_path / "f", "cpu").run() == 0
-    assert io.safe_torch_load(tmp_path / "f" / "final.pt")["meta"]["margins"] is None
+    assert io.safe_torch_load(tmp_path / "f" / "final.pt")["meta"]["setup"] is None
 
 
 def test_interrupted_auto_run_resumes_with_the_same_margins_and_weights(tmp_path, start_ckpt, monkeypatch):
@@ -170,7 +171,7 @@ def test_interrupted_auto_run_resumes_with_the_same_margins_and_weights(tmp_path
     monkeypatch.setattr(margins, "fit_margins", lambda *a, **k: pytest.fail("margins refitted on resume"))
     assert Trainer(cfg, out, "cpu").run() == 0
     a, b = io.safe_torch_load(ref / "final.pt"), io.safe_torch_load(out / "final.pt")
-    assert a["meta"]["margins"] == b["meta"]["margins"]
+    assert a["meta"]["setup"] == b["meta"]["setup"] is not None
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     la = [json.loads(x)["energy"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["energy"] for x in (out / "metrics.jsonl").read_text().splitlines()]

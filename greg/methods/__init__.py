@@ -17,9 +17,8 @@ from greg.methods import (  # noqa: F401  (registers the methods)
 )
 from greg.methods._registry import METHODS
 from greg.methods.base import Batch, Method
-from greg.methods.grad_reg import score_input_grad_norm
 
-__all__ = ["METHODS", "Batch", "Method", "create", "names", "score_input_grad_norm"]
+__all__ = ["METHODS", "Batch", "Method", "create", "names"]
 
 
 def create(name: str, **hparams: Any) -> Method:

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from greg.sampling import ClusterSampler
 
@@ -21,10 +22,13 @@ class Method:
     - ``extra_classes``: classes the network needs beyond the ID ones (1 for (K+1)-class methods).
     - ``detector``: the detector that evaluates models trained with this method.
 
+    The trainer calls, in order: :meth:`setup` once before step 0 of a fresh run (a resumed run restores
+    what it fitted with :meth:`load_state_dict` instead), :meth:`on_epoch_start` before each epoch and
+    :meth:`train_step` once per step; :meth:`state_dict` is checkpointed with the run.
     ``compute_loss(model, batch)`` gets ``batch = {"x_id", "y_id", "x_aux" (optional)}`` with the model in
-    train mode and returns ``{"total": differentiable loss, <term>: detached value, ...}``; the trainer then
-    does ``zero_grad``, ``backward`` and ``optimizer.step()``. A method with its own update rule (SAM: two
-    forward/backward passes) overrides :meth:`train_step` instead.
+    train mode and returns ``{"total": differentiable loss, <term>: detached value, ...}``; the default
+    :meth:`train_step` does ``zero_grad``, ``backward`` of ``total`` and ``optimizer.step()``. A method with
+    its own update rule (SAM: two forward/backward passes) overrides :meth:`train_step`.
     """
 
     name: ClassVar[str] = "method"
@@ -66,10 +70,38 @@ class Method:
 
     def train_step(
         self, model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer
-    ) -> dict[str, torch.Tensor] | None:
-        """One whole update, for methods with their own rule: step ``optimizer`` and return the detached
-        terms (``"total"`` included; a non-finite total stops the run). ``None`` (the default): the trainer
-        updates with :meth:`compute_loss`."""
+    ) -> dict[str, torch.Tensor]:
+        """One whole update; returns the terms of :meth:`compute_loss` (``"total"`` included). A non-finite
+        total is returned without an update (the trainer stops the run on it, keeping the last good weights).
+        """
+        terms = self.compute_loss(model, batch)
+        total = terms["total"]
+        if torch.isfinite(total):
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+        return terms
+
+    def setup(
+        self,
+        model: nn.Module,
+        id_data: Dataset,
+        aux_data: Dataset | None,
+        device: torch.device | str,
+        seed: int,
+        *,
+        from_scratch: bool = False,
+    ) -> str | None:
+        """Fit what the method needs from the starting ``model`` before step 0 of a fresh run (no-op by
+        default). ``id_data`` / ``aux_data``: the run's ID training set and auxiliary set (None when the
+        method needs none) with the eval transform; ``seed`` is the method's own; ``from_scratch``: the
+        model has random weights (no ``init.checkpoint``). What it fits belongs in :meth:`state_dict`, so a
+        resumed run gets it back without refitting, and in :meth:`setup_record`. Returns a line for the
+        run's log (None: nothing to say); ``ValueError`` if the run cannot be set up (a config error)."""
+        return None
+
+    def setup_record(self) -> dict[str, Any] | None:
+        """What :meth:`setup` fitted, as plain values for the final checkpoint's meta (None: nothing)."""
         return None
 
     def aux_needed(self) -> int:

@@ -32,7 +32,7 @@ class EnergyLoss(Method):
     (CIFAR-100): set them in the run config. "Energy + Grad" (GReg paper, Table 4) is ``lambda_grad > 0``;
     the regularized score is the energy and its margins default to ``m_in`` / ``m_out``.
     ``margins: auto`` (beyond the paper) replaces ``m_in`` / ``m_out`` by quantiles of the starting model's
-    energies (``greg.methods.margins``), fitted by the trainer before step 0.
+    energies (``greg.methods.margins``), fitted in :meth:`setup` before step 0 and kept in :meth:`state_dict`.
     """
 
     name = "energy"
@@ -51,6 +51,46 @@ class EnergyLoss(Method):
     def validate(self) -> None:
         grad_reg.validate_grad_hparams(self.name, self.hparams)
         margins.validate_hparams(self.name, self.hparams)
+
+    def setup(
+        self,
+        model: nn.Module,
+        id_data: Any,
+        aux_data: Any,
+        device: torch.device | str,
+        seed: int,
+        *,
+        from_scratch: bool = False,
+    ) -> str | None:
+        """``margins: auto``: ``m_in`` / ``m_out`` from the starting model's energies on ``id_data`` and
+        ``aux_data`` (:func:`greg.methods.margins.fit_margins`); nothing to do for fixed margins."""
+        if self.hparams["margins"] != "auto":
+            return None
+        if from_scratch:
+            raise ValueError("method.hparams.margins: auto fits the margins to the starting model: set "
+                             "init.checkpoint (a run from scratch has no model to fit them to)")
+        fitted = margins.fit_margins(model, id_data, aux_data, quantiles=tuple(self.hparams["margin_quantiles"]),
+                                     seed=seed, device=device)
+        margins.apply(self, fitted)
+        return (f"margins: auto: m_in = {fitted['m_in']:.4g}, m_out = {fitted['m_out']:.4g} (quantiles "
+                f"{fitted['q_in']:g} / {fitted['q_out']:g} of {fitted['n_id']} ID / {fitted['n_aux']} auxiliary "
+                "energies)")
+
+    def setup_record(self) -> dict[str, Any] | None:
+        return None if self.fitted_margins is None else dict(self.fitted_margins)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.hparams["margins"] == "auto":  # fitted before step 0 from the starting model: never refit
+            state["margins"] = self.setup_record()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.hparams["margins"] == "auto":
+            if not isinstance(state["margins"], dict):
+                raise ValueError(f"method {self.name!r}: the state records no fitted margins (margins: auto)")
+            margins.apply(self, state["margins"])
 
     def _grad_fallback_margins(self) -> tuple[float, float] | None:
         if self.hparams["grad_score"] == "energy":

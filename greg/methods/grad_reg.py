@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from greg import scores
-from greg.device import eval_mode
 from greg.methods import grad_backends
 
 REDUCTIONS = ("official", "paper")
@@ -149,22 +148,6 @@ def gradient_penalty(
     else:
         loss = _mean0(norms[:n_id]) + _mean0(norms[n_id:])
     return GradPenalty(loss, norms.detach())
-
-
-def score_input_grad_norm(model: nn.Module, x: torch.Tensor, score: str = "energy") -> float:
-    """Mean over rows of ``||d S(x_i) / d x_i||_2`` in eval mode (paper Fig. 3 diagnostic).
-
-    Eval mode makes the rows independent, so one backward of ``sum_i S(x_i)`` gives every per-row gradient.
-    Only the input gradient is computed: no parameter ``.grad`` is touched. The model's modes are restored.
-    """
-    score_fn = scores.get(score)
-    with eval_mode(model), torch.enable_grad():
-        xl = x.detach().clone().requires_grad_(True)
-        s = score_fn(model(xl))
-        (g,) = torch.autograd.grad(s.sum(), xl, allow_unused=True)
-    if g is None:
-        return 0.0
-    return torch.linalg.vector_norm(g.flatten(1), ord=2, dim=1).mean().item()
 
 
 def forward_concat(

@@ -133,17 +133,6 @@ def fit_margins(
     }
 
 
-def wanted(method: Any) -> bool:
-    """Whether ``method`` asks for automatic margins (``margins: auto``) and has none fitted yet."""
-    hp = getattr(method, "hparams", {})
-    return hp.get("margins") == "auto" and getattr(method, "fitted_margins", None) is None
-
-
-def fitted(method: Any) -> dict[str, float] | None:
-    """The margins fitted for ``method`` (what :func:`fit_margins` returned), or None (fixed margins)."""
-    return getattr(method, "fitted_margins", None)
-
-
 def apply(method: Any, fitted: dict[str, float]) -> None:
     """Set ``method``'s ``m_in`` / ``m_out`` to the fitted values (also the gradient term's fallback margins)
     and record them in ``method.fitted_margins``; ``fitted`` is what :func:`fit_margins` returned (or what

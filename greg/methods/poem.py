@@ -277,11 +277,9 @@ class POEM(EnergyLoss):
 
     # -- checkpointing ---------------------------------------------------------------------------------
 
-    _STATE_KEYS = ("generator", "w", "mu", "window", "steps", "n_updates")
-
     def state_dict(self) -> dict[str, Any]:
         return {
-            "generator": self.generator.get_state(),
+            **super().state_dict(),  # the generator (and margins: auto's fitted margins)
             "w": self.w,
             "mu": self.mu,
             "window": self.window.state_dict(),
@@ -290,14 +288,13 @@ class POEM(EnergyLoss):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != set(self._STATE_KEYS):
-            raise ValueError(
-                f"method {self.name!r}: expected state keys {sorted(self._STATE_KEYS)}, got {sorted(state)}"
-            )
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"method {self.name!r}: expected state keys {sorted(expected)}, got {sorted(state)}")
         try:
             self.window.load_state_dict(state["window"])
         except ValueError as e:
             raise ValueError(f"method {self.name!r}: {e} (buffer_updates={self.window.size})") from None
-        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8).cpu())
+        super().load_state_dict(state)
         self.w, self.mu = state["w"], state["mu"]
         self.steps, self.n_updates = int(state["steps"]), int(state["n_updates"])

@@ -1,0 +1,224 @@
+"""A training run's directory: which files it holds, whose they are, and how they are written and read back.
+
+``<out>/`` holds ``config.yaml`` (this run's resolved config), ``metrics.jsonl`` (one line per logged
+step), ``state.pt`` (the resume state: step, model, optimizer, method state, every RNG) and, once the run
+is complete, ``final.pt`` (a ``greg.models`` run checkpoint). A directory belongs to one scientific config:
+a state or final checkpoint of another config is refused with the keys that differ (runtime keys such as
+workers or the data root may change between attempts). The trainer holds :meth:`RunDir.lock` while it
+works here.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from greg import io, models
+from greg.config import ConfigError, config_diff, config_hash, config_text
+
+# state.pt: key -> type; "rng" -> the keys set_rng_state reads.
+_STATE_TYPES = {"step": int, "model": dict, "optimizer": dict, "method": dict, "rng": dict, "config": str}
+# python_pos is random's gauss_next (a float or None), despite its name
+_RNG_KEYS = {"torch": torch.Tensor, "python": list, "python_pos": (float, int, type(None)), "numpy": list,
+             "numpy_pos": int}
+
+
+def rng_state() -> dict:
+    """Every global RNG the run draws from (torch, Python, NumPy; CUDA where present)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_state(state: object, path: Path) -> None:
+    """A resume state of the expected shape, or one ``CheckpointError`` naming the file and the key."""
+    def bad(what: str) -> models.CheckpointError:
+        return models.CheckpointError(f"{path} is not a greg resume state: {what}; delete it (the run restarts "
+                                      "from step 0) or rerun with --force")
+
+    if not isinstance(state, dict):
+        raise bad(f"expected a dict, found {type(state).__name__}")
+    for table, where in ((_STATE_TYPES, ""), (_RNG_KEYS, "rng.")):
+        d = state if not where else state["rng"]
+        for key, typ in table.items():
+            if key not in d:
+                raise bad(f"no {where}{key!r} entry")
+            if not isinstance(d[key], typ) or isinstance(d[key], bool):
+                want = "/".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
+                raise bad(f"{where}{key} is a {type(d[key]).__name__}, expected {want}")
+    if state["step"] < 0:
+        raise bad(f"step is {state['step']}")
+
+
+class RunDir:
+    """The files of one run directory ``out`` for the run config ``cfg``."""
+
+    def __init__(self, out: str | Path, cfg: dict):
+        self.out = Path(out)
+        self.cfg = cfg
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "state.pt"
+
+    @property
+    def final_path(self) -> Path:
+        return self.out / "final.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def config_path(self) -> Path:
+        return self.out / "config.yaml"
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One greg process per run directory (a second one would replace this one's checkpoints); greg's
+        temp files of writers that a SIGKILL interrupted are removed once the lock is held."""
+        with io.dir_lock(self.out, "run directory"):
+            io.remove_stale_temp_files(self.out, locked=True)
+            yield
+
+    def discard(self) -> None:
+        """``--force``: this run's own checkpoints go (the log is cleared by the fresh start)."""
+        for p in (self.final_path, self.state_path):
+            p.unlink(missing_ok=True)
+
+    def write_config(self) -> None:
+        # runtime keys (workers, data root, cadence) may have changed on resume: config.yaml shows this run's
+        io.atomic_write_text(self.config_path, config_text(self.cfg))
+
+    # -- identity -------------------------------------------------------------------------------------
+
+    def check_same_run(self, path: Path, stored: object, verb: str) -> None:
+        """The run stored in ``path`` must have this run's scientific config (runtime keys may differ)."""
+        try:
+            old = yaml.safe_load(stored) if isinstance(stored, str) else None
+        except yaml.YAMLError:
+            old = None
+        if not isinstance(old, dict):
+            raise ConfigError(f"{path} records no readable run config; rerun with --force to start over, or "
+                              "use a new --out")
+        diff = config_diff(old, self.cfg)
+        if diff:
+            more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise ConfigError(
+                f"{path} {verb} a different config (differs in {', '.join(diff[:3])}{more}); rerun with "
+                "--force to start over in this directory, or use a new --out"
+            )
+
+    def check_final(self, num_classes: int) -> None:
+        """final.pt of this very config, and readable (format, types, shapes of the model it describes)."""
+        try:
+            ck = models.read_checkpoint(self.final_path)
+        except (ValueError, RuntimeError, EOFError) as e:
+            raise models.CheckpointError(
+                f"{self.final_path} exists but is not a valid run checkpoint ({e}); rerun with --force to "
+                "train again, or use a new --out"
+            ) from None
+        meta = ck["meta"]
+        if meta.get("config_hash") != config_hash(self.cfg):  # files of older versions: compare the text
+            self.check_same_run(self.final_path, meta.get("config"), "was trained with")
+        arch = self.cfg["model"]["name"]
+        if ck["arch"] != arch or ck["num_classes"] != num_classes:
+            raise models.CheckpointError(
+                f"{self.final_path} holds {ck['arch']} with {ck['num_classes']} classes, this config trains "
+                f"{arch} with {num_classes}; rerun with --force, or use a new --out"
+            )
+
+    # -- resume state ---------------------------------------------------------------------------------
+
+    def save_state(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Any) -> None:
+        io.atomic_torch_save(
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "method": method.state_dict(),
+                "rng": rng_state(),
+                "config": config_text(self.cfg),
+                "config_hash": config_hash(self.cfg),
+            },
+            self.state_path,
+        )
+
+    def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Any,
+                   device: torch.device) -> int | None:
+        """Restore model, optimizer, method and RNGs from state.pt; the step to resume from, or None when
+        there is no state (a fresh start)."""
+        if not self.state_path.exists():
+            return None
+        state = io.safe_torch_load(self.state_path, map_location=device)
+        check_state(state, self.state_path)
+        self.check_same_run(self.state_path, state["config"], "was written by")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        try:
+            method.load_state_dict(state["method"])
+        except ValueError as e:
+            raise models.CheckpointError(f"{self.state_path}: {e}; rerun with --force to start over") from None
+        set_rng_state(state["rng"])
+        return state["step"]
+
+    def save_final(self, model: torch.nn.Module, num_classes: int, meta: dict[str, Any]) -> None:
+        """final.pt: the model with the run's identity (config text and hash) in its meta."""
+        models.save_checkpoint(
+            self.final_path,
+            model,
+            arch=self.cfg["model"]["name"],
+            num_classes=num_classes,
+            model_kwargs=self.cfg["model"]["kwargs"],
+            meta={**meta, "config": config_text(self.cfg), "config_hash": config_hash(self.cfg)},
+        )
+
+    # -- log ------------------------------------------------------------------------------------------
+
+    def clear_log(self) -> None:
+        """A fresh start: no log lines of an earlier attempt (one killed before its first checkpoint)."""
+        self.log_path.unlink(missing_ok=True)  # idempotent: a missing log is the goal, not an error
+
+    def trim_log(self, step: int) -> None:
+        """Drop log lines of steps at or after ``step`` (the resumed checkpoint's) and a torn last line."""
+        if not self.log_path.exists():
+            return
+        keep = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) < step:
+                keep.append(line)
+        io.atomic_write_text(self.log_path, "".join(k + "\n" for k in keep))
+
+    def last_logged_loss(self) -> float | None:
+        """The last logged total loss (a resume that had no step left to run)."""
+        if not self.log_path.exists():
+            return None
+        lines = self.log_path.read_text(encoding="utf-8").splitlines()
+        return json.loads(lines[-1]).get("total") if lines else None
