@@ -4,6 +4,7 @@ Each test names the choice it pins; the sources are cited in the preset files' c
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,34 @@ def test_dos_kmeans_as_the_papers_dos_runs():
     assert m.kmeans_kwargs() == gp == {"n_init": 3, "max_iter": 300, "tol": 1.0e-4, "n_local_trials": None}
     assert METHODS.get("dos").defaults["kmeans_n_init"] == 3
     assert m.sampler.picks_per_cluster() == 1 and not m.sampler.two_way
+
+
+def test_dos_candidate_window_as_the_papers_dos_runs():
+    # o4lc/Greg-OOD train_sea.py --spt 16 --ept 384 (its defaults; Scripts/cifar10ScriptDOS.sh keeps them)
+    hp = preset("dos")["method"]["hparams"]
+    assert (hp["window_start"], hp["window_end"]) == (16, 384)
+    assert METHODS.create("dos", **hp).sampler.window == (16, 384)
+    assert "window" not in str(preset("greg_plus")["method"]["hparams"])  # GReg+: --spt 0 --ept 10000
+
+
+def test_imagenet_dos_as_the_released_command():
+    # o4lc/Greg-OOD README@451d2a0 DOS command: batch 64, Adam (train_sea.py for --id imagenet) at LR 0.01,
+    # no weight decay, 100 epochs, 16/384 window, k = min(64, batch) clusters, batch picks
+    from greg import config as run_config
+    from greg import plan
+
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    args = plan.train_args(cfg, "imagenet10", "densenet121", "dos", 2)
+    files = [v for k, v in itertools.pairwise(args) if k == "--config"]
+    sets = [v for k, v in itertools.pairwise(args) if k == "--set"]
+    rc = run_config.load_config([str(ROOT / f) for f in files], sets)
+    assert rc["data"]["batch_size"] == 64 and rc["data"]["aux_pool_per_epoch"] == 600_000
+    assert (rc["optim"]["name"], rc["optim"]["lr"], rc["optim"]["weight_decay"]) == ("adam", 0.01, 0.0)
+    assert rc["train"]["epochs"] == 100 and rc["schedule"]["milestones"] == [50, 75, 90]
+    hp = rc["method"]["hparams"]
+    assert hp["n_clusters"] == min(64, 64) and hp["n_selected"] == 64
+    assert (hp["window_start"], hp["window_end"]) == (16, 384)
+    assert "init.checkpoint" not in " ".join(sets)  # from scratch (no --finetune in the command)
 
 
 def test_table4_caption_labels_oe_grad_margins_an_assumption():

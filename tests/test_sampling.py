@@ -422,3 +422,103 @@ def test_greg_plus_and_dos_use_the_released_per_cluster_rule():
         assert METHODS.create(name, n_clusters=16, per_cluster=2).sampler.per_cluster == 2
     with pytest.raises(ValueError, match="n_total"):
         METHODS.create("greg_plus", n_clusters=16, per_cluster=5).sampler  # noqa: B018 (16 x 2 x 5 > 128)
+
+
+# ------------------------------------------------------------------------------- DOS candidate window
+
+
+def _released_dos_selection(weights, feats, spt, ept, k, batch_sampled):
+    """Re-implementation of o4lc/Greg-OOD train_sea.py@4761101:297-361 (``--oodMethod abs``, one-way, ``--repr
+    norm``), numpy + scikit-learn as released. Returns (picks, fill pool): the random fill is only
+    described, by the set it is drawn from (``set(idxs_sorted[spt:ept]) - set(idxs_sampled)``)."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    idxs_sorted = np.argsort(weights)
+    weights_prox = weights[list(idxs_sorted[spt:ept])]
+    repr_prox = F.normalize(torch.from_numpy(feats), dim=-1).numpy()[list(idxs_sorted[spt:ept])]
+    labels = KMeans(n_clusters=k, n_init=3, random_state=0).fit(repr_prox).labels_
+    sampled = []
+    size = 1 if k > batch_sampled else int(batch_sampled / k)
+    for i in range(min(k, batch_sampled)):
+        valid = np.where(labels == i)[0]
+        if len(valid) <= size:
+            sampled.extend(idxs_sorted[spt:][valid])
+        else:
+            order = np.argsort(weights_prox[valid])
+            sampled.extend(idxs_sorted[spt:][valid[order[:size]]])
+    pool = set(idxs_sorted[spt:ept].tolist()) - {int(i) for i in sampled}
+    return sorted(int(i) for i in sampled), pool
+
+
+def _window_problem():
+    """384 candidates in 8 far-apart blobs (any k-means with k = 8 finds them) (sizes 6 x 54, 57, 3); fixed distinct scores in the last column.
+    Blob 7's three members hold the two lowest scores overall (ranks 0, 1) and one mid score."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [54] * 6 + [57, 3]
+    blob = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+    x = torch.zeros(384, 9, dtype=torch.float64)
+    x[torch.arange(384), blob] = 10.0
+    x[:, :8] += 0.01 * torch.randn(384, 8, generator=g, dtype=torch.float64)
+    score = (torch.randperm(384, generator=g).double() + 1) / 384  # distinct, in (0, 1]
+    members7 = torch.nonzero(blob == 7).flatten()
+    score[members7] = torch.tensor([-1.0, -0.5, 0.5], dtype=torch.float64)
+    x[:, 8] = score
+    head = torch.zeros(1, 9, dtype=torch.float64)
+    head[0, 8] = 1.0
+    return FeatNet(head.float()).double(), x, score
+
+
+@pytest.mark.parametrize(("k", "n_total"), [(8, 8), (8, 16), (8, 24)])
+def test_dos_window_matches_the_released_selection(k, n_total):
+    model, x, score = _window_problem()
+    sampler = ClusterSampler(k, n_total, backend="torch", two_way=False, score=lambda lg: lg[:, 0],
+                             window=(16, 384))
+    idx = sampler.select(model, x, torch.Generator().manual_seed(0))
+    picks, pool = _released_dos_selection(score.numpy(), x.numpy(), 16, 384, k, n_total)
+    n_picked = len(picks)
+    assert sorted(idx[:n_picked].tolist()) == picks
+    assert set(idx[n_picked:].tolist()) <= pool and idx.unique().numel() == n_total == idx.numel()
+    # the 16 most ID-like candidates never enter; without the window the selection differs
+    assert not set(idx.tolist()) & set(torch.argsort(score)[:16].tolist())
+    everyone = ClusterSampler(k, n_total, two_way=False, score=lambda lg: lg[:, 0]).select(
+        model, x, torch.Generator().manual_seed(0))
+    assert sorted(everyone[:n_picked].tolist()) != picks
+
+
+def test_dos_window_small_cluster_fills_from_the_window_only():
+    # blob 7 keeps one member in ranks 16..383: 2 per cluster gives 15 picks, the 16th is a fill
+    model, x, score = _window_problem()
+    sampler = ClusterSampler(8, 16, two_way=False, score=lambda lg: lg[:, 0], window=(16, 384))
+    picks, pool = _released_dos_selection(score.numpy(), x.numpy(), 16, 384, 8, 16)
+    assert len(picks) == 15
+    for seed in range(5):
+        idx = sampler.select(model, x, torch.Generator().manual_seed(seed))
+        assert sorted(idx[:15].tolist()) == picks and int(idx[15]) in pool
+
+
+def test_rank_window_by_hand_and_errors():
+    from greg.sampling import rank_window
+
+    s = torch.tensor([0.3, 0.1, 0.4, 0.1, 0.2])
+    assert rank_window(s, 1, 4).tolist() == [3, 4, 0]  # ties: lower index first (1 before 3)
+    assert rank_window(s, 2).tolist() == [4, 0, 2] and rank_window(s, 0, 99).numel() == 5
+    for bad in [(-1, 3), (3, 3), (3, 2)]:
+        with pytest.raises(ValueError, match="start"):
+            rank_window(s, *bad)
+    with pytest.raises(ValueError, match="n_total"):  # a window smaller than the picks
+        ClusterSampler(2, 8, two_way=False, window=(16, 20))
+    with pytest.raises(ValueError, match="fewer than n_total"):  # fewer candidates than the window needs
+        ClusterSampler(2, 8, two_way=False, window=(16, 384)).select(
+            FeatNet(torch.eye(4)), torch.randn(20, 4), torch.Generator().manual_seed(0))
+
+
+def test_dos_window_hparams_reach_the_sampler():
+    from greg.methods import METHODS
+
+    assert METHODS.create("dos").sampler.window is None  # class default: every candidate (lygjwy/DOS)
+    assert METHODS.create("greg_plus").sampler.window is None  # GReg+: --spt 0 --ept 10000
+    assert METHODS.create("dos", window_start=16, window_end=384).sampler.window == (16, 384)
+    assert METHODS.create("dos", window_start=16, window_end=384, n_clusters=None).sampler.window is None
+    with pytest.raises(ValueError, match="window_end"):
+        METHODS.create("dos", window_start=16, window_end=64, n_selected=64)

@@ -181,7 +181,12 @@ class ClusterSelection(Method):
             score=self.selection_score,
             kmeans_kwargs=self.kmeans_kwargs(),
             per_cluster=None if per_cluster is None else int(per_cluster),
+            window=self.candidate_window(),
         )
+
+    def candidate_window(self) -> tuple[int, int | None] | None:
+        """Score ranks ``(start, end)`` the sampler draws from (``ClusterSampler``'s ``window``); None: all."""
+        return None
 
     def check_selection(self) -> None:
         """Raise ``ValueError`` if the hparams make an impossible sampler (e.g. GReg+'s ``2 * n_clusters >

@@ -17,6 +17,13 @@ The selection is ``greg.sampling.ClusterSampler(score="absent_class", two_way=Fa
 GReg+ with the other criterion; with fewer clusters than outliers (``k < n_selected``) it takes the
 ``n_selected // k`` lowest of each cluster (a smaller cluster whole), then fills at random, as released
 (hparam ``per_cluster`` overrides the count).
+
+Candidate window (``window_start`` / ``window_end``): the paper's DOS runs used o4lc/Greg-OOD
+``train_sea.py`` (``Scripts/cifar10ScriptDOS.sh``; README@451d2a0 for ImageNet), which sorts the candidates by
+absent-class probability and clusters, picks and fills only from ranks ``--spt .. --ept - 1``, defaults 16 and
+384 (``train_sea.py:243,297-307,347,581-582`` at 4761101): the 16 most ID-like candidates are never used. The
+preset ``config/methods/dos.yaml`` sets 16 / 384; the class default (0 / None) keeps every candidate, as
+lygjwy/DOS ``train_diverse.py``. ``greg.sampling.rank_window`` applies it.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class DOS(ClusterSelection, Method):
     ``kmeans_backend`` (``greg.sampling.KMEANS``: torch / faiss / sklearn [released code]),
     ``kmeans_n_init`` [3: the paper's DOS runs, o4lc/Greg-OOD train_sea.py@4761101:584 via
     Scripts/cifar10ScriptDOS.sh; config/methods/dos.yaml], ``kmeans_kwargs`` (extra backend arguments),
+    ``window_start`` [0], ``window_end`` [None] (score ranks the selection draws from, see the module doc),
     ``seed`` of the CPU generator for the k-means seeds and the fill (state in :meth:`state_dict`).
     """
 
@@ -63,6 +71,10 @@ class DOS(ClusterSelection, Method):
         "kmeans_n_init": 3,
         "kmeans_kwargs": None,
         "per_cluster": None,  # None: n_selected // n_clusters lowest per cluster (the released rule)
+        # Score ranks of the candidates that are clustered and picked (released --spt / --ept); 0 / None =
+        # all, as lygjwy/DOS train_diverse.py@d8f623e. The paper's runs: 16 / 384 (config/methods/dos.yaml).
+        "window_start": 0,
+        "window_end": None,
         "seed": 0,
     }
     needs_aux = True
@@ -80,10 +92,22 @@ class DOS(ClusterSelection, Method):
             )
         if int(hp["kmeans_n_init"]) < 1:
             raise ValueError(f"method {self.name!r}: kmeans_n_init must be >= 1, got {hp['kmeans_n_init']!r}")
+        start, end = hp["window_start"], hp["window_end"]
+        if int(start) < 0 or (end is not None and int(end) - int(start) < int(n)):
+            raise ValueError(
+                f"method {self.name!r}: need window_start >= 0 and window_end - window_start >= n_selected={n}"
+                f" (or window_end null), got {start!r} / {end!r}"
+            )
         if float(hp["beta"]) < 0:
             raise ValueError(f"method {self.name!r}: beta must be >= 0, got {hp['beta']!r}")
 
     selection_score = "absent_class"
+
+    def candidate_window(self) -> tuple[int, int | None] | None:
+        start, end = int(self.hparams["window_start"]), self.hparams["window_end"]
+        if self.hparams["n_clusters"] is None or (start == 0 and end is None):
+            return None  # the released --noCluster path has no window either (spt 0, ept 100000)
+        return start, None if end is None else int(end)
 
     def kmeans_kwargs(self) -> dict[str, Any]:
         return {"n_init": int(self.hparams["kmeans_n_init"]), **super().kmeans_kwargs()}

@@ -2,7 +2,7 @@
 
 from greg.sampling.clustering import KMEANS, KMeansResult, inertia_of, kmeans
 from greg.sampling.sampler import ClusterSampler
-from greg.sampling.select import select_from_clusters
+from greg.sampling.select import rank_window, select_from_clusters
 
 __all__ = [
     "KMEANS",
@@ -10,5 +10,6 @@ __all__ = [
     "KMeansResult",
     "inertia_of",
     "kmeans",
+    "rank_window",
     "select_from_clusters",
 ]

@@ -11,7 +11,7 @@ from torch import nn
 from greg import scores as score_fns
 from greg.device import eval_mode
 from greg.sampling.clustering import kmeans
-from greg.sampling.select import select_from_clusters
+from greg.sampling.select import rank_window, select_from_clusters
 
 
 class ClusterSampler:
@@ -26,10 +26,14 @@ class ClusterSampler:
     3. ``select_from_clusters(s, labels, two_way, n_total, generator, per_cluster)``: ``per_cluster``
        lowest (and, two-way, highest) per cluster, default the released ``n_total // (k * ways)``.
 
+    ``window=(start, end)``: steps 2-3 see only the candidates of score ranks ``start .. end - 1``
+    (``greg.sampling.rank_window``, the released ``--spt`` / ``--ept``): they alone are clustered, picked
+    and used for the fill. ``None`` (GReg+: ``--spt 0 --ept 10000``) uses every candidate.
+
     GReg+: ``ClusterSampler(k=64, n_total=128)`` (energy, lowest and highest per cluster; k=16: 4 + 4).
-    DOS: ``ClusterSampler(k=64, n_total=64, two_way=False, score="absent_class")`` (per cluster the
-    candidate with the lowest absent-class probability). ``k=None``: no clustering, ``n_total`` random
-    candidates (no forward pass). The model's train/eval flags (per submodule) are restored afterwards,
+    DOS: ``ClusterSampler(k=64, n_total=64, two_way=False, score="absent_class", window=(16, 384))`` (per
+    cluster the candidate with the lowest absent-class probability, among ranks 16-383). ``k=None``: no
+    clustering and no window, ``n_total`` random candidates (no forward pass; the released ``--noCluster``). The model's train/eval flags (per submodule) are restored afterwards,
     also when an exception is raised. The candidate forward runs in chunks of ``forward_batch_size``.
     """
 
@@ -43,12 +47,14 @@ class ClusterSampler:
         kmeans_kwargs: dict | None = None,
         forward_batch_size: int = 1024,
         per_cluster: int | None = None,
+        window: tuple[int, int | None] | None = None,
     ):
         self.k = k
         self.n_total = n_total
         self.backend = backend
         self.two_way = two_way
         self.per_cluster = per_cluster
+        self.window = None if window is None else (int(window[0]), None if window[1] is None else int(window[1]))
         self.score_fn = score_fns.get(score) if isinstance(score, str) else score
         self.kmeans_kwargs = dict(kmeans_kwargs or {})
         self.forward_batch_size = forward_batch_size
@@ -67,6 +73,13 @@ class ClusterSampler:
             raise ValueError(f"ClusterSampler: k must be None or >= 1, got {k}")
         if n_total < 1:
             raise ValueError(f"ClusterSampler: n_total must be >= 1, got {n_total}")
+        if self.window is not None:
+            start, end = self.window
+            if start < 0 or (end is not None and end - start < n_total):
+                raise ValueError(
+                    f"ClusterSampler: window={self.window} must satisfy 0 <= start and end - start >= "
+                    f"n_total={n_total} (the picks come from the window's candidates)"
+                )
         if self.per_cluster is not None and int(self.per_cluster) < 1:
             raise ValueError(f"ClusterSampler: per_cluster must be None or >= 1, got {self.per_cluster}")
         if k is not None:
@@ -108,9 +121,20 @@ class ClusterSampler:
             idx = torch.randperm(n, generator=generator, device=gen_dev)[: self.n_total]
             return idx.to(x_candidates.device)
         s, h = self.score_and_features(model, x_candidates)
+        pool = None
+        if self.window is not None:
+            pool = rank_window(s, *self.window)
+            if pool.numel() < self.n_total:
+                raise ValueError(
+                    f"ClusterSampler: the window {self.window} of {n} candidates holds {pool.numel()}, "
+                    f"fewer than n_total={self.n_total}"
+                )
+            s, h = s[pool], h[pool.to(h.device)]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gen_dev))
         labels = kmeans(h, self.k, backend=self.backend, seed=seed, **self.kmeans_kwargs).labels
         idx = select_from_clusters(
             s, labels.to(s.device), self.two_way, self.n_total, generator, per_cluster=self.picks_per_cluster()
         )
+        if pool is not None:
+            idx = pool[idx]
         return idx.to(x_candidates.device)

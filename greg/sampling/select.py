@@ -1,4 +1,4 @@
-"""Pick auxiliary samples from clusters by their outlier score (GReg+ and DOS sampling), as a pure function."""
+"""Pick auxiliary samples from clusters by their outlier score (GReg+ and DOS sampling), as pure functions."""
 
 from __future__ import annotations
 
@@ -97,3 +97,22 @@ def select_from_clusters(
     gen_dev = generator.device if generator is not None else torch.device("cpu")
     perm = torch.randperm(rest.numel(), generator=generator, device=gen_dev)[:n_fill].to(dev)
     return torch.cat([picked, rest[perm]])
+
+
+def rank_window(scores: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Indices of the candidates of score ranks ``start .. end - 1`` (rank 0 = lowest score), by increasing score.
+
+    The released candidate window (o4lc/Greg-OOD ``train_sea.py:297-307`` at 4761101, ``--spt`` / ``--ept``):
+    ``idxs_sorted = np.argsort(scores)``, then only ``idxs_sorted[spt:ept]`` are clustered, picked and used
+    for the fill. The paper's DOS runs use the defaults ``spt = 16, ept = 384`` (``train_sea.py:581-582``):
+    the 16 candidates with the lowest absent-class probability are never used. ``end=None`` (or past the
+    last candidate) keeps everything from ``start`` on, like the slice. Ties go to the lower index (a stable
+    sort; numpy's default argsort breaks ties in no fixed order).
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"rank_window: scores must be 1-D, got shape {tuple(scores.shape)}")
+    if start < 0 or (end is not None and end <= start):
+        raise ValueError(f"rank_window: need 0 <= start < end, got start={start}, end={end}")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("rank_window: scores contain NaN")
+    return torch.sort(scores, stable=True).indices[start:end]
