@@ -53,6 +53,19 @@ def _use_formatter(parser: argparse.ArgumentParser) -> None:
                 _use_formatter(sub)
 
 
+# Flags that name a file or directory greg writes: an empty value (``--out "$UNSET"``) would mean the working
+# directory (type=Path turns '' into '.'), whose files a run would then overwrite.
+OUTPUT_FLAGS = ("--out", "--tex", "--csv", "--md", "--npz", "--vs-paper-tex")
+
+
+def _empty_output_flag(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag in OUTPUT_FLAGS and (value if eq else (argv[i + 1] if i + 1 < len(argv) else "x")).strip() == "":
+            return flag
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from greg import __version__
@@ -73,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             _use_formatter(p)
             modules[name] = mod
     args = parser.parse_args(argv)
+    empty = _empty_output_flag(argv)
+    if empty:
+        from greg.errors import EXIT_INPUT
+
+        print(f"greg {args.command}: {empty} is empty: name the output (an unset shell variable?)", file=sys.stderr)
+        return EXIT_INPUT
     try:
         return int(modules[args.command].run(args) or 0)
     except KeyboardInterrupt:

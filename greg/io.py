@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +48,12 @@ def _naming(path: Path, tmp: str | None = None) -> Iterator[None]:
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """Open a temp file next to ``path``; on clean exit fsync it and rename it onto ``path``."""
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+    with atomic_path(path) as tmp, open(tmp, mode, opener=_nofollow_opener, **kwargs) as f:
         yield f
+
+
+def _nofollow_opener(name: str, flags: int) -> int:
+    return _open_nofollow(Path(name), flags)
 
 
 @contextlib.contextmanager
@@ -58,16 +63,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     with _naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         # The project's own mark, host and pid in the name: cleanup removes only temp files of dead writers.
+        # mkstemp creates the file with O_EXCL: an existing name (a planted symlink) is never opened.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}{_host()}-{os.getpid()}-",
                                    suffix=".tmp" + path.suffix)
-        os.close(fd)
-        # mkstemp creates 0600; an output must get the mode any other file would (a group reads results).
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            # mkstemp creates 0600; an output must get the mode any other file would (a group reads results).
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
     try:
         with _naming(path, tmp):
             yield Path(tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            # the writer reopened the temp name: if it became a symlink meanwhile, neither sync nor publish it
+            fd = _open_nofollow(Path(tmp), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -232,17 +244,63 @@ class LockedError(OSError):
     exit_code = 1
 
 
+class NotARunDirError(ValueError):
+    """``--out`` is empty, a symlinked lock, or a non-empty directory greg did not make (exit 2)."""
+
+    exit_code = 2
+
+
+def out_dir(value: str | os.PathLike | None, flag: str = "--out") -> Path:
+    """``value`` as an output directory; an empty value (an unset shell variable) would be the working
+    directory, so it is refused."""
+    if value is None or not str(value).strip():
+        raise NotARunDirError(f"{flag} is empty: name the output directory (an unset shell variable?)")
+    return Path(value)
+
+
+# Filesystems without flock (Lustre mounted noflock: ENOSYS; some NFS setups: ENOLCK/EOPNOTSUPP) get a lock
+# file made with O_EXCL instead; GREG_LOCK=file forces it (BeeGFS without global locks: flock is node-local).
+_NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
+EXCL_LOCK_NAME = ".greg.lock.owner"
+
+
+def _open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP and path.is_symlink():
+            raise NotARunDirError(f"{path} is a symbolic link: greg never writes through one (remove it)") from None
+        raise
+
+
+def _check_run_dir(directory: Path, what: str) -> None:
+    # greg's marker is its lock file: a non-empty directory without it is someone else's (the working
+    # directory, a data folder) and its config.yaml / metrics.jsonl must not be overwritten.
+    if not directory.is_dir() or os.path.lexists(directory / LOCK_NAME):
+        return
+    if next(directory.iterdir(), None) is not None:
+        raise NotARunDirError(f"{what} {directory} is not empty and was not made by greg (no {LOCK_NAME}): use a "
+                              "new or empty directory")
+
+
 @contextlib.contextmanager
 def dir_lock(directory: str | os.PathLike, what: str = "the directory") -> Iterator[Path]:
     """Hold an exclusive ``flock`` on ``directory/.greg.lock`` (created if needed, never deleted) for the
     block. The kernel releases it when the process exits, even on SIGKILL. A held lock raises
-    :class:`LockedError` at once, naming the holder's pid (written into the file by the holder)."""
+    :class:`LockedError` at once, naming the holder's pid (written into the file by the holder).
+
+    The lock file is greg's mark on the directory: a non-empty directory without it is refused, and neither
+    it nor the fallback lock file is ever followed when it is a symlink. Where ``flock`` is not supported,
+    :func:`_excl_lock` takes over (one warning line)."""
     directory = Path(directory)
+    if not str(directory).strip():
+        raise NotARunDirError(f"{what} is empty")
     path = directory / LOCK_NAME
     with _naming(path):
+        _check_run_dir(directory, what)
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = _open_nofollow(path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             # read-only directory: lock an existing file read-only; the first real write then names the
             # output that cannot be written
@@ -250,22 +308,79 @@ def dir_lock(directory: str | os.PathLike, what: str = "the directory") -> Itera
                 raise
             # no lock file and none can be made: we cannot write here either, so there is nothing to
             # protect (a finished run on a read-only disk)
-            fd = os.open(path, os.O_RDONLY) if path.is_file() else None
+            fd = _open_nofollow(path, os.O_RDONLY) if path.is_file() else None
     if fd is None:
         yield path
         return
     try:
+        no_flock = None
         try:
+            if os.environ.get("GREG_LOCK", "flock") == "file":
+                raise OSError(errno.ENOSYS, "GREG_LOCK=file")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if e.errno in _NO_FLOCK:
+                no_flock = e
+            elif e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
-            raise LockedError(f"{what} {directory} is in use by another process ({holder}): wait for it to "
-                              "finish or use another directory") from None
+            else:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
+                raise LockedError(f"{what} {directory} is in use by another process ({holder}): wait for it "
+                                  "to finish or use another directory") from None
+        if no_flock is not None:
+            with _excl_lock(directory, what, no_flock):
+                yield path
+            return
         with contextlib.suppress(OSError):  # a full or read-only disk: the lock holds, the holder is unnamed
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            os.pwrite(fd, _holder().encode(), 0)
         yield path
     finally:
         os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _holder() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
+@contextlib.contextmanager
+def _excl_lock(directory: Path, what: str, why: OSError) -> Iterator[None]:
+    """The lock without flock: ``directory/.greg.lock.owner``, created with ``O_EXCL`` (atomic on local
+    disks, NFSv3+, Lustre and BeeGFS), holding host and pid, deleted on exit. Limits (docs/RELIABILITY.md):
+    a holder killed with SIGKILL (or its node failing) leaves the file behind; on the same host a dead pid
+    is recognised and the file replaced, a file of another host is refused until deleted by hand."""
+    path = directory / EXCL_LOCK_NAME
+    print(f"greg: WARNING: {directory}: flock unavailable ({why.strerror or why}); locking with {path} "
+          "instead (a process killed on another host leaves it behind: delete it by hand)", file=sys.stderr)
+    me = _holder()
+    for _ in range(2):
+        try:
+            fd = _open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            if path.is_symlink():
+                raise NotARunDirError(f"{path} is a symbolic link: greg never writes through one (remove it)"
+                                      ) from None
+            try:
+                holder = path.read_text(encoding="utf-8", errors="replace").strip()
+            except FileNotFoundError:  # released in between
+                continue
+            m = re.fullmatch(r"pid (\d+) on (\S+)", holder)
+            if m and m[2] == socket.gethostname() and not _pid_alive(int(m[1])):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()  # its holder on this host is gone
+                continue
+            raise LockedError(f"{what} {directory} is in use by another process ({holder or 'unknown pid'}; "
+                              f"lock file {path}): wait for it to finish or use another directory") from None
+        try:
+            os.write(fd, me.encode())
+        finally:
+            os.close(fd)
+        break
+    else:
+        raise LockedError(f"{what} {directory}: cannot take the lock file {path}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text(encoding="utf-8") == me:
+                path.unlink()

@@ -329,6 +329,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_starts_over(tmp_path, mo
                               "train.grad_norm_every=0", "data.batch_size=16"])
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".greg.lock").write_text("")  # the killed run had taken the directory's lock
     (out / "metrics.jsonl").write_text('{"step": 0, "total": 1.0}\n{"step": 1, "tot')  # torn, no state.pt
     t = Trainer(cfg, out, "cpu")
     t.rundir.clear_log()

@@ -69,6 +69,7 @@ def train(tmp_path: Path, out: Path, capsys, *extra: str, **over) -> tuple[int, 
 def test_train_removes_only_its_own_temp_files_of_dead_writers(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    (out / gio.LOCK_NAME).write_text("")  # a greg run directory (a foreign non-empty one is refused)
     host = gio._host()
     user = [".notes.tmp", ".report.tmpl", ".state.pt.tmp"]  # not greg's naming: never touched
     for n in user:

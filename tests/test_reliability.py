@@ -545,6 +545,7 @@ def _setup(name: str, tmp: Path, ckpt: Path, earlier_eval: Path):
     if name == "readonly_out_train":  # a finished earlier run next to the evaluation
         (earlier / "run").mkdir()
         (earlier / "run" / "notes.txt").write_text("earlier results")
+        (earlier / "run" / gio.LOCK_NAME).write_text("")  # made by greg (a non-empty foreign dir is refused)
     return fn(tmp, ckpt, earlier)
 
 
