@@ -484,3 +484,57 @@ def test_downloader_does_not_import_the_catalog():
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert "greg.data.catalog" not in imported and "greg.data" not in imported
     assert "greg.data.base" in imported
+
+
+# ------------------------------------------------------------- stand-in files: --url-base + --checksums
+def test_stand_in_files_via_url_base_and_checksums_file(server, tmp_path, monkeypatch, capsys):
+    """The path a rehearsal takes: the real catalog entry, files served from a local URL base, verified
+    against a checksum file instead of the published digests; loads and verifies afterwards."""
+    from scipy.io import savemat
+
+    monkeypatch.delenv(downloader.CHECKSUMS_ENV, raising=False)
+    monkeypatch.delenv(downloader.MIRROR_ENV, raising=False)
+    x = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3, 5), dtype=np.uint8)
+    buf = io.BytesIO()
+    savemat(buf, {"X": x, "y": np.ones((5, 1))})
+    blob = buf.getvalue()
+    server.files["test_32x32.mat"] = blob
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text(f"# stand-ins\n{_sha256(blob)}  test_32x32.mat\n")
+    root = ["--root", str(tmp_path / "data"), "--url-base", server.base, "--no-progress"]
+    assert greg_main(["data", "download", "svhn", *root]) == 1  # the published md5 does not match
+    err = capsys.readouterr().err
+    assert "eb5a983be6a315427106f1b164d9cef3" in err and "--accept-checksum test_32x32.mat=md5:" in err
+
+    (tmp_path / "data" / "svhn" / "test_32x32.mat.corrupt").unlink()
+    assert greg_main(["data", "download", "svhn", *root, "--checksums", str(sums)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: svhn: test_32x32.mat accepted with sha256:" in err and str(sums) in err
+    marker = json.loads((tmp_path / "data" / "svhn" / ".complete").read_text())
+    assert marker["overrides"]["test_32x32.mat"] == {
+        "checksum": f"sha256:{_sha256(blob)}", "origin": f"checksum file {sums}", "kind": "checksums",
+        "published": "md5:eb5a983be6a315427106f1b164d9cef3",
+    }  # fmt: skip
+    ds = gd.load("svhn", "test", tmp_path / "data", id_dataset="cifar10")  # the load-time check honours it
+    assert len(ds) == 5
+    assert greg_main(["data", "verify", "svhn", "--root", str(tmp_path / "data")]) == 0
+    assert "WARNING: test_32x32.mat was accepted with sha256:" in capsys.readouterr().out
+    # the environment variable is the same option
+    monkeypatch.setenv(downloader.CHECKSUMS_ENV, str(sums))
+    assert greg_main(["data", "download", "svhn", *root[:2], "--url-base", server.base, "--force"]) == 0
+
+
+def test_checksums_file_format_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "sums"
+    bad.write_text("abc  x.tar\n")
+    assert greg_main(["data", "download", "svhn", "--root", str(tmp_path), "--checksums", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"checksum file {bad} line 1: 'abc' is not a digest" in err
+    assert downloader.read_checksums_file(_w(tmp_path / "ok", f"{'a' * 32} *x.tar\n\n{'B' * 64}  d/y\n")) == {
+        "x.tar": "md5:" + "a" * 32, "d/y": "sha256:" + "b" * 64,
+    }  # fmt: skip
+
+
+def _w(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

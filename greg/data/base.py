@@ -30,6 +30,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 #: Largest image file decoded (width x height; 8192 x 8192): the biggest real images of the catalog (ImageNet,
 #: ~12 Mpx) are far below; above it a file is refused before decoding (a decompression bomb would take GBs).
 MAX_IMAGE_PIXELS = 8192 * 8192
+#: Largest ratio of an image's longer to its shorter side: resizing the shorter side to the ID size scales the
+#: longer one by as much (a 1 x 2,000,000 image, under the pixel cap, would become 32 x 64,000,000). 64 is far
+#: above any catalog image (assumption: ImageNet's most elongated photos are about 1:10).
+MAX_ASPECT_RATIO = 64
+#: Pixel modes with 16-bit samples: scaled to 8 bits by v / 257 (65535 -> 255), not clipped.
+_MODES_16 = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class CorruptDataError(ValueError):
@@ -44,10 +50,28 @@ class CorruptDataError(ValueError):
         super().__init__(*args)
 
 
+def _to_rgb(im: Any, path: Path) -> Any:
+    """``im`` as 8-bit RGB: 16-bit samples scaled by 1/257 (PIL's ``convert`` would clip them to 255, a white
+    image); 32-bit integer or float samples, whose range is not defined, are refused."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode in _MODES_16 or (mode == "I" and im.format == "PNG"):  # PNG keeps at most 16 bits in "I"
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "F") or mode.startswith(("I;32", "F;")):
+        raise CorruptDataError(
+            f"{path}: {mode} image (32-bit integer or float samples) has no defined 8-bit scaling; "
+            "allowed: 8- or 16-bit images"
+        )
+    return im.convert("RGB")
+
+
 def read_image(path: Path) -> Any:
     """The image file ``path`` as an RGB PIL image; :class:`CorruptDataError` naming the file when it is not
-    a readable image, is truncated, or has more than :data:`MAX_IMAGE_PIXELS` pixels (checked from the
-    header, before decoding; PIL's own ``DecompressionBombError``/``Warning`` are caught as well)."""
+    a readable image, is truncated, has more than :data:`MAX_IMAGE_PIXELS` pixels or a side ratio over
+    :data:`MAX_ASPECT_RATIO` (both checked from the header, before decoding; PIL's own
+    ``DecompressionBombError``/``Warning`` are caught as well). 16-bit images are scaled to 8 bits."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -59,7 +83,13 @@ def read_image(path: Path) -> Any:
                         f"{path}: {im.width} x {im.height} pixels exceeds the cap of {MAX_IMAGE_PIXELS} "
                         f"(greg.data.base.MAX_IMAGE_PIXELS; a decompression bomb?)"
                     )
-                return im.convert("RGB")
+                if max(im.size) > MAX_ASPECT_RATIO * max(1, min(im.size)):
+                    raise CorruptDataError(
+                        f"{path}: {im.width} x {im.height} pixels, side ratio over {MAX_ASPECT_RATIO} "
+                        f"(greg.data.base.MAX_ASPECT_RATIO): resizing its shorter side would make it "
+                        f"{max(im.size) // max(1, min(im.size))} times as long"
+                    )
+                return _to_rgb(im, path)
     except CorruptDataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -161,10 +191,18 @@ class DatasetSpec:
     manual: str | None = None
     source: str = ""
     sizes: dict[str, int] = field(default_factory=dict)  # expected number of images per split
+    # image files the extracted archives hold under the layout paths (dot-files not counted), checked after
+    # extraction; None for sets that are not image folders. Places365: the whole test_256 of which the loader
+    # keeps a fixed 10,000.
+    archive_images: int | None = None
     # published digests ("md5:<hex>"/"sha256:<hex>") of extracted files, by path under <root>/<data_dir>;
     # checked by `greg data verify` and by loaders that read those files (CIFAR batches)
     file_checksums: dict[str, str] = field(default_factory=dict)
     placement_check: Callable[[DatasetSpec, Path], list[str]] | None = None
+    # what every image file of the set measures, checked on a sample at load and on each file read: exact
+    # (width, height), or a minimum shorter side; None: not checked
+    file_size: tuple[int, int] | None = None
+    file_min_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -337,22 +375,84 @@ class ImageDataset(Dataset):
 
     ``raw`` keeps the untransformed images (``raw.images`` uint8 NHWC or ``raw.files``)."""
 
-    def __init__(self, raw: RawImages, transform: ImageTransform, *, name: str, split: str):
+    def __init__(
+        self,
+        raw: RawImages,
+        transform: ImageTransform,
+        *,
+        name: str,
+        split: str,
+        file_size: tuple[int, int] | None = None,
+        file_min_side: int | None = None,
+    ):
         self.raw = raw
         self.transform = transform
         self.name = name
         self.split = split
         self.labels = np.asarray(raw.labels, dtype=np.int64)
+        self.file_size = file_size
+        self.file_min_side = file_min_side
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.raw.images[i] if self.raw.images is not None else read_image(self.raw.files[i])
-        return self.transform(img), int(self.labels[i])
+        if self.raw.images is not None:
+            img, what = self.raw.images[i], f"{self.name}/{self.split} image {i}"
+        else:
+            img, what = read_image(self.raw.files[i]), str(self.raw.files[i])
+            check_file_size(img.size, what, self.name, self.file_size, self.file_min_side)
+        x = self.transform(img)
+        want = (self.transform.size, self.transform.size)
+        if tuple(x.shape[-2:]) != want:  # else a DataLoader fails with "stack expects each tensor ..."
+            h, w = np.asarray(img).shape[:2]
+            raise CorruptDataError(
+                f"{what}: a {w} x {h} image gives a {x.shape[-1]} x {x.shape[-2]} input with the "
+                f"{self.transform.geometry!r} geometry of {self.name!r}, expected {want[1]} x {want[0]} "
+                f"(this set is not resized: each image must be at least {want[1]} x {want[0]})"
+            )
+        return x, int(self.labels[i])
 
     def __repr__(self) -> str:
         return f"ImageDataset({self.name}/{self.split}, n={len(self)}, {self.transform})"
+
+
+def check_file_size(
+    size: tuple[int, int], what: str, name: str, exact: tuple[int, int] | None, min_side: int | None
+) -> None:
+    """Raise :class:`CorruptDataError` naming ``what`` when an image of ``size`` (width, height) is not what
+    the set ``name`` promises (``exact`` size, or at least ``min_side`` on the shorter side)."""
+    w, h = size
+    if exact is not None and (w, h) != tuple(exact):
+        raise CorruptDataError(
+            f"{what}: {w} x {h} pixels, but every image of {name!r} is {exact[0]} x {exact[1]} "
+            "(a wrong extraction or another set's folder?)"
+        )
+    if min_side is not None and min(w, h) < min_side:
+        raise CorruptDataError(
+            f"{what}: {w} x {h} pixels, but the images of {name!r} are at least {min_side} pixels on each side "
+            "(a wrong extraction or another set's folder?)"
+        )
+
+
+#: Files whose size :func:`check_sample` reads (header only) when a set is loaded.
+SIZE_SAMPLE = 16
+
+
+def check_sample(s: DatasetSpec, files: list[Path]) -> None:
+    """Check the size of up to :data:`SIZE_SAMPLE` evenly spaced files (first and last included) against
+    the spec, from their headers: a mixed-up folder fails at load, before any scoring."""
+    if not files or (s.file_size is None and s.file_min_side is None):
+        return
+    from PIL import Image, UnidentifiedImageError
+
+    for i in sorted(set(np.linspace(0, len(files) - 1, min(SIZE_SAMPLE, len(files))).round().astype(int))):
+        try:
+            with Image.open(files[i]) as im:
+                size = im.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+            raise CorruptDataError(f"{files[i]}: not a readable image ({type(e).__name__}: {e})") from e
+        check_file_size(size, str(files[i]), s.name, s.file_size, s.file_min_side)
 
 
 def subsample(dataset: Dataset, n: int, seed: int = 0) -> Subset:
@@ -405,18 +505,29 @@ def load(
     raw = s.loader(s, split, Path(root))
     if not (s.role == "id" and s.name == id_spec.name):
         raw = RawImages(labels=np.full(len(raw), -1, dtype=np.int64), images=raw.images, files=raw.files)
+    if raw.files is not None:
+        check_sample(s, raw.files)
     tf = ImageTransform(id_spec, train=train, geometry=s.eval_geometry)
-    ds: Dataset = ImageDataset(raw, tf, name=name, split=split)
+    ds: Dataset = ImageDataset(
+        raw, tf, name=name, split=split, file_size=s.file_size, file_min_side=s.file_min_side
+    )
     if n_max is not None:
         ds = subsample(ds, n_max, subsample_seed)
     return ds
 
 
 def list_images(directory: Path) -> list[Path]:
-    """Every image file under ``directory`` (recursively), sorted by relative path for a stable order."""
+    """Every image file under ``directory`` (recursively), sorted by relative path for a stable order.
+    Names starting with a dot (macOS ``._x.jpg`` resource forks, hidden folders) are skipped."""
     if not directory.is_dir():
         raise FileNotFoundError(f"image directory not found: {directory}")
-    files = [p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    files = [
+        p
+        for p in directory.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        and p.is_file()
+    ]
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {directory}")
     return sorted(files, key=lambda p: p.relative_to(directory).as_posix())

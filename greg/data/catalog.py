@@ -2,7 +2,8 @@
 licensed, placed by hand), ImageNet-990 (aux) and the four ImageNet OOD sets of MOS (Huang & Li, 2021).
 
 URLs and checksums (see docs/DATASETS.md for the table and their sources):
-- CIFAR, SVHN, Places365 ``val_256.tar``, DTD: torchvision's dataset classes (md5).
+- CIFAR, SVHN, Places365 ``test_256.tar``, DTD: torchvision's dataset classes (md5; tests/test_download.py
+  compares them with the installed torchvision's source).
 - LSUN-Crop, LSUN-Resize, iSUN: the tarballs linked from the ODIN code (facebookresearch/odin); md5 as recorded
   by pytorch-ood (``dataset/img/odin.py``) and edadaltocg/detectors (``data/lsun_r_c.py``, ``data/isun.py``).
 - 300K Random Images: Outlier-Exposure authors' file; md5 as recorded by pytorch-ood (``tinyimages.py``).
@@ -187,6 +188,26 @@ def _folder(subdir: str):
     return loader
 
 
+#: The released code scores Places365 as ``places365_10k``: ``ImageFolder("../data/test_256/")``, 10,000 images
+#: of the Places365 test set (o4lc/Greg-OOD@0c35ddb detect.py:475-477; the name and the folder). Which 10,000 is
+#: not released: the catalog keeps a fixed draw of 10,000 of the 328,500 test_256 images, seed 0, sorted by
+#: file name (assumption: the seed).
+PLACES365_KEEP, PLACES365_SEED, PLACES365_TEST_IMAGES = 10000, 0, 328500
+
+
+def places365_indices(n: int) -> np.ndarray:
+    """The fixed subsample of :data:`PLACES365_KEEP` of ``n`` sorted test_256 images (all when fewer)."""
+    if n <= PLACES365_KEEP:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(PLACES365_SEED).choice(n, size=PLACES365_KEEP, replace=False))
+
+
+def _places365(s: DatasetSpec, split: str, root: Path) -> RawImages:
+    files = list_images(require(s, root) / "test_256")
+    keep = [files[i] for i in places365_indices(len(files))]
+    return RawImages(labels=np.full(len(keep), -1, dtype=np.int64), files=keep)
+
+
 def _class_files(d: Path) -> list[Path]:
     return sorted(Path(e.path) for e in os.scandir(d) if e.is_file() and not e.name.startswith("."))
 
@@ -215,10 +236,12 @@ def _imagenet990(s: DatasetSpec, split: str, root: Path) -> RawImages:
 IMAGENET_INSTRUCTIONS = """\
 ImageNet (ILSVRC-2012) is licensed and is never downloaded by greg. Get it from https://image-net.org/
 (ILSVRC2012_img_train.tar, md5 1d675b47d978889d74fa0da5fadfb00e; ILSVRC2012_img_val.tar,
-md5 29b22e2961454d5413ddabcf34fc5622) and place it as
+md5 29b22e2961454d5413ddabcf34fc5622; for torchvision's loader also the devkit
+ILSVRC2012_devkit_t12.tar.gz, md5 fa75699e90414af021442c21a62c3abf) and place it as
   {base}/train/<wnid>/*.JPEG   (the 1000 class tars inside the train tar, each extracted into its wnid folder)
   {base}/val/<wnid>/*.JPEG     (the 50000 val images sorted into wnid folders, e.g. with the widely used
-                                valprep.sh, or torchvision.datasets.ImageNet(root, split='val') once)
+                                valprep.sh, or torchvision.datasets.ImageNet(root, split='val') once with
+                                ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz in root)
 imagenet10 uses the 10 wnids {wnids} (train and val);
 imagenet990 uses the train images of the other 990 classes.
 Then run `greg data verify {name} --root {root}`."""
@@ -269,6 +292,8 @@ _IMAGENET_OOD = {
     "role": "ood", "num_classes": 0, "image_size": 224, "eval_resize": 256, "train_aug": "rrc_flip",
     "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "splits": ("test",), "benchmark": "imagenet10",
 }  # fmt: skip
+# DTD's images measure 300x300 to 640x640 (Cimpoi et al. 2014, the dataset page).
+DTD_MIN_SIDE = 300
 _DTD = Resource(
     "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
     "dtd-r1.0.1.tar.gz",
@@ -305,7 +330,7 @@ add(DatasetSpec(
 add(DatasetSpec(
     name="textures", loader=_folder("dtd/images"), resources=(_DTD,), layout=("dtd/images",),
     source="Describable Textures Dataset (Cimpoi et al. 2014), all 5640 images", sizes={"test": 5640},
-    eval_geometry="pil_resize_crop", **_CIFAR_OOD,
+    archive_images=5640, file_min_side=DTD_MIN_SIDE, eval_geometry="pil_resize_crop", **_CIFAR_OOD,
 ))  # fmt: skip
 add(DatasetSpec(
     name="svhn", loader=_svhn,
@@ -316,32 +341,36 @@ add(DatasetSpec(
     sizes={"test": 26032}, **_CIFAR_OOD,
 ))  # fmt: skip
 add(DatasetSpec(
-    name="places365", loader=_folder("val_256"),
-    resources=(Resource("http://data.csail.mit.edu/places/places365/val_256.tar", "val_256.tar",
-                        "md5:e27b17d8d44f4af9a78502beb927f808"),),
-    layout=("val_256",), source="Places365-Standard validation images, 256x256 (Zhou et al. 2017)",
-    sizes={"test": 36500}, eval_geometry="pil_resize_crop", **_CIFAR_OOD,
+    name="places365", loader=_places365,
+    resources=(Resource("http://data.csail.mit.edu/places/places365/test_256.tar", "test_256.tar",
+                        "md5:f532f6ad7b582262a2ec8009075e186b"),),
+    layout=("test_256",),
+    source="Places365-Standard test images, 256x256 (Zhou et al. 2017): a fixed 10,000 of 328,500, as the "
+           "released places365_10k (detect.py:475-477)",
+    sizes={"test": PLACES365_KEEP}, archive_images=PLACES365_TEST_IMAGES, file_size=(256, 256),
+    eval_geometry="pil_resize_crop",
+    **_CIFAR_OOD,
 ))  # fmt: skip
 add(DatasetSpec(
     name="lsun_crop", loader=_folder("LSUN"),
     resources=(Resource("https://www.dropbox.com/s/fhtsw1m3qxlwj6h/LSUN.tar.gz?dl=1", "LSUN.tar.gz",
                         "md5:458a0a0ab8e5f1cb4516d7400568e460"),),
     layout=("LSUN",), source="LSUN crop, as distributed with the ODIN code (Liang et al. 2018)",
-    sizes={"test": 10000}, eval_geometry="crop", **_CIFAR_OOD,
+    sizes={"test": 10000}, archive_images=10000, file_size=(36, 36), eval_geometry="crop", **_CIFAR_OOD,
 ))  # fmt: skip
 add(DatasetSpec(
     name="lsun_resize", loader=_folder("LSUN_resize"),
     resources=(Resource("https://www.dropbox.com/s/moqh2wh8696c3yl/LSUN_resize.tar.gz?dl=1", "LSUN_resize.tar.gz",
                         "md5:278b7b31c8cb7e804a1465a8ce03a2dc"),),
     layout=("LSUN_resize",), source="LSUN resize, as distributed with the ODIN code (Liang et al. 2018)",
-    sizes={"test": 10000}, **_CIFAR_OOD,
+    sizes={"test": 10000}, archive_images=10000, file_size=(32, 32), **_CIFAR_OOD,
 ))  # fmt: skip
 add(DatasetSpec(
     name="isun", loader=_folder("iSUN"),
     resources=(Resource("https://www.dropbox.com/s/ssz7qxfqae0cca5/iSUN.tar.gz?dl=1", "iSUN.tar.gz",
                         "md5:be77b0f2c26fda898afac5f99645ee70"),),
     layout=("iSUN",), source="iSUN, as distributed with the ODIN code (Liang et al. 2018)",
-    sizes={"test": 8925}, **_CIFAR_OOD,
+    sizes={"test": 8925}, archive_images=8925, file_size=(32, 32), **_CIFAR_OOD,
 ))  # fmt: skip
 
 add(DatasetSpec(
@@ -366,12 +395,12 @@ for _name, _file, _md5, _dir in (
     add(DatasetSpec(
         name=_name, loader=_folder(f"{_dir}/images"), resources=(Resource(_MOS + _file, _file, f"md5:{_md5}"),),
         layout=(f"{_dir}/images",), source=f"{_dir} OOD subset for ImageNet of MOS (Huang & Li 2021)",
-        sizes={"test": 10000}, **_IMAGENET_OOD,
+        sizes={"test": 10000}, archive_images=10000, **_IMAGENET_OOD,
     ))  # fmt: skip
 add(DatasetSpec(
     name="textures_imagenet", loader=_folder("dtd/images"), resources=(_DTD,), layout=("dtd/images",),
     data_dir="textures", source="DTD, all 5640 images, at ImageNet resolution (as in MOS)", sizes={"test": 5640},
-    **_IMAGENET_OOD,
+    archive_images=5640, file_min_side=DTD_MIN_SIDE, **_IMAGENET_OOD,
 ))  # fmt: skip
 
 

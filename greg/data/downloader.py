@@ -2,36 +2,52 @@
 
 Flow of :func:`download` for one dataset (all under ``<root>/<data_dir>/``):
 
-1. ``.complete`` exists -> nothing to do (no network).
+1. ``.complete`` exists (and names the catalog's current files) -> nothing to do (no network). Otherwise the
+   directory's ``.download.lock`` is taken (``flock``; a second process for the same directory, e.g.
+   ``textures`` and ``textures_imagenet``, waits and then finds the first one's ``.complete``).
 2. per resource: copy ``<mirror>/<file>`` (``--mirror DIR`` / ``$GREG_MIRROR``) when the mirror holds it,
    else fetch ``URL`` into ``<file>.part`` (HTTP Range resumes a previous partial file), check the
    length the server announced, verify the checksum (published md5/sha256, else the sha256 in
    ``<root>/checksums.lock.json``, else record one there and say so), only then rename to ``<file>``.
    A mismatch renames the file to ``<file>.corrupt`` and raises :class:`ChecksumError` with both digests.
-3. extract archives (tar/tar.gz with tarfile's ``data`` filter; zip with a path check),
+   Alternative digests (``--checksums FILE``, ``--accept-checksum NAME=DIGEST``) are used only when given,
+   each use is printed as a warning and recorded in ``.complete`` (``overrides``).
+3. extract archives (tar/tar.gz with tarfile's ``data`` filter; zip with a path check), never through an
+   existing symbolic link; count the images against the catalog (``DatasetSpec.archive_images``),
 4. check the expected layout and the published digests of extracted files (``DatasetSpec.file_checksums``,
    e.g. the CIFAR batches), write ``.complete`` last: JSON with the verified digests (``files``) and the
    sha256 of every extracted file (``extracted``), which :func:`verify` re-checks even after the archive is
    deleted.
+
+Files greg writes in a dataset directory (``<file>.part``, ``.download.lock``, extracted files) are opened
+without following symbolic links: a link there is refused with one line, never written through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import http.client
 import json
 import os
-import shutil
+import re
+import socket
+import stat
+import sys
 import tarfile
+import time
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from greg.data.base import CorruptDataError, DatasetSpec, Resource, spec
+from greg.data.base import CorruptDataError, DatasetSpec, Resource, list_images, spec
 from greg.io import atomic_write_json
 
 __all__ = [
@@ -44,12 +60,20 @@ __all__ = [
 ]
 
 URL_BASE_ENV = "GREG_DATA_URL_BASE"
+#: A checksum file (``sha256sum``/``md5sum`` format) whose digests replace the published ones (``--checksums``).
+CHECKSUMS_ENV = "GREG_DATA_CHECKSUMS"
 #: A local directory holding files under their catalog file names (CI: the checkpoint folder beside the checkout); copied, then
 #: verified against the same checksums as a download.
 MIRROR_ENV = "GREG_MIRROR"
 LOCK_NAME = "checksums.lock.json"
 MARKER = ".complete"
+DOWNLOAD_LOCK = ".download.lock"
 CHUNK = 1 << 20
+#: A transfer is abandoned when no byte arrives for this many seconds (``--read-timeout``) ...
+READ_TIMEOUT = 60.0
+#: ... or when fewer than this many bytes per second arrive, averaged over a window of ``READ_TIMEOUT``
+#: seconds (``--min-rate``; 1 KiB/s: a server that sends one byte every few seconds never ends otherwise).
+MIN_RATE = 1024.0
 
 
 class DownloadError(RuntimeError):
@@ -64,6 +88,50 @@ class ChecksumError(RuntimeError):
 
 class ManualDownloadRequired(RuntimeError):
     """Licensed data (ImageNet) that must be placed by hand; the message says where."""
+
+
+class UnsafePathError(RuntimeError):
+    """A file greg would write in a dataset directory is a symbolic link: refused, never written through."""
+
+
+def refuse_symlink(path: Path) -> None:
+    """Raise :class:`UnsafePathError` when ``path`` itself is a symbolic link."""
+    if os.path.islink(path):
+        raise UnsafePathError(
+            f"refusing to write through the symbolic link {path} (-> {os.readlink(path)}): greg writes only "
+            "regular files in a dataset directory; remove the link"
+        )
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` with ``O_NOFOLLOW``: a symbolic link at ``path`` raises :class:`UnsafePathError`."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_symlink(path)
+        raise
+
+
+@contextlib.contextmanager
+def download_lock(directory: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory/.download.lock`` for the block; when another process holds
+    it (two sets sharing one directory, downloaded at once), say so and wait for it."""
+    path = directory / DOWNLOAD_LOCK
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            print(f"{name}: {directory} is being downloaded by {holder}; waiting for it", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({name})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -93,6 +161,100 @@ def mirror_file(s: DatasetSpec, resource: Resource, mirror: str | Path | None) -
         if candidate.is_file():
             return candidate
     return None
+
+
+# ---------------------------------------------------------------------------------- alternative digests
+_ALGO_BY_LENGTH = {32: "md5", 64: "sha256"}
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def parse_digest(text: str, what: str) -> str:
+    """``"md5:<hex>"``/``"sha256:<hex>"`` or a bare 32/64-hex digest -> ``"algo:hex"`` (lower case);
+    ``ValueError`` naming ``what`` otherwise."""
+    algo, sep, digest = text.strip().partition(":")
+    if not sep:
+        algo, digest = _ALGO_BY_LENGTH.get(len(text.strip()), ""), text.strip()
+    digest = digest.lower()
+    if (
+        algo not in ("md5", "sha256")
+        or not _HEX.fullmatch(digest)
+        or _ALGO_BY_LENGTH.get(len(digest)) != algo
+    ):
+        raise ValueError(
+            f"{what}: {text!r} is not a digest; allowed: md5:<32 hex>, sha256:<64 hex>, or the bare hex digest"
+        )
+    return f"{algo}:{digest}"
+
+
+def read_checksums_file(path: str | Path) -> dict[str, str]:
+    """``{name: "algo:hex"}`` from a ``sha256sum``/``md5sum`` file: lines ``<hex>  <name>`` (``*<name>``
+    too), ``#`` comments and blank lines ignored; the algorithm follows from the digest's length. ``name``
+    is a file name (``test_256.tar``), a path under the dataset directory (``cifar-10-batches-py/test_batch``)
+    or either prefixed with the dataset directory (``textures/dtd-r1.0.1.tar.gz``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"checksum file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        digest, _, name = line.partition(" ")
+        name = name.strip().removeprefix("*")
+        if not name:
+            raise ValueError(
+                f"checksum file {path} line {n}: expected '<hex digest>  <file name>', got {line!r}"
+            )
+        out[name] = parse_digest(digest, f"checksum file {path} line {n}")
+    return out
+
+
+class Override:
+    """A digest that replaces the published one for one file: from a checksum file (``--checksums``,
+    ``kind="checksums"``) or an explicit ``--accept-checksum`` (``kind="accept"``)."""
+
+    def __init__(self, checksum: str, origin: str, kind: str):
+        self.checksum, self.origin, self.kind = checksum, origin, kind
+
+    def record(self, published: str | None) -> dict:
+        return {"checksum": self.checksum, "origin": self.origin, "kind": self.kind, "published": published}
+
+
+def overrides_for(
+    s: DatasetSpec,
+    checksums: str | Path | None = None,
+    accept: Mapping[str, str] | None = None,
+) -> dict[str, Override]:
+    """The alternative digests that apply to ``s``, by path under its directory (resource file names and
+    ``file_checksums`` paths). ``checksums``: a checksum file (else ``$GREG_DATA_CHECKSUMS``); ``accept``:
+    ``{name: digest}`` where ``name`` is a file name, ``<dir>/<file>``, or the dataset's name when it has one
+    resource. An ``accept`` entry wins over the checksum file."""
+    rels = [r.filename for r in s.resources] + list(s.file_checksums)
+    out: dict[str, Override] = {}
+    sources: list[tuple[dict[str, str], str, str]] = []
+    path = checksums or os.environ.get(CHECKSUMS_ENV)
+    if path:
+        sources.append((read_checksums_file(path), f"checksum file {path}", "checksums"))
+    if accept:
+        named = {}
+        for k, v in accept.items():
+            if k == s.name and len(s.resources) == 1:
+                k = s.resources[0].filename
+            named[k] = parse_digest(v, f"--accept-checksum {k}")
+        sources.append((named, "--accept-checksum", "accept"))
+    for table, origin, kind in sources:
+        for rel in rels:
+            for key in (f"{s.directory}/{rel}", rel):
+                if key in table:
+                    out[rel] = Override(table[key], origin, kind)
+                    break
+    return out
+
+
+def _warn(msg: str) -> None:
+    print(f"greg data: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _offline_hint(s: DatasetSpec, resource: Resource, dest: Path) -> str:
@@ -136,11 +298,48 @@ def expected_checksum(s: DatasetSpec, resource: Resource, root: Path) -> tuple[s
     return "sha256", entry["sha256"], f"lock file {lock_path(root)}"
 
 
-def verify_file(path: Path, s: DatasetSpec, resource: Resource, root: Path, *, record: bool = True) -> str:
+def _match(path: Path, checksums: list[str]) -> tuple[str | None, dict[str, str]]:
+    """The first of ``checksums`` ("algo:hex") that ``path`` has, and the digests computed (by algorithm)."""
+    got: dict[str, str] = {}
+    for c in checksums:
+        algo, _, hexd = c.partition(":")
+        if algo not in got:
+            got[algo] = file_digest(path, algo)
+        if got[algo] == hexd:
+            return c, got
+    return None, got
+
+
+def verify_file(
+    path: Path,
+    s: DatasetSpec,
+    resource: Resource,
+    root: Path,
+    *,
+    record: bool = True,
+    override: Override | None = None,
+) -> str:
     """Check ``path`` (the downloaded content of ``resource``); return ``"algo:digest"``.
 
-    With no published checksum and no lock entry, record the file's sha256 in the lock (if ``record``)."""
+    With no published checksum and no lock entry, record the file's sha256 in the lock (if ``record``).
+    ``override``: an alternative digest the file may have instead (its use is printed as a warning)."""
     want = expected_checksum(s, resource, root)
+    if override is not None:
+        published = f"{want[0]}:{want[1]}" if want else None
+        ok, got = _match(path, [override.checksum] + ([published] if published else []))
+        if ok is None:
+            algo = override.checksum.split(":")[0]
+            also = f" nor {want[0]} {want[1]} ({want[2]})" if want else ""
+            raise ChecksumError(
+                f"checksum mismatch for {resource.filename} ({path}): neither {override.checksum} "
+                f"({override.origin}){also} matches; got {algo} {got[algo]}"
+            )
+        if ok != published:
+            _warn(
+                f"{s.name}: {resource.filename} accepted with {ok} from {override.origin}, NOT the "
+                f"{want[2] if want else 'recorded'} checksum {published or '(none)'}"
+            )
+        return ok
     if want is None:
         digest = file_digest(path, "sha256")
         if not record:
@@ -163,19 +362,52 @@ def verify_file(path: Path, s: DatasetSpec, resource: Resource, root: Path, *, r
     algo, expected, origin = want
     actual = file_digest(path, algo)
     if actual != expected:
+        escape = (
+            f"; if you trust this file (e.g. the {origin} digest is known to be wrong), rerun with "
+            f"--accept-checksum {resource.filename}={algo}:{actual}"
+            if origin == "published"
+            else ""
+        )
         raise ChecksumError(
             f"checksum mismatch for {resource.filename} ({path}): expected {algo} {expected} ({origin}), "
-            f"got {algo} {actual}"
+            f"got {algo} {actual}{escape}"
         )
     return f"{algo}:{actual}"
 
 
 # ------------------------------------------------------------------------------------------------- fetch
-def fetch(url: str, dest: Path, *, progress: bool = True, timeout: float = 60.0) -> Path:
+def _html_error(dest: Path, url: str, head: bytes) -> DownloadError:
+    m = re.search(rb"<title[^>]*>([^<]{0,120})", head, re.IGNORECASE)
+    title = f" titled {m.group(1).decode('utf-8', 'replace').strip()!r}" if m else ""
+    return DownloadError(
+        f"downloading {dest.name} from {url}: got an HTML page{title}, not the file (a quota, virus-scan or "
+        "login page?); nothing was kept"
+    )
+
+
+def _looks_like_html(head: bytes) -> bool:
+    h = head.lstrip()[:15].lower()
+    return h.startswith((b"<!doctype html", b"<html"))
+
+
+def fetch(
+    url: str,
+    dest: Path,
+    *,
+    progress: bool = True,
+    timeout: float | None = None,
+    min_rate: float | None = None,
+) -> Path:
     """Download ``url`` to ``dest.part`` (resuming it with an HTTP Range request when the server allows);
-    raise :class:`DownloadError` if fewer bytes arrive than announced. Returns the ``.part`` path."""
+    raise :class:`DownloadError` if fewer bytes arrive than announced, if nothing arrives for ``timeout``
+    seconds (:data:`READ_TIMEOUT`), or if fewer than ``min_rate`` bytes/s (:data:`MIN_RATE`) arrive over any
+    ``timeout``-second window; the ``.part`` is kept for a later resume. An HTML page where a data file is
+    expected is refused (``.part`` not written). Returns the ``.part`` path."""
+    timeout = READ_TIMEOUT if timeout is None else float(timeout)
+    min_rate = MIN_RATE if min_rate is None else float(min_rate)
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
+    refuse_symlink(part)
     pos = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "greg-data/0.1"}
     if pos:
@@ -188,44 +420,99 @@ def fetch(url: str, dest: Path, *, progress: bool = True, timeout: float = 60.0)
         raise DownloadError(f"downloading {dest.name} from {url} failed: HTTP {e.code} {e.reason}") from e
     except (URLError, OSError) as e:
         raise DownloadError(f"downloading {dest.name} from {url} failed: {e}") from e
+    html_ok = dest.name.lower().endswith((".html", ".htm"))
     with resp:
         length = resp.headers.get("Content-Length")
+        ctype = (resp.headers.get("Content-Type") or "").lower()
+        if ctype.startswith("text/html") and not html_ok:
+            raise _html_error(dest, url, resp.read1(4096) if hasattr(resp, "read1") else b"")
         if pos and resp.status == 206:
-            mode, total = "ab", (pos + int(length)) if length is not None else None
+            flags, total = os.O_APPEND, (pos + int(length)) if length is not None else None
         else:  # no resume support (200): start over
-            mode, pos, total = "wb", 0, int(length) if length is not None else None
+            flags, pos, total = os.O_TRUNC, 0, int(length) if length is not None else None
         got = pos
-        with (
-            open(part, mode) as f,
-            tqdm(
-                total=total, initial=pos, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-            ) as bar,
-        ):
-            while True:
-                try:
-                    chunk = resp.read(CHUNK)
-                except (http.client.IncompleteRead, OSError) as e:
-                    raise DownloadError(
-                        f"download of {dest.name} from {url} was cut off after {got} of {total} bytes ({e}); "
-                        f"the partial file {part} is kept and the next run resumes it"
-                    ) from e
-                if not chunk:
-                    break
-                f.write(chunk)
-                got += len(chunk)
-                bar.update(len(chunk))
+        first = pos == 0
+        kept = f"the partial file {part} is kept and the next run resumes it"
+        # read1: return what has arrived (read(n) would wait for n bytes, so the rate rule could never act)
+        read = resp.read1 if hasattr(resp, "read1") else resp.read
+        fd = None
+        with tqdm(
+            total=total, initial=pos, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+        ) as bar:
+            try:
+                window_start, window_bytes = time.monotonic(), 0
+                while True:
+                    try:
+                        chunk = read(CHUNK)
+                    except TimeoutError as e:
+                        raise DownloadError(
+                            f"download of {dest.name} from {url} stalled: no data for {timeout:g} s "
+                            f"(--read-timeout) after {got} of {total if total is not None else '?'} bytes; {kept}"
+                        ) from e
+                    except (http.client.IncompleteRead, OSError) as e:
+                        raise DownloadError(
+                            f"download of {dest.name} from {url} was cut off after {got} of {total} bytes "
+                            f"({e}); {kept}"
+                        ) from e
+                    if first and chunk:
+                        if _looks_like_html(chunk) and not html_ok:
+                            raise _html_error(dest, url, chunk)
+                        first = False
+                    if fd is None:  # opened only once the content is known not to be a web page
+                        fd = open_nofollow(part, os.O_WRONLY | os.O_CREAT | flags)
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    got += len(chunk)
+                    window_bytes += len(chunk)
+                    bar.update(len(chunk))
+                    now = time.monotonic()
+                    if now - window_start >= timeout:
+                        rate = window_bytes / (now - window_start)
+                        if rate < min_rate:
+                            raise DownloadError(
+                                f"download of {dest.name} from {url} is too slow: {rate:.0f} bytes/s over the "
+                                f"last {now - window_start:.0f} s, below the minimum {min_rate:g} bytes/s "
+                                f"(--min-rate) after {got} bytes; {kept}"
+                            )
+                        window_start, window_bytes = now, 0
+            finally:
+                if fd is not None:
+                    os.close(fd)
     if total is not None and got != total:
         raise DownloadError(
-            f"download of {dest.name} from {url} is truncated: received {got} of {total} bytes; "
-            f"the partial file {part} is kept and the next run resumes it"
+            f"download of {dest.name} from {url} is truncated: received {got} of {total} bytes; {kept}"
         )
     return part
 
 
 # ------------------------------------------------------------------------------------------------ extract
+def _refuse_links_below(to: Path, member: str, archive: Path) -> None:
+    """Raise :class:`UnsafePathError` when any existing component of ``to/member`` below ``to`` (``to``
+    itself may be a link: a data directory on another disk) is a symbolic link: writing the member would
+    write through it."""
+    cur = to
+    for part in Path(os.path.normpath(member.lstrip("/"))).parts:
+        if part in ("", "."):
+            continue
+        cur = cur / part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            return  # nothing below a missing component exists
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePathError(
+                f"cannot extract {archive}: member {member!r} would be written through the symbolic link "
+                f"{cur} (-> {os.readlink(cur)}); remove the link"
+            )
+
+
 def extract(archive: Path, to: Path) -> list[str]:
-    """Unpack a tar (any compression) or zip archive into ``to``, refusing paths that leave ``to``.
-    Returns the regular files written, as POSIX paths relative to ``to``."""
+    """Unpack a tar (any compression) or zip archive into ``to``, refusing paths that leave ``to`` and
+    members that would be written through an existing symbolic link. Returns the regular files written, as
+    POSIX paths relative to ``to``."""
     to.mkdir(parents=True, exist_ok=True)
     name = archive.name
     try:
@@ -233,15 +520,24 @@ def extract(archive: Path, to: Path) -> list[str]:
             with zipfile.ZipFile(archive) as z:
                 base = to.resolve()
                 for member in z.namelist():
+                    _refuse_links_below(to, member, archive)
                     target = (to / member).resolve()
                     if base != target and base not in target.parents:
                         raise RuntimeError(f"{archive}: member {member!r} would be written outside {to}")
                 z.extractall(to)
                 names = [i.filename for i in z.infolist() if not i.is_dir()]
         else:
+
+            def nofollow(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+                # called just before each member is written: sees links made by earlier members too
+                _refuse_links_below(to, member.name, archive)
+                return tarfile.data_filter(member, dest)
+
             with tarfile.open(archive) as t:
-                t.extractall(to, filter="data")
+                t.extractall(to, filter=nofollow)
                 names = [m.name for m in t.getmembers() if m.isfile()]
+    except UnsafePathError:
+        raise
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
         raise RuntimeError(f"cannot extract {archive}: {e}") from e
     # the data filter strips leading slashes; keep what is really there
@@ -267,21 +563,43 @@ def _fix(s: DatasetSpec, root: Path) -> str:
     return f"run `greg data download {s.name} --root {root} --force`"
 
 
-def check_file_checksums(s: DatasetSpec, root: str | Path, paths: list[str] | None = None) -> int:
+def check_file_checksums(
+    s: DatasetSpec,
+    root: str | Path,
+    paths: list[str] | None = None,
+    overrides: Mapping[str, Override | dict] | None = None,
+) -> int:
     """Check extracted files against their published digests (``s.file_checksums``; all of them, or
-    ``paths``). Raises ``FileNotFoundError`` / :class:`ChecksumError` naming the file and both digests;
-    returns how many were checked."""
+    ``paths``). A file may instead have the alternative digest of ``overrides`` (default: those recorded in
+    ``.complete`` when it was downloaded with ``--checksums``/``--accept-checksum``). Raises
+    ``FileNotFoundError`` / :class:`ChecksumError` naming the file and both digests; returns how many were
+    checked."""
     root = Path(root)
     d = root / s.directory
     paths = list(s.file_checksums) if paths is None else paths
+    if overrides is None:
+        overrides = marker_overrides(s, root) if (d / MARKER).is_file() else {}
     for rel in paths:
-        _check_digest(d / rel, s.file_checksums[rel], rel, "published", _fix(s, root))
+        alt = overrides.get(rel)
+        if alt is None:
+            _check_digest(d / rel, s.file_checksums[rel], rel, "published", _fix(s, root))
+            continue
+        checksum, origin = (
+            (alt.checksum, alt.origin) if isinstance(alt, Override) else (alt["checksum"], alt["origin"])
+        )
+        if not (d / rel).is_file():
+            raise FileNotFoundError(f"{d / rel} is missing; {_fix(s, root)}")
+        if _match(d / rel, [checksum, s.file_checksums[rel]])[0] is None:
+            _check_digest(d / rel, checksum, rel, origin, _fix(s, root))  # raises, naming both digests
     return len(paths)
 
 
 def read_marker(s: DatasetSpec, root: str | Path) -> dict:
-    """The ``.complete`` JSON of ``s`` (``{}`` for an empty or pre-JSON marker)."""
+    """The ``.complete`` JSON of ``s`` (``{}`` for an empty or pre-JSON marker). Its ``files``,
+    ``extracted`` and ``overrides`` entries are checked to be mappings of the expected kind
+    (:class:`CorruptDataError` naming the marker otherwise)."""
     p = Path(root) / s.directory / MARKER
+    refuse_symlink(p)
     text = p.read_text(encoding="utf-8").strip()
     if not text:
         return {}
@@ -289,7 +607,29 @@ def read_marker(s: DatasetSpec, root: str | Path) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise CorruptDataError(f"{p} is not valid JSON ({e}); {_fix(s, Path(root))}") from e
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    for key, value_kind in (("files", str), ("extracted", str), ("overrides", dict)):
+        v = data.get(key)
+        if v is not None and not (
+            isinstance(v, dict)
+            and all(isinstance(k, str) and isinstance(x, value_kind) for k, x in v.items())
+        ):
+            raise CorruptDataError(
+                f"{p}: '{key}' must be a mapping of file -> {value_kind.__name__}, got {type(v).__name__}; "
+                f"{_fix(s, Path(root))}"
+            )
+    for rel, o in (data.get("overrides") or {}).items():
+        if not (isinstance(o.get("checksum"), str) and isinstance(o.get("origin"), str)):
+            raise CorruptDataError(
+                f"{p}: overrides[{rel!r}] needs 'checksum' and 'origin'; {_fix(s, Path(root))}"
+            )
+    return data
+
+
+def marker_overrides(s: DatasetSpec, root: str | Path) -> dict[str, dict]:
+    """The alternative digests recorded in ``.complete`` (``{path: {"checksum", "origin", ...}}``)."""
+    return read_marker(s, root).get("overrides") or {}
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -308,8 +648,28 @@ def _check_placement(s: DatasetSpec, root: Path) -> list[str]:
     return s.placement_check(s, root)
 
 
+def _stale(s: DatasetSpec, root: Path) -> str | None:
+    """Why the ``.complete`` of ``s`` does not describe the catalog's current files (a marker written for
+    another file, e.g. before a set's source changed), else ``None``. Markers without ``files`` (older
+    greg, tests) are taken as they are."""
+    files = read_marker(s, root).get("files") or {}
+    want = {r.filename for r in s.resources}
+    if files and not want <= set(files):
+        return (
+            f"{Path(root) / s.directory / MARKER} records {', '.join(sorted(files))}, the catalog now expects "
+            f"{', '.join(sorted(want))}"
+        )
+    return None
+
+
 def is_complete(s: DatasetSpec, root: Path) -> bool:
-    return (Path(root) / s.directory / MARKER).is_file()
+    marker = Path(root) / s.directory / MARKER
+    refuse_symlink(marker)
+    return marker.is_file()
+
+
+def _count_images(s: DatasetSpec, d: Path) -> int:
+    return sum(len(list_images(d / p)) for p in s.layout if (d / p).is_dir())
 
 
 def download(
@@ -320,9 +680,19 @@ def download(
     mirror: str | Path | None = None,
     progress: bool = True,
     force: bool = False,
+    checksums: str | Path | None = None,
+    accept: Mapping[str, str] | None = None,
+    read_timeout: float | None = None,
+    min_rate: float | None = None,
 ) -> Path:
     """Download, verify and extract a dataset into ``<root>/<data_dir>``; idempotent (see module doc).
     ``mirror`` (else ``$GREG_MIRROR``): a local directory tried before the network (:func:`mirror_file`).
+    ``url_base`` (else ``$GREG_DATA_URL_BASE``): fetch ``<url_base>/<file name>`` instead of the public URL.
+    ``checksums`` (else ``$GREG_DATA_CHECKSUMS``): a ``sha256sum``-format file whose digests replace the
+    published ones (e.g. for stand-in files served from ``url_base``); ``accept``: ``{file: digest}``
+    accepted instead of a published digest known to be wrong. Each replaced digest is printed as a warning
+    and recorded in ``.complete``; with a checksum file the image count is not checked (other files).
+    ``read_timeout`` / ``min_rate``: see :func:`fetch`.
 
     ImageNet-based sets are never downloaded: their placement is checked, and
     :class:`ManualDownloadRequired` explains where the licensed files go."""
@@ -336,17 +706,52 @@ def download(
         print(f"{s.name}: generated locally (no download needed)")
         return d
     marker = d / MARKER
-    if marker.is_file() and not force:
+
+    def done() -> bool:
+        if force or not is_complete(s, root):
+            return False
+        why = _stale(s, root)
+        if why:
+            print(f"{s.name}: {why}; downloading again")
+            return False
         print(f"{s.name}: already downloaded and verified ({marker})")
+        return True
+
+    if done():
         return d
+    overrides = overrides_for(s, checksums, accept)
     d.mkdir(parents=True, exist_ok=True)
+    with download_lock(d, s.name):
+        if not force and done():  # another process finished it while we waited for the lock
+            return d
+        _download_locked(s, root, overrides, url_base, mirror, progress, read_timeout, min_rate)
+    return d
+
+
+def _download_locked(
+    s: DatasetSpec,
+    root: Path,
+    overrides: dict[str, Override],
+    url_base: str | None,
+    mirror: str | Path | None,
+    progress: bool,
+    read_timeout: float | None,
+    min_rate: float | None,
+) -> None:
+    d = root / s.directory
+    marker = d / MARKER
+    refuse_symlink(marker)
     verified: dict[str, str] = {}
     extracted: set[str] = set()
+    used: dict[str, dict] = {}
     for res in s.resources:
         dest = d / res.filename
+        alt = overrides.get(res.filename)
+        part = dest.with_name(dest.name + ".part")
+        refuse_symlink(part)
         if dest.exists():  # a verified earlier download, or a file placed by hand: check it all the same
             try:
-                verified[res.filename] = verify_file(dest, s, res, root)
+                verified[res.filename] = verify_file(dest, s, res, root, override=alt)
             except ChecksumError:
                 os.replace(dest, dest.with_name(dest.name + ".corrupt"))
                 raise
@@ -354,23 +759,24 @@ def download(
             src = mirror_file(s, res, mirror)
             if src is not None:
                 print(f"{s.name}: copying {src} (mirror)")
-                part = dest.with_name(dest.name + ".part")
-                shutil.copyfile(src, part)
+                _copy_nofollow(src, part)
             else:
                 url = resolve_url(res, url_base)
                 if mirror or os.environ.get(MIRROR_ENV):
                     print(f"{s.name}: {res.filename} is not in the mirror; falling back to the URL")
                 print(f"{s.name}: downloading {url}")
                 try:
-                    part = fetch(url, dest, progress=progress)
+                    part = fetch(url, dest, progress=progress, timeout=read_timeout, min_rate=min_rate)
                 except DownloadError as e:
                     raise DownloadError(f"{e}; {_offline_hint(s, res, dest)}") from e
             try:
-                verified[res.filename] = verify_file(part, s, res, root)
+                verified[res.filename] = verify_file(part, s, res, root, override=alt)
             except ChecksumError:
                 os.replace(part, dest.with_name(dest.name + ".corrupt"))
                 raise
             os.replace(part, dest)
+        if alt is not None and verified[res.filename] != res.checksum:
+            used[res.filename] = alt.record(res.checksum)
         if res.is_archive:
             print(f"{s.name}: extracting {dest.name}")
             extracted.update(extract(dest, d))
@@ -379,15 +785,42 @@ def download(
         raise RuntimeError(
             f"{s.name}: after extraction these expected paths are missing under {d}: {', '.join(missing)}"
         )
-    check_file_checksums(s, root)
-    record = {"dataset": s.name, "files": verified}
+    file_alts = {rel: o for rel, o in overrides.items() if rel in s.file_checksums}
+    check_file_checksums(s, root, overrides=file_alts)
+    for rel, o in file_alts.items():
+        if _match(d / rel, [s.file_checksums[rel]])[0] is None:
+            _warn(
+                f"{s.name}: {rel} accepted with {o.checksum} from {o.origin}, NOT the published {s.file_checksums[rel]}"
+            )
+            used[rel] = o.record(s.file_checksums[rel])
+    record: dict = {"dataset": s.name, "files": verified}
+    if s.archive_images is not None:
+        n = _count_images(s, d)
+        where = ", ".join(str(d / p) for p in s.layout)
+        if any(u["kind"] == "checksums" for u in used.values()):
+            print(f"{s.name}: {n} images under {where}; count not checked (files from a checksum file)")
+        elif n != s.archive_images:
+            raise CorruptDataError(
+                f"{s.name}: {n} images under {where} after extraction, the catalog expects {s.archive_images} "
+                f"(dot-files such as ._x.jpg are not counted); the archive is not the one the catalog describes"
+            )
+        record["images"] = n
+    if used:
+        record["overrides"] = used
     if extracted:  # re-checked by verify(), also once the archive is deleted
         files = tqdm(sorted(extracted), desc=f"{s.name}: hashing extracted files", disable=not progress)
         record["extracted"] = {f: f"sha256:{file_digest(d / f, 'sha256')}" for f in files}
     record["completed"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     atomic_write_json(marker, record)
     print(f"{s.name}: ready in {d}")
-    return d
+
+
+def _copy_nofollow(src: Path, part: Path) -> None:
+    """Copy ``src`` to ``part`` without following a symbolic link at ``part``."""
+    fd = open_nofollow(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+        while chunk := f.read(CHUNK):
+            out.write(chunk)
 
 
 def verify(name_or_spec: str | DatasetSpec, root: str | Path) -> list[str]:
@@ -406,11 +839,22 @@ def verify(name_or_spec: str | DatasetSpec, root: str | Path) -> list[str]:
         raise FileNotFoundError(
             f"{s.name}: {d / MARKER} not found; run `greg data download {s.name} --root {root}`"
         )
+    why = _stale(s, root)
+    if why:
+        raise FileNotFoundError(f"{s.name}: {why}; run `greg data download {s.name} --root {root} --force`")
     lines = []
+    recorded_alts = marker_overrides(s, root)
+    for rel, o in recorded_alts.items():
+        lines.append(
+            f"WARNING: {rel} was accepted with {o['checksum']} from {o['origin']}, not the published "
+            f"{o.get('published') or '(none)'}"
+        )
     for res in s.resources:
         f = d / res.filename
         if f.exists():
-            lines.append(f"{res.filename}: {verify_file(f, s, res, root, record=False)} OK")
+            o = recorded_alts.get(res.filename)
+            alt = Override(o["checksum"], o["origin"], o.get("kind", "")) if o else None
+            lines.append(f"{res.filename}: {verify_file(f, s, res, root, record=False, override=alt)} OK")
         elif res.is_archive:
             lines.append(f"{res.filename}: archive removed after extraction; digest not re-checked")
         else:
@@ -445,4 +889,7 @@ def require(s: DatasetSpec, root: Path) -> Path:
             f"dataset {s.name!r} is not downloaded under {root} (no {d / MARKER}); "
             f"run `greg data download {s.name} --root {root}`"
         )
+    why = _stale(s, root)
+    if why:
+        raise FileNotFoundError(f"dataset {s.name!r}: {why}; run `greg data download {s.name} --root {root}`")
     return d
