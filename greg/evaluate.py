@@ -1,6 +1,13 @@
-"""``greg evaluate``: score the ID test set and OOD test sets with a detector; write scores and metrics.
+"""``greg evaluate``: score the ID test set and OOD test sets with detectors; write scores and metrics.
 
-Outputs in ``--out DIR`` (each written atomically):
+One process evaluates one checkpoint with one or more detectors (``--detector msp,energy,react``): the model
+and the data sets are loaded once, ID training features are collected once for every detector fitted on
+them, and each data set is read once for all detectors. Each evaluation writes its own directory, ``--out``
+with ``{detector}`` replaced by the detector's name (required with several detectors). An evaluation whose
+``metrics.csv`` exists with the same request in its ``meta.json`` (checkpoint digest, detector and its
+arguments, data sets, subsample) is skipped, so a rerun after a crash does only what is missing.
+
+Outputs in each evaluation's directory (each written atomically):
 
 - ``scores/<set>.npz`` per set (``id.npz`` for the ID test set): ``scores`` (float32, higher = more OOD),
   ``index`` (indices into the full dataset after OOD subsampling); ``id.npz`` adds ``labels`` and ``pred``.
@@ -23,10 +30,12 @@ disk). The core is :func:`evaluate`, usable without files.
 from __future__ import annotations
 
 import argparse
-import inspect
+import contextlib
+import hashlib
 import json
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +52,9 @@ from greg import robustness as rb
 from greg.config import ConfigError, check_kwargs
 from greg.detectors import DETECTORS, Detector
 from greg.detectors import create as create_detector
+from greg.detectors.base import FeatureDetector, collect_features
 from greg.device import DEVICE_HELP, check_cuda, eval_mode, resolve_device
 from greg.errors import EXIT_STATUS_HELP, InputError, cli_errors
-from greg.methods import METHODS
 from greg.metrics import METRIC_COLUMNS, metrics_table, ood_metrics  # noqa: F401  (re-exported)
 from greg.metrics import TABLE_COLUMNS as COLUMNS  # noqa: F401  (re-exported: metrics.csv columns)
 
@@ -76,37 +85,72 @@ def score_loader(
     desc: str = "score",
 ) -> dict[str, np.ndarray]:
     """Detector scores of every batch ``(x, y)``; with ``with_predictions`` also ``labels`` and ``pred``
-    (argmax over the first ``num_classes`` logits: (K+1)-class models never predict the extra class).
+    (:func:`score_detectors` with one detector)."""
+    out = score_detectors(model, loader, {"d": detector}, device, with_predictions=with_predictions,
+                          num_classes=num_classes, desc=desc)
+    return {("scores" if k == "d" else k): v for k, v in out.items()}
 
-    Runs under ``torch.inference_mode()`` unless the detector needs input gradients (then ``no_grad``
+
+def score_detectors(
+    model: nn.Module,
+    loader: Iterable,
+    detectors: Mapping[str, Detector],
+    device: torch.device | str,
+    *,
+    with_predictions: bool = False,
+    num_classes: int | None = None,
+    desc: str = "score",
+) -> dict[str, np.ndarray]:
+    """One pass over ``loader``: each detector's float32 scores under its name; with ``with_predictions``
+    also ``labels`` and ``pred`` (argmax over the first ``num_classes`` logits: (K+1)-class models never
+    predict the extra class).
+
+    Each detector runs under ``torch.inference_mode()`` unless it needs input gradients (then ``no_grad``
     outside the detector's own gradient step)."""
-    ctx = torch.no_grad if detector.requires_grad else torch.inference_mode
-    scores, labels, preds = [], [], []
+    if with_predictions and ("labels" in detectors or "pred" in detectors):
+        raise ValueError("detector names 'labels' and 'pred' are reserved")
+    found: dict[str, list[torch.Tensor]] = {name: [] for name in detectors}
+    labels, preds = [], []
     with eval_mode(model):
         for batch in tqdm(loader, desc=desc, leave=False, disable=None):
-            x, y = batch[0], batch[1]
-            x = x.to(device, non_blocking=True)
-            with ctx():
-                s = detector.score(model, x)
-                if with_predictions:
-                    logits = model(x)
-                    if num_classes is not None:
-                        logits = logits[:, :num_classes]
-                    preds.append(logits.argmax(dim=1).cpu())
-            if s.dim() != 1 or s.shape[0] != x.shape[0]:
-                raise RuntimeError(
-                    f"{type(detector).__name__}.score returned shape {tuple(s.shape)} "
-                    f"for a batch of {x.shape[0]}"
-                )
-            scores.append(s.detach().float().cpu())
-            labels.append(torch.as_tensor(y).reshape(-1).long().cpu())
-    if not scores:
+            x = batch[0].to(device, non_blocking=True)
+            for name, detector in detectors.items():
+                with torch.no_grad() if detector.requires_grad else torch.inference_mode():
+                    s = detector.score(model, x)
+                if s.dim() != 1 or s.shape[0] != x.shape[0]:
+                    raise RuntimeError(f"{type(detector).__name__}.score returned shape {tuple(s.shape)} "
+                                       f"for a batch of {x.shape[0]}")
+                found[name].append(s.detach().float().cpu())
+            if with_predictions:
+                with torch.inference_mode():
+                    preds.append(model(x)[:, :num_classes].argmax(dim=1).cpu())
+            labels.append(torch.as_tensor(batch[1]).reshape(-1).long().cpu())
+    if not labels:
         raise ValueError(f"{desc}: the loader yielded no batches")
-    out = {"scores": torch.cat(scores).numpy()}
+    out = {name: torch.cat(v).numpy() for name, v in found.items()}
     if with_predictions:
         out["labels"] = torch.cat(labels).numpy()
         out["pred"] = torch.cat(preds).numpy()
     return out
+
+
+def fit_detectors(
+    detectors: Sequence[Detector], model: nn.Module, fit_loader: Iterable, device: torch.device | str
+) -> None:
+    """Fit every detector that ``needs_fit`` on ``fit_loader`` (ID training data). Detectors fitted on
+    penultimate features share one collection (up to the largest ``max_fit_samples`` asked; each gets its
+    own first ``max_fit_samples``, the same rows its own ``fit`` would collect)."""
+    feature_dets = [d for d in detectors if d.needs_fit and isinstance(d, FeatureDetector)]
+    if feature_dets:
+        limits = [d.max_fit_samples for d in feature_dets]
+        h, y = collect_features(model, fit_loader, device,
+                                max_samples=None if None in limits else max(limits))
+        for d in feature_dets:
+            n = d.max_fit_samples
+            d.fit_features(model, h if n is None else h[:n], y if n is None else y[:n])
+    for d in detectors:
+        if d.needs_fit and not isinstance(d, FeatureDetector):
+            d.fit(model, fit_loader, device)
 
 
 def format_csv(df: pd.DataFrame) -> str:
@@ -131,20 +175,35 @@ def evaluate(
     are fitted on ``fit_loader`` (ID training data) when it is given; otherwise they must be fitted."""
     if isinstance(detector, str):
         detector = create_detector(detector)
+    model = model.to(device)
+    if fit_loader is not None:
+        fit_detectors([detector], model, fit_loader, device)
+    outs, dfs = evaluate_many(model, id_loader, ood_loaders, {"d": detector}, device, num_classes=num_classes)
+    return {k: v["d"] for k, v in outs.items()}, dfs["d"]
+
+
+def evaluate_many(
+    model: nn.Module,
+    id_loader: Iterable,
+    ood_loaders: Mapping[str, Iterable],
+    detectors: Mapping[str, Detector],
+    device: torch.device | str,
+    *,
+    num_classes: int | None = None,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, pd.DataFrame]]:
+    """The evaluation loop: every (fitted) detector on the ID loader and each OOD loader, one pass per
+    loader. Returns ``{set: score_detectors(...)}`` (``"id"`` with ``labels`` / ``pred``) and
+    ``{detector name: metrics_table}``."""
     if "id" in ood_loaders:
         raise ValueError("an OOD set cannot be named 'id' (reserved for the ID test set)")
-    model = model.to(device)
-    if fit_loader is not None and detector.needs_fit:
-        detector.fit(model, fit_loader, device)
-    id_out = score_loader(
-        model, id_loader, detector, device, with_predictions=True, num_classes=num_classes, desc="id"
-    )
-    scores = {"id": id_out["scores"]}
+    outs = {"id": score_detectors(model, id_loader, detectors, device, with_predictions=True,
+                                  num_classes=num_classes, desc="id")}
     for name, loader in ood_loaders.items():
-        scores[name] = score_loader(model, loader, detector, device, desc=name)["scores"]
-    acc = _id_accuracy(id_out)
-    df = metrics_table(scores["id"], {k: v for k, v in scores.items() if k != "id"}, acc)
-    return scores, df
+        outs[name] = score_detectors(model, loader, detectors, device, desc=name)
+    acc = _id_accuracy(outs["id"])
+    dfs = {d: metrics_table(outs["id"][d], {k: v[d] for k, v in outs.items() if k != "id"}, acc)
+           for d in detectors}
+    return outs, dfs
 
 
 def _id_accuracy(id_out: Mapping[str, np.ndarray]) -> float | None:
@@ -186,8 +245,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--id", required=True, help="ID dataset name (e.g. cifar10, tiny)")
     p.add_argument("--ood", required=True, help="comma-separated OOD dataset names")
-    p.add_argument("--detector", required=True, help=f"one of: {', '.join(DETECTORS.names())}")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--detector", required=True,
+                   help=f"comma-separated detector names, each one of: {', '.join(DETECTORS.names())}")
+    p.add_argument("--out", required=True,
+                   help="output directory; '{detector}' in it is replaced by each detector's name (required "
+                        "with several detectors)")
     p.add_argument("--root", default="data", help="data root (default: data)")
     p.add_argument("--n-ood", type=int, default=10000, help="subsample each OOD set to at most N (0 = all)")
     p.add_argument("--subsample-seed", type=int, default=0,
@@ -203,7 +265,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--detector-kwargs",
         default="{}",
-        help="JSON object of detector arguments, e.g. '{\"percentile\": 90}'",
+        help="JSON object of detector arguments, e.g. '{\"percentile\": 90}'; with several detectors, an "
+        "object of such objects keyed by detector name, e.g. '{\"react\": {\"percentile\": 90}}'",
     )
     p.add_argument(
         "--fit-max-samples", type=int, default=None, help="use at most N ID training images to fit"
@@ -231,13 +294,11 @@ def _parse_kwargs(text: str, flag: str = "--detector-kwargs") -> dict[str, Any]:
     return kw
 
 
-def _build_detector(name: str, kwargs: dict[str, Any], id_std: Any) -> Detector:
-    _check_kwargs(kwargs, DETECTORS.get(name), f"--detector-kwargs: detector {name!r}")
-    # Input-perturbation detectors step in pixel units: default their std to the ID normalization.
-    params = inspect.signature(DETECTORS.get(name)).parameters
-    if "std" in params and "std" not in kwargs:
-        kwargs = {**kwargs, "std": list(id_std)}
-    return create_detector(name, **kwargs)
+def _build_detector(name: str, kwargs: dict[str, Any], context: Mapping[str, Any]) -> Detector:
+    """The detector ``name`` with ``kwargs``, its ``context_kwargs`` filled from ``context`` when not given."""
+    cls = DETECTORS.get(name)
+    _check_kwargs(kwargs, cls, f"--detector-kwargs: detector {name!r}")
+    return create_detector(name, **{**{k: context[k] for k in cls.context_kwargs}, **kwargs})
 
 
 def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
@@ -279,23 +340,50 @@ def _first_n(ds: Any, n: int) -> Any:
     return ds if len(ds) <= n else torch.utils.data.Subset(ds, list(range(n)))
 
 
+@dataclass
+class Evaluation:
+    """One detector's evaluation of the checkpoint: its detector, output directory and request (what
+    ``meta.json`` records to recognize a finished evaluation of the same inputs)."""
+
+    name: str
+    detector: Detector
+    out: Path
+    request: dict[str, Any] = field(default_factory=dict)
+
+    def done(self) -> bool:
+        try:
+            meta = json.loads((self.out / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return (self.out / "metrics.csv").is_file() and meta.get("request") == self.request
+
+
 @cli_errors("greg evaluate")
 def run(args: argparse.Namespace) -> int:
-    # The arguments are checked before --out is created and locked: a mistyped command leaves nothing.
-    checked = _check_args(args)
+    # The arguments are checked before any --out is created and locked: a mistyped command leaves nothing.
+    device, ood_names, id_spec, evals = _check_args(args)
+    digest = _sha256(args.checkpoint)
+    for ev in evals:
+        ev.request = _request(args, ev, ood_names, digest)
     # One greg process per output directory: two would interleave their scores and metrics.
-    with gio.dir_lock(args.out, "output directory"):
-        return _run(args, *checked)
+    with contextlib.ExitStack() as stack:
+        for ev in evals:
+            stack.enter_context(gio.dir_lock(ev.out, "output directory"))
+        todo = [ev for ev in evals if not ev.done()]
+        for ev in evals:
+            if ev not in todo:
+                print(f"greg evaluate: {ev.out / 'metrics.csv'} exists for this request: skipped", file=sys.stderr)
+        if todo:
+            _run(args, device, ood_names, id_spec, todo)
+    return 0
 
 
-def _check_args(args: argparse.Namespace) -> tuple[torch.device, list[str], Any, Any]:
-    """Everything about the command that needs no model: device, OOD names, detector, checkpoint file."""
+def _check_args(args: argparse.Namespace) -> tuple[torch.device, list[str], Any, list[Evaluation]]:
+    """Everything about the command that needs no model: device, OOD names, detectors, checkpoint file."""
     check_cuda(args.device, args.require_cuda, "greg evaluate")
     device = resolve_device(args.device)
-    ood_names = [s.strip() for s in args.ood.split(",") if s.strip()]
-    if not ood_names:
-        raise InputError("--ood needs at least one dataset name")
-    if "id" in ood_names or len(set(ood_names)) != len(ood_names):
+    ood_names = _names(args.ood, "--ood")
+    if "id" in ood_names:
         raise InputError(f"--ood names must be unique and not 'id': {ood_names}")
     id_spec = gd.spec(args.id)
     for name in ood_names:
@@ -308,30 +396,82 @@ def _check_args(args: argparse.Namespace) -> tuple[torch.device, list[str], Any,
         if gd.spec(name).role == "id":  # near-OOD (CIFAR-100 vs CIFAR-10) is a real protocol, but say so
             print(f"greg evaluate: warning: --ood {name} is an ID dataset (its test split), scored as near-OOD",
                   file=sys.stderr)
-    det_kwargs = _parse_kwargs(args.detector_kwargs)
-    if "max_fit_samples" in inspect.signature(DETECTORS.get(args.detector)).parameters:
-        det_kwargs.setdefault("max_fit_samples", args.fit_max_samples)
-    detector = _build_detector(args.detector, det_kwargs, id_spec.std)
-    if args.robustness and detector.requires_grad:
-        raise InputError(f"--robustness needs a differentiable detector; {args.detector} perturbs its input")
+    evals = _evaluations(args, id_spec)
+    if args.robustness:
+        for ev in evals:
+            if ev.detector.requires_grad:
+                raise InputError(f"--robustness needs a differentiable detector; {ev.name} perturbs its input")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    return device, ood_names, id_spec, detector
+    return device, ood_names, id_spec, evals
 
 
-def _run(args: argparse.Namespace, device: torch.device, ood_names: list[str], id_spec: Any, detector: Any) -> int:
-    out = Path(args.out)
-    model, ckpt_meta = _load_model(args, device)
-    model.eval()
+def _names(text: str, flag: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise InputError(f"{flag} needs at least one name")
+    if len(set(names)) != len(names):
+        raise InputError(f"{flag} names must be unique: {names}")
+    return names
+
+
+def _evaluations(args: argparse.Namespace, id_spec: Any) -> list[Evaluation]:
+    """One :class:`Evaluation` per ``--detector`` name, with its kwargs and output directory."""
+    names = _names(args.detector, "--detector")
+    for name in names:
+        DETECTORS.get(name)  # unknown name: KeyError listing the known ones
+    kwargs = _parse_kwargs(args.detector_kwargs)
+    if len(names) > 1:
+        if "{detector}" not in args.out:
+            raise InputError(f"--out {args.out}: with several detectors it must contain '{{detector}}' (replaced "
+                             "by each detector's name)")
+        for key, value in kwargs.items():
+            if key not in names or not isinstance(value, dict):
+                raise InputError(f"--detector-kwargs: with several detectors, an object of objects keyed by "
+                                 f"detector name ({', '.join(names)}); got key {key!r}")
+    per = {n: kwargs.get(n, {}) for n in names} if len(names) > 1 else {names[0]: kwargs}
+    context = {"std": list(id_spec.std), "max_fit_samples": args.fit_max_samples}
+    return [Evaluation(n, _build_detector(n, per[n], context), Path(args.out.replace("{detector}", n)))
+            for n in names]
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _request(args: argparse.Namespace, ev: Evaluation, ood_names: list[str], digest: str) -> dict[str, Any]:
+    """What makes an evaluation's results: same request, same files (runtime flags such as the device,
+    batch size or workers do not change the scores)."""
+    keys = ("id", "n_ood", "subsample_seed", "arch", "num_classes", "model_kwargs", "robustness")
+    if args.robustness:
+        keys += ("robustness_n", "attack_norm", "attack_eps", "attack_alpha", "attack_steps", "cert_norm",
+                 "cert_eps")
+    return {"checkpoint_sha256": digest, "detector": ev.name, "detector_hparams": ev.detector.hparams(),
+            "fit_max_samples": args.fit_max_samples if ev.detector.needs_fit else None, "ood": ood_names,
+            **{k: getattr(args, k) for k in keys}}
+
+
+def _check_outputs(args: argparse.Namespace, model: nn.Module, ckpt_meta: Any, k: int,
+                   evals: list[Evaluation]) -> None:
+    """The model's outputs: the ID classes plus the checkpoint's extra classes, and every detector's
+    ``extra_outputs`` present."""
     n_out = int(model.head.out_features)
-    # Both read the extra (K+1)-th logit (msp_known drops it): on a K-class model they would score garbage.
-    if args.detector in ("absent_class", "msp_known") and n_out != id_spec.num_classes + 1:
-        raise InputError(
-            f"{args.detector} needs a (K+1)-class model: {args.checkpoint} has {n_out} outputs, "
-            f"{args.id} has K={id_spec.num_classes} classes"
-        )
-    k = id_spec.num_classes
-    extra = _extra_classes(ckpt_meta, args.detector)
+    for ev in evals:
+        # a detector reading the (K+1)-th logit would score garbage on a K-class model
+        if ev.detector.extra_outputs and n_out != k + ev.detector.extra_outputs:
+            raise InputError(f"{ev.name} needs a (K+{ev.detector.extra_outputs})-class model: {args.checkpoint} "
+                             f"has {n_out} outputs, {args.id} has K={k} classes")
+    meta = ckpt_meta if isinstance(ckpt_meta, dict) else {}
+    extra = meta.get("extra_classes")
+    if not isinstance(extra, int) or isinstance(extra, bool):
+        # run checkpoints written before the meta recorded it had 0 or 1 extra class; external weights
+        # have what the detectors read
+        wanted = max(ev.detector.extra_outputs for ev in evals)
+        extra = n_out - k if isinstance(meta.get("method"), str) and n_out - k in (0, 1) else wanted
     if n_out != k + extra:
         what = f"K={k}" if extra == 0 else f"K+1={k + 1} (a (K+1)-class model)"
         raise InputError(
@@ -339,7 +479,55 @@ def _run(args: argparse.Namespace, device: torch.device, ood_names: list[str], i
             + ("" if extra else "; a (K+1)-class model is evaluated with absent_class or msp_known")
         )
 
+
+def _run(args: argparse.Namespace, device: torch.device, ood_names: list[str], id_spec: Any,
+         evals: list[Evaluation]) -> None:
+    model, ckpt_meta = _load_model(args, device)
+    model.eval()
+    _check_outputs(args, model, ckpt_meta, id_spec.num_classes, evals)
     id_ds = gd.load(args.id, "test", args.root)
+    ood_ds = _ood_sets(args, ood_names)
+    dets = {ev.name: ev.detector for ev in evals}
+    if any(d.needs_fit for d in dets.values()):
+        fit_detectors(list(dets.values()), model, _loader(gd.load(args.id, "train", args.root), args, device),
+                      device)
+    outs, dfs = evaluate_many(model, _loader(id_ds, args, device),
+                              {n: _loader(ds, args, device) for n, ds in ood_ds.items()}, dets, device,
+                              num_classes=id_spec.num_classes)
+    for ev in evals:
+        id_out = {"scores": outs["id"][ev.name], "labels": outs["id"]["labels"], "pred": outs["id"]["pred"]}
+        save_scores(ev.out / "scores" / "id.npz", {**id_out, "index": _indices(id_ds)})
+        for name, ds in ood_ds.items():
+            save_scores(ev.out / "scores" / f"{name}.npz", {"scores": outs[name][ev.name], "index": _indices(ds)})
+        meta = {
+            "detector": ev.name,
+            "detector_hparams": ev.detector.hparams(),
+            "conventions": CONVENTIONS,
+            "checkpoint": str(args.checkpoint),
+            "checkpoint_meta": ckpt_meta if _json_ok(ckpt_meta) else str(ckpt_meta),
+            "arch": args.arch,
+            "id": args.id,
+            "ood": ood_names,
+            "n_ood": args.n_ood,
+            "n_ood_used": {name: len(ds) for name, ds in ood_ds.items()},
+            "subsample_seed": args.subsample_seed,
+            "fit_max_samples": args.fit_max_samples if ev.detector.needs_fit else None,
+            "device": str(device),
+            "files": {"metrics": "metrics.csv", "scores": "scores/<set>.npz"},
+            "request": ev.request,
+        }
+        if args.robustness:
+            meta["robustness"] = _run_robustness(args, model, ev.detector, device, id_ds, ood_ds, id_out, ev.out)
+        gio.atomic_write_json(ev.out / "meta.json", meta)
+        # metrics.csv last: its presence means the evaluation finished.
+        gio.atomic_write_text(ev.out / "metrics.csv", format_csv(dfs[ev.name]))
+        if len(evals) > 1:
+            print(f"{ev.name}:", file=sys.stderr)
+        print(dfs[ev.name].to_string(index=False, float_format=lambda v: f"{v:.2f}"), file=sys.stderr)
+
+
+def _ood_sets(args: argparse.Namespace, ood_names: list[str]) -> dict[str, Any]:
+    """Each OOD set's test split (or its only split), subsampled to ``--n-ood``."""
     n_max = args.n_ood if args.n_ood and args.n_ood > 0 else None
     ood_ds = {}
     for name in ood_names:
@@ -354,63 +542,7 @@ def _run(args: argparse.Namespace, device: torch.device, ood_names: list[str], i
                 f"--n-ood {n_max}; using all {len(ood_ds[name])}",
                 file=sys.stderr,
             )
-    if detector.needs_fit:
-        fit_ds = gd.load(args.id, "train", args.root)
-        detector.fit(model, _loader(fit_ds, args, device), device)
-
-    id_out = score_loader(
-        model,
-        _loader(id_ds, args, device),
-        detector,
-        device,
-        with_predictions=True,
-        num_classes=id_spec.num_classes,
-        desc=f"{args.id} (id)",
-    )
-    save_scores(out / "scores" / "id.npz", {**id_out, "index": _indices(id_ds)})
-    ood_scores = {}
-    for name, ds in ood_ds.items():
-        scored = score_loader(model, _loader(ds, args, device), detector, device, desc=name)
-        ood_scores[name] = scored["scores"]
-        save_scores(out / "scores" / f"{name}.npz", {"scores": ood_scores[name], "index": _indices(ds)})
-    df = metrics_table(id_out["scores"], ood_scores, _id_accuracy(id_out))
-
-    meta = {
-        "detector": args.detector,
-        "detector_hparams": detector.hparams(),
-        "conventions": CONVENTIONS,
-        "checkpoint": str(args.checkpoint),
-        "checkpoint_meta": ckpt_meta if _json_ok(ckpt_meta) else str(ckpt_meta),
-        "arch": args.arch,
-        "id": args.id,
-        "ood": ood_names,
-        "n_ood": args.n_ood,
-        "n_ood_used": {name: len(ds) for name, ds in ood_ds.items()},
-        "subsample_seed": args.subsample_seed,
-        "fit_max_samples": args.fit_max_samples if detector.needs_fit else None,
-        "device": str(device),
-        "files": {"metrics": "metrics.csv", "scores": "scores/<set>.npz"},
-    }
-    if args.robustness:
-        meta["robustness"] = _run_robustness(args, model, detector, device, id_ds, ood_ds, id_out, out)
-    gio.atomic_write_json(out / "meta.json", meta)
-    # metrics.csv last: its presence means the evaluation finished.
-    gio.atomic_write_text(out / "metrics.csv", format_csv(df))
-    print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"), file=sys.stderr)
-    return 0
-
-
-# Detectors that read the extra (K+1)-th output of DOS/OpenMix-style models.
-_KPLUS1_DETECTORS = ("absent_class", "msp_known")
-
-
-def _extra_classes(ckpt_meta: dict[str, Any], detector: str) -> int:
-    """Outputs beyond the ID classes the model must have: 1 for a (K+1)-class method's run checkpoint or a
-    (K+1) detector, else 0."""
-    method = ckpt_meta.get("method") if isinstance(ckpt_meta, dict) else None
-    if isinstance(method, str) and method in METHODS:
-        return int(METHODS.get(method).extra_classes)
-    return 1 if detector in _KPLUS1_DETECTORS else 0
+    return ood_ds
 
 
 def _json_ok(obj: Any) -> bool:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import greg.models as gm
 from greg import detectors, scores
 from greg.evaluate import (
     COLUMNS,
@@ -132,8 +133,6 @@ def test_csv_is_byte_identical_when_rescored(tmp_path):
 
 
 def test_cli_tiny_benchmark(tmp_path):
-    gm = pytest.importorskip("greg.models")
-    pytest.importorskip("greg.data")
     from greg.cli import main
 
     torch.manual_seed(0)
@@ -224,7 +223,6 @@ def test_cli_tiny_benchmark(tmp_path):
 @pytest.mark.parametrize("detector", ["absent_class", "msp_known"])
 def test_kplus1_detectors_refuse_a_k_class_model(tmp_path, capsys, detector):
     # msp_known (OpenMix's evaluation) drops the last logit: on a plain K-class model it would drop a real class
-    gm = pytest.importorskip("greg.models")
     from greg.cli import main
 
     model = gm.create("small_cnn", 10, widths=[8, 16])
@@ -236,3 +234,81 @@ def test_kplus1_detectors_refuse_a_k_class_model(tmp_path, capsys, detector):
     assert main(argv) == 2
     assert f"{detector} needs a (K+1)-class model" in capsys.readouterr().err
     assert not (tmp_path / "ev" / "metrics.csv").exists()
+
+
+def test_shared_fit_equals_each_detectors_own_fit():
+    """fit_detectors collects the ID features once; each detector still sees its own first max_fit_samples."""
+    from greg.evaluate import fit_detectors
+
+    model, fit = TinyNet(), data(30, 1.0, 5)
+    shared = [detectors.create("react", max_fit_samples=10), detectors.create("dice"),
+              detectors.create("mahalanobis", max_fit_samples=20)]
+    fit_detectors(shared, model, fit, "cpu")
+    own = [detectors.create("react", max_fit_samples=10), detectors.create("dice"),
+           detectors.create("mahalanobis", max_fit_samples=20)]
+    for d in own:
+        d.fit(model, fit, "cpu")
+    x = data(10, 0.0, 1).dataset.tensors[0]
+    with torch.inference_mode():
+        for a, b in zip(shared, own):
+            assert torch.equal(a.score(model, x), b.score(model, x)), type(a).__name__
+    assert shared[0].threshold != detectors.create("react").fit(model, fit, "cpu").threshold  # 10 rows, not 30
+
+
+def _cli_ckpt(tmp_path):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "final.pt"
+    gm.save_checkpoint(ckpt, gm.create("small_cnn", 10, widths=[8, 16]), arch="small_cnn", num_classes=10,
+                       model_kwargs={"widths": [8, 16]}, meta={"method": "ce", "extra_classes": 0})
+    return ckpt
+
+
+def test_several_detectors_in_one_process_write_what_separate_runs_write(tmp_path, capsys):
+    from greg.cli import main
+
+    ckpt = _cli_ckpt(tmp_path)
+    common = ["evaluate", "--checkpoint", str(ckpt), "--id", "tiny", "--ood", "tiny_textures,tiny_uniform",
+              "--root", str(tmp_path / "data"), "--device", "cpu", "--n-ood", "100", "--fit-max-samples", "300"]
+    for det in ("msp", "react"):
+        assert main([*common, "--detector", det, "--out", str(tmp_path / "one" / det),
+                     "--detector-kwargs", '{"percentile": 80}' if det == "react" else "{}"]) == 0
+    both = [*common, "--detector", "msp,react", "--out", str(tmp_path / "many" / "{detector}"),
+            "--detector-kwargs", '{"react": {"percentile": 80}}']
+    assert main(both) == 0
+    for det in ("msp", "react"):
+        one, many = tmp_path / "one" / det, tmp_path / "many" / det
+        assert (one / "metrics.csv").read_bytes() == (many / "metrics.csv").read_bytes()
+        for f in ("id", "tiny_textures", "tiny_uniform"):
+            with np.load(one / "scores" / f"{f}.npz") as a, np.load(many / "scores" / f"{f}.npz") as b:
+                assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+        meta = json.loads((many / "meta.json").read_text())
+        assert meta["detector"] == det and meta["request"]["checkpoint_sha256"]
+    assert json.loads((tmp_path / "many" / "react" / "meta.json").read_text())["detector_hparams"]["percentile"] == 80
+    # resumable: a rerun skips what is done; a missing metrics.csv is redone, alone
+    capsys.readouterr()
+    (tmp_path / "many" / "react" / "metrics.csv").unlink()
+    assert main(both) == 0
+    err = capsys.readouterr().err
+    assert "msp/metrics.csv exists for this request: skipped" in err and "react/metrics.csv exists" not in err
+    assert (tmp_path / "many" / "react" / "metrics.csv").read_bytes() == (
+        tmp_path / "one" / "react" / "metrics.csv").read_bytes()
+    # another request in the same directory is not "done"
+    assert main([*both[:-2], "--detector-kwargs", '{"react": {"percentile": 90}}']) == 0
+    assert json.loads((tmp_path / "many" / "react" / "meta.json").read_text())["detector_hparams"]["percentile"] == 90
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--detector", "msp,energy", "--out", "OUT"], "must contain '{detector}'"),
+    (["--detector", "msp,energy", "--out", "OUT/{detector}", "--detector-kwargs", '{"percentile": 80}'],
+     "keyed by detector name"),
+    (["--detector", "msp,msp", "--out", "OUT/{detector}"], "--detector names must be unique"),
+])
+def test_several_detectors_argument_errors(tmp_path, capsys, extra, match):
+    from greg.cli import main
+
+    extra = [e.replace("OUT", str(tmp_path / "ev")) for e in extra]
+    argv = ["evaluate", "--checkpoint", str(_cli_ckpt(tmp_path)), "--id", "tiny", "--ood", "tiny_uniform",
+            "--root", str(tmp_path / "data"), "--device", "cpu", *extra]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()

@@ -291,7 +291,8 @@ def _eval(tmp_path, capsys, ck, *extra):
 
 def test_evaluate_refuses_wrong_output_count_id_as_ood_and_kwarg_typos(tmp_path, capsys):
     ck = tmp_path / "final.pt"
-    gm.save_checkpoint(ck, gm.create("small_cnn", 11), arch="small_cnn", num_classes=11, meta={"method": "ce"})
+    gm.save_checkpoint(ck, gm.create("small_cnn", 11), arch="small_cnn", num_classes=11,
+                       meta={"method": "ce", "extra_classes": 0})
     rc, err = _eval(tmp_path, capsys, ck, "--ood", "tiny_uniform")
     assert rc == 2 and "model has 11 outputs but tiny has 10 classes" in errline(err), err
     # a (K+1)-class method's checkpoint is fine with 11 outputs (its own detector)

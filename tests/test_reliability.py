@@ -432,13 +432,14 @@ def case_wrong_type_train(tmp: Path, ckpt: Path):
     return train_argv(cfg, tmp / "run"), [str(cfg), "'optim.lr' must be float", "'fast'"], tmp
 
 
+# Another subsample seed: a new request, so the rerun must write (the same request would be skipped as done).
 def case_readonly_out_evaluate(tmp: Path, ckpt: Path, earlier: Path):
-    return _eval_argv(ckpt, earlier, tmp / "data", ood="tiny_uniform"), [str(earlier)], earlier
+    return _eval_argv(ckpt, earlier, tmp / "data", "--subsample-seed", "1", ood="tiny_uniform"), [str(earlier)], earlier
 
 
 def case_full_disk_evaluate(tmp: Path, ckpt: Path, earlier: Path):
     return (
-        _eval_argv(ckpt, earlier, tmp / "data", ood="tiny_uniform"),
+        _eval_argv(ckpt, earlier, tmp / "data", "--subsample-seed", "1", ood="tiny_uniform"),
         [str(earlier), "No space left"],
         earlier,
     )

@@ -29,10 +29,21 @@ from greg.registry import Registry
 
 
 class Detector:
-    """Base class. Subclasses set ``needs_fit`` / ``requires_grad`` and implement ``score``."""
+    """Base class. Subclasses implement ``score`` and declare what they need as class attributes:
+
+    - ``needs_fit``: :meth:`fit` must see ID training data before scoring;
+    - ``requires_grad``: :meth:`score` takes input gradients (never call it under ``torch.inference_mode``);
+    - ``extra_outputs``: outputs the detector reads beyond the K ID logits (1: the (K+1)-th "absent" class
+      of DOS / OpenMix networks); ``greg evaluate`` refuses a model without them;
+    - ``context_kwargs``: constructor arguments the evaluation fills when not given: ``"std"`` (the ID
+      set's per-channel normalization std, for input-perturbation steps in pixel units) and
+      ``"max_fit_samples"`` (``greg evaluate --fit-max-samples``).
+    """
 
     needs_fit: ClassVar[bool] = False
     requires_grad: bool = False
+    extra_outputs: ClassVar[int] = 0
+    context_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def fit(self, model: nn.Module, id_loader: Iterable, device: torch.device | str) -> Detector:
         return self
@@ -55,6 +66,33 @@ class Detector:
                 f"{type(self).__name__}.score called before fit(): missing {', '.join(missing)}; "
                 "call fit(model, id_train_loader, device) first"
             )
+
+
+class FeatureDetector(Detector):
+    """A detector fitted on the penultimate features of ID training data (pytorch-ood's ``fit_features`` /
+    ``predict_features``): :meth:`fit` collects ``model.features`` of at most ``max_fit_samples`` images
+    and hands them to :meth:`fit_features`; :meth:`score` scores ``model.features(x)`` with
+    :meth:`score_features`. Features collected once can fit several detectors (``greg evaluate`` with
+    several detectors does)."""
+
+    needs_fit: ClassVar[bool] = True
+    context_kwargs: ClassVar[tuple[str, ...]] = ("max_fit_samples",)
+    max_fit_samples: int | None = None
+
+    def fit(self, model: nn.Module, id_loader: Iterable, device: torch.device | str) -> FeatureDetector:
+        h, y = collect_features(model, id_loader, device, max_samples=self.max_fit_samples)
+        return self.fit_features(model, h, y)
+
+    def fit_features(self, model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> FeatureDetector:
+        """Fit on ID features ``h`` (float32, CPU, N x D) with labels ``y``; ``model`` gives the head."""
+        raise NotImplementedError
+
+    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.score_features(model, model.features(x))
+
+    def score_features(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """Scores of penultimate features ``h`` (B x D, on the model's device)."""
+        raise NotImplementedError
 
 
 DETECTORS: Registry[Detector] = Registry("detector")
@@ -114,7 +152,3 @@ def percentile(a: torch.Tensor | np.ndarray, q: float, axis: int | None = None) 
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().double().numpy()
     return np.percentile(np.asarray(a, dtype=np.float64), q, axis=axis)
-
-
-def to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.to(device=like.device, dtype=like.dtype if t.is_floating_point() else t.dtype)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -10,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from greg import scores
-from greg.detectors.base import DETECTORS, Detector, collect_features, percentile
+from greg.detectors.base import DETECTORS, FeatureDetector, percentile
 
 
 @DETECTORS.register("dice")
-class DICE(Detector):
+class DICE(FeatureDetector):
     """Energy of a sparsified last layer: ``S(x) = -logsumexp((M * W) h(x) + b)``.
 
     Contributions ``V = W * mean_ID(h)[None, :]`` (K x D) on the ID training set; the mask ``M`` keeps
@@ -24,8 +23,6 @@ class DICE(Detector):
     Source: Sun & Li, "DICE: Leveraging Sparsification for Out-of-Distribution Detection", ECCV 2022
     (code: deeplearning-wisc/dice, ``RouteDICE``).
     """
-
-    needs_fit = True
 
     def __init__(self, p: float = 90.0, max_fit_samples: int | None = None):
         if not 0.0 <= p < 100.0:
@@ -38,8 +35,7 @@ class DICE(Detector):
     def hparams(self) -> dict[str, Any]:
         return {"p": self.p}
 
-    def fit(self, model: nn.Module, id_loader: Iterable, device: torch.device | str) -> DICE:
-        h, _ = collect_features(model, id_loader, device, max_samples=self.max_fit_samples)
+    def fit_features(self, model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> DICE:
         self.mean_feature = h.double().mean(0)
         w = model.head.weight.detach().double().cpu()
         contrib = self.mean_feature[None, :] * w
@@ -49,8 +45,8 @@ class DICE(Detector):
             self.mask = contrib > float(percentile(contrib, self.p))
         return self
 
-    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def score_features(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
         self._check_fitted("mask")
         head = model.head
         w = head.weight * self.mask.to(device=head.weight.device, dtype=head.weight.dtype)
-        return scores.energy(F.linear(model.features(x), w, head.bias))
+        return scores.energy(F.linear(h, w, head.bias))

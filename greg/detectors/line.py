@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -12,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from greg import scores
-from greg.detectors.base import DETECTORS, Detector, collect_features, percentile
+from greg.detectors.base import DETECTORS, FeatureDetector, percentile
 
 
 @DETECTORS.register("line")
-class LINe(Detector):
+class LINe(FeatureDetector):
     """Energy of class-conditionally masked features and weights.
 
     Fit (ID training set, ground-truth labels): the Shapley value of penultimate neuron ``j`` for class
@@ -39,8 +38,6 @@ class LINe(Detector):
     CVPR 2023 (code: YongHyun-Ahn/LINe-Out-of-Distribution-Detection-by-Leveraging-Important-Neurons,
     ``RouteLUNCH``, ``_compute_taylor_scores``).
     """
-
-    needs_fit = True
 
     def __init__(
         self,
@@ -69,8 +66,7 @@ class LINe(Detector):
             "clip_percentile": self.clip_percentile,
         }
 
-    def fit(self, model: nn.Module, id_loader: Iterable, device: torch.device | str) -> LINe:
-        h, y = collect_features(model, id_loader, device, max_samples=self.max_fit_samples)
+    def fit_features(self, model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> LINe:
         w = model.head.weight.detach().double().cpu()
         k = w.shape[0]
         if y.min() < 0 or y.max() >= k:
@@ -95,10 +91,9 @@ class LINe(Detector):
         self.weight_thresh = torch.from_numpy(thresh)
         return self
 
-    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def score_features(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
         self._check_fitted("shap", "act_mask", "weight_thresh")
         head = model.head
-        h = model.features(x)
         if self.clip_threshold is not None:
             h = h.clamp(max=self.clip_threshold)
         pred = head(h).argmax(dim=1)

@@ -56,6 +56,8 @@ class AbsentClass(Detector):
     """Probability of the extra (K+1)-th "absent"/reject class, ``softmax(f(x))_{K+1}``, for networks
     trained with one (DOS: Jiang et al., ICLR 2024; OpenMix: Zhu et al., CVPR 2023)."""
 
+    extra_outputs = 1
+
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return scores.absent_class(model(x))
 
@@ -65,6 +67,8 @@ class MSPKnown(Detector):
     """MSP over the K known-class logits of a (K+1)-class network, the extra reject logit dropped before the
     softmax: ``-max_k softmax(f(x)_{1..K})_k``. OpenMix's released evaluation (Impression2805/OpenMix
     utils/metrics.py:186, ``output[:, :classnumber]``; Zhu et al., CVPR 2023)."""
+
+    extra_outputs = 1  # on a K-class model it would drop a real class
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return scores.msp(model(x)[:, :-1])

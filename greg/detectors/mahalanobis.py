@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from greg.detectors.base import DETECTORS, Detector, collect_features, sign_perturb
+from greg.detectors.base import DETECTORS, FeatureDetector, sign_perturb
 
 
 @DETECTORS.register("mahalanobis")
-class Mahalanobis(Detector):
+class Mahalanobis(FeatureDetector):
     """``S(x) = min_c 1/2 (h - mu_c)^T P (h - mu_c)`` on penultimate features ``h = model.features(x)``.
 
     ``mu_c`` = class means and ``P`` = pseudo-inverse of the tied (MLE, divide by N) covariance of the
@@ -26,7 +26,7 @@ class Mahalanobis(Detector):
     Adversarial Attacks", NeurIPS 2018 (code: pokaxpoka/deep_Mahalanobis_detector).
     """
 
-    needs_fit = True
+    context_kwargs = ("std", "max_fit_samples")
 
     def __init__(
         self,
@@ -47,8 +47,7 @@ class Mahalanobis(Detector):
     def hparams(self) -> dict[str, Any]:
         return {"eps": self.eps, "std": self.std}
 
-    def fit(self, model: nn.Module, id_loader: Iterable, device: torch.device | str) -> Mahalanobis:
-        h, y = collect_features(model, id_loader, device, max_samples=self.max_fit_samples)
+    def fit_features(self, model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> Mahalanobis:
         h = h.double()
         k = int(model.head.out_features)
         if y.min() < 0 or y.max() >= k:
@@ -88,3 +87,10 @@ class Mahalanobis(Detector):
             with torch.no_grad():
                 return self._distance(model.features(x)).amin(dim=1)
         return self._distance(model.features(x)).amin(dim=1)
+
+    def score_features(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """Without input pre-processing only (``eps = 0``): the perturbation needs the image."""
+        self._check_fitted("means", "precision")
+        if self.eps != 0.0:
+            raise ValueError("mahalanobis: eps != 0 perturbs the input image; score it with score(model, x)")
+        return self._distance(h).amin(dim=1)

@@ -28,6 +28,7 @@ class ODIN(Detector):
     """
 
     requires_grad = True
+    context_kwargs = ("std",)
 
     def __init__(
         self, temperature: float = 1000.0, eps: float = 0.0014, std: Sequence[float] | float | None = None

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from greg import scores
-from greg.detectors.base import DETECTORS, Detector, collect_features, percentile
+from greg.detectors.base import DETECTORS, FeatureDetector, percentile
 
 
 @DETECTORS.register("react")
-class ReAct(Detector):
+class ReAct(FeatureDetector):
     """Energy of the logits of clipped penultimate features:
     ``S(x) = -logsumexp(W min(h(x), c) + b)``, ``c`` = ``percentile``-th percentile (p = 90) of all
     entries of the ID training features (flattened, linear interpolation as ``np.percentile``).
@@ -23,8 +22,6 @@ class ReAct(Detector):
     Source: Sun et al., "ReAct: Out-of-distribution Detection With Rectified Activations", NeurIPS 2021
     (code: deeplearning-wisc/react, ``np.percentile(activation_log.flatten(), 90)``).
     """
-
-    needs_fit = True
 
     def __init__(
         self, percentile: float = 90.0, threshold: float | None = None, max_fit_samples: int | None = None
@@ -38,12 +35,10 @@ class ReAct(Detector):
     def hparams(self) -> dict[str, Any]:
         return {"percentile": self.percentile, "threshold": self.threshold}
 
-    def fit(self, model: nn.Module, id_loader: Iterable, device: torch.device | str) -> ReAct:
-        h, _ = collect_features(model, id_loader, device, max_samples=self.max_fit_samples)
+    def fit_features(self, model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> ReAct:
         self.threshold = float(percentile(h.reshape(-1), self.percentile))
         return self
 
-    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def score_features(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
         self._check_fitted("threshold")
-        h = model.features(x).clamp(max=self.threshold)
-        return scores.energy(model.head(h))
+        return scores.energy(model.head(h.clamp(max=self.threshold)))
