@@ -47,9 +47,10 @@ EXIT_STATUS_HELP = (
     "exit status: 0 success; 1 I/O or environment failure (read-only or full disk, permission denied, failed "
     "download, out of memory, output directory locked by another greg process); 2 bad input (invalid arguments "
     "or config, a missing input file, a file whose content is wrong: checkpoint of another architecture or "
-    "config, truncated or corrupted data); 3 numerical failure (NaN/inf loss; greg train); 130 interrupted "
-    "(Ctrl-C); 143 stopped by SIGTERM after checkpointing (greg train: rerun to resume). Errors are one line "
-    "naming the file; GREG_TRACEBACK=1 also prints the traceback."
+    "config, truncated or corrupted data); 3 numerical failure (greg train: the loss or the weights became "
+    "NaN/inf; the last good checkpoint is kept); 130 interrupted (Ctrl-C); 143 stopped by SIGTERM or SIGUSR1 "
+    "after checkpointing (greg train: rerun the same command to resume). Errors are one line naming the file; "
+    "GREG_TRACEBACK=1 also prints the traceback."
 )
 # OSErrors that mean "the input named on the command line / in the config is not there".
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)

@@ -7,10 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from greg.config import config_text, load_config
-from greg.device import DEVICE_HELP, check_cuda
-from greg.errors import EXIT_STATUS_HELP, InputError, cli_errors
-from greg.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError, Trainer
+from greg.cli import DEVICE_HELP
+from greg.errors import EXIT_NUMERIC, EXIT_STATUS_HELP, InputError, cli_errors
+
+# greg.config and greg.trainer (torch) are imported in run(): `greg train --help` and argument errors
+# answer without them.
 
 # --------------------------------------------------------------------------------------------- CLI
 
@@ -46,14 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="start over: discard --out's final.pt and state.pt (e.g. of another config) and retrain")
     p.epilog = (
-        f"{EXIT_STATUS_HELP} Also: {EXIT_NONFINITE} the loss or the weights became NaN/inf (the last good "
-        f"checkpoint is kept); {EXIT_PREEMPTED} stopped by SIGTERM/SIGUSR1 after checkpointing (rerun the same "
-        "command to resume). Every config key is documented in greg/config.py DEFAULTS (greg train "
+        f"{EXIT_STATUS_HELP} Every config key is documented in greg/config.py DEFAULTS (greg train "
         "--print-config shows the resolved config)."
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from greg.config import config_text, load_config
+    from greg.device import check_cuda
+    from greg.trainer import NonFiniteError, Trainer
+
     with cli_errors("greg train") as ce:
         runtime = []
         if args.workers is not None:
@@ -77,5 +80,5 @@ def run(args: argparse.Namespace) -> int:
                 else "no checkpoint was written"
             )
             print(f"greg train: stopped: {e}; {kept}", file=sys.stderr)
-            return EXIT_NONFINITE
+            return EXIT_NUMERIC
     return ce.code

@@ -13,14 +13,15 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset
 
 from greg.registry import Registry
+
+if TYPE_CHECKING:  # torch is imported where it is used: `greg data list` and `greg --help` run without it
+    import torch
+    from torch.utils.data import Dataset, Subset
 
 #: ``weights``: a released checkpoint, downloaded and verified like a dataset but never loaded as images.
 ROLES = ("id", "aux", "ood", "weights")
@@ -249,6 +250,8 @@ def names(role: str | None = None) -> list[str]:
 
 def resize_shorter(x: torch.Tensor, size: int) -> torch.Tensor:
     """Float ``C x H x W`` -> shorter side ``size`` (aspect kept; bilinear, antialiased as torchvision)."""
+    import torch.nn.functional as F
+
     h, w = x.shape[-2:]
     if min(h, w) == size:
         return x
@@ -284,11 +287,16 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _randint(high: int) -> int:
     """Uniform integer in ``[0, high)`` from torch's global generator."""
+    import torch
+
     return int(torch.randint(0, high, (1,)).item())
 
 
 def random_crop_flip(x: torch.Tensor, size: int, padding: int = 4, flip: bool = True) -> torch.Tensor:
     """Zero-pad ``padding``, take a random ``size`` crop; if ``flip``, flip horizontally with probability 1/2."""
+    import torch
+    import torch.nn.functional as F
+
     x = F.pad(x, (padding, padding, padding, padding))
     h, w = x.shape[-2:]
     i, j = _randint(h - size + 1), _randint(w - size + 1)
@@ -303,6 +311,9 @@ def random_resized_crop_flip(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> torch.Tensor:
     """torchvision's RandomResizedCrop (10 tries, then a ratio-clamped center crop) + horizontal flip."""
+    import torch
+    import torch.nn.functional as F
+
     h, w = x.shape[-2:]
     area = h * w
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
@@ -339,6 +350,8 @@ class ImageTransform:
     """
 
     def __init__(self, id_spec: DatasetSpec, train: bool = False, geometry: str = "resize_crop"):
+        import torch
+
         if geometry not in EVAL_GEOMETRIES:
             raise ValueError(f"eval_geometry must be one of {EVAL_GEOMETRIES}, got {geometry!r}")
         self.geometry = geometry
@@ -350,6 +363,8 @@ class ImageTransform:
         self.std = torch.tensor(id_spec.std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, img: Any) -> torch.Tensor:
+        import torch
+
         if self.geometry == "pil_resize_crop" and not self.train:
             img = pil_resize_shorter(img, self.resize)
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).div_(255.0)
@@ -370,7 +385,8 @@ class ImageTransform:
         )
 
 
-class ImageDataset(Dataset):
+# A map-style torch Dataset by its protocol (len, getitem): subclassing torch's would import torch with the registry.
+class ImageDataset:
     """``(x, y)`` pairs: ``x`` float32 ``3 x S x S`` from :class:`ImageTransform`, ``y`` int (``-1`` = OOD/aux).
 
     ``raw`` keeps the untransformed images (``raw.images`` uint8 NHWC or ``raw.files``)."""
@@ -459,6 +475,8 @@ def subsample(dataset: Dataset, n: int, seed: int = 0) -> Subset:
     """``n`` distinct items drawn uniformly without replacement (``numpy.random.default_rng(seed)``), kept in
     increasing index order. Returns the dataset itself wrapped in a ``Subset`` with all indices when
     ``len(dataset) <= n``. The returned ``Subset`` records ``indices``, ``seed`` and ``n_total``."""
+    from torch.utils.data import Subset
+
     if n <= 0:
         raise ValueError(f"subsample size must be positive, got {n}")
     total = len(dataset)

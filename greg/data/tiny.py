@@ -24,8 +24,6 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from greg.data.base import DatasetSpec, RawImages, add
 
@@ -52,6 +50,9 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 def _resize(batch: np.ndarray, size: int) -> np.ndarray:
     """float ``N x H x W x C`` in [0, 1] -> ``N x size x size x C`` (bilinear, antialiased)."""
+    import torch  # here, not at the top: the registry (greg data list) is read without torch
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2)
     t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return t.permute(0, 2, 3, 1).numpy()
@@ -199,6 +200,9 @@ def _skimage(name: str) -> np.ndarray:
 def _crops(names: tuple[str, ...], n: int, seed: int) -> np.ndarray:
     """``n`` random 32x32 crops of the named photos (equal share each), each taken from a copy of the photo
     shrunk by a random factor so a crop covers 1/16 to 1/2 of the shorter side."""
+    import torch
+    import torch.nn.functional as F
+
     rng = np.random.default_rng(seed)
     per = np.full(len(names), n // len(names))
     per[: n % len(names)] += 1
