@@ -419,3 +419,92 @@ def test_ood_eval_geometry_as_released():
     assert np.allclose(x.permute(1, 2, 0).numpy(), (ref.astype(np.float32) / 255.0 - mean) / std, atol=1e-5)
     with pytest.raises(ValueError, match="eval_geometry"):
         base.ImageTransform(cifar, geometry="bicubic")
+
+
+# ------------------------------------------------------------------- what an image file must be
+def _save(path, arr, **kw):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, **kw).save(path)
+    return path
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    v = np.array([[0, 257 * 100, 65535, 300]], dtype=np.uint16)  # 300 / 257 = 1.17 -> 1
+    f = _save(tmp_path / "g16.png", v)
+    with Image.open(f) as im:
+        assert im.mode.startswith("I")  # what PIL's convert("RGB") would clip: 300 -> 255
+    got = np.asarray(base.read_image(f))
+    assert got.dtype == np.uint8 and got.shape == (1, 4, 3)
+    np.testing.assert_array_equal(got[0, :, 0], [0, 100, 255, 1])
+    assert (got[..., 0] == got[..., 2]).all()
+    rgb8 = _save(tmp_path / "rgb.png", np.full((2, 2, 3), 77, dtype=np.uint8))
+    assert (np.asarray(base.read_image(rgb8)) == 77).all()  # 8-bit images unchanged
+
+
+def test_32_bit_float_images_are_refused_naming_the_file(tmp_path):
+    f = _save(tmp_path / "f32.tiff", np.full((4, 4), 0.5, dtype=np.float32), mode="F")
+    with pytest.raises(gd.CorruptDataError, match=rf"^{f}: F image \(32-bit integer or float samples\)"):
+        base.read_image(f)
+
+
+def test_an_elongated_image_under_the_pixel_cap_is_refused_before_resizing(tmp_path):
+    thin = tmp_path / "thin.png"
+    thin.write_bytes(
+        _png_claiming(1, 2_000_000)
+    )  # 2 Mpx: under the cap; as 32 x 64,000,000 it would be 24 GB
+    with pytest.raises(gd.CorruptDataError) as e:
+        _files_dataset(thin)[0]
+    assert str(e.value) == (
+        f"{thin}: 1 x 2000000 pixels, side ratio over 64 (greg.data.base.MAX_ASPECT_RATIO): resizing its shorter "
+        "side would make it 2000000 times as long"
+    )
+    ok = tmp_path / "ok.png"
+    ok.write_bytes(_png_bytes(64, 1))  # exactly the largest ratio
+    assert _files_dataset(ok)[0][0].shape == (3, 32, 32)
+
+
+def test_mixed_sizes_in_an_unresized_folder_name_the_file(tmp_path):
+    # LSUN-C is center-cropped without a resize: a 20 x 20 image among 36 x 36 ones cannot give 32 x 32
+    files = [
+        _save(tmp_path / "LSUN" / f"{i}.png", np.zeros((s, s, 3), dtype=np.uint8))
+        for i, s in enumerate((36, 20))
+    ]
+    raw = base.RawImages(labels=np.full(2, -1, dtype=np.int64), files=files)
+    ds = base.ImageDataset(
+        raw, base.ImageTransform(gd.spec("cifar10"), geometry="crop"), name="lsun_crop", split="test"
+    )
+    assert ds[0][0].shape == (3, 32, 32)
+    with pytest.raises(gd.CorruptDataError) as e:
+        torch.utils.data.DataLoader(ds, batch_size=2).__iter__().__next__()
+    assert str(e.value) == (
+        f"{files[1]}: a 20 x 20 image cannot give the 32 x 32 input with the 'crop' geometry of 'lsun_crop' "
+        "(got 6 x 6; this set is not resized: each image must be at least 32 x 32)"
+    )
+
+
+def test_ood_image_sizes_are_checked_against_the_set(tmp_path):
+    d = tmp_path / "lsun_resize"
+    (d / ".complete").parent.mkdir()
+    (d / ".complete").write_text("{}")
+    for i in range(20):
+        _save(d / "LSUN_resize" / f"{i:02d}.png", np.zeros((32, 32, 3), dtype=np.uint8))
+    assert len(gd.load("lsun_resize", "test", tmp_path)) == 20
+    bad = _save(d / "LSUN_resize" / "19.png", np.zeros((8, 8, 3), dtype=np.uint8))  # the last: in the sample
+    with pytest.raises(gd.CorruptDataError) as e:
+        gd.load("lsun_resize", "test", tmp_path)
+    assert str(e.value) == (
+        f"{bad}: 8 x 8 pixels, but every image of 'lsun_resize' is 32 x 32 (a wrong extraction or another set's "
+        "folder?)"
+    )
+    _save(bad, np.zeros((32, 32, 3), dtype=np.uint8))
+    odd = _save(d / "LSUN_resize" / "02.png", np.zeros((8, 8, 3), dtype=np.uint8))  # outside the sample of 16
+    ds = gd.load("lsun_resize", "test", tmp_path)
+    with pytest.raises(gd.CorruptDataError, match=f"^{odd}: 8 x 8 pixels, but every image"):
+        ds[2]  # every file is checked when read
+    assert gd.spec("textures").file_min_side == gd.spec("textures_imagenet").file_min_side == 300
+    with pytest.raises(gd.CorruptDataError, match="at least 300 pixels on each side"):
+        base.check_file_size((299, 640), "x.jpg", "textures", None, 300)

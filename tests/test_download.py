@@ -11,6 +11,7 @@ import json
 import pickle
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -34,6 +35,10 @@ class FileServer:
         self.files: dict[str, bytes] = {}
         self.truncate: set[str] = set()
         self.requests: list[tuple[str, str | None]] = []
+        self.content_type: dict[str, str] = {}  # name -> Content-Type header
+        self.trickle: dict[
+            str, tuple[int, float]
+        ] = {}  # name -> (bytes sent at once, then 1 byte per delay s)
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -56,7 +61,22 @@ class FileServer:
                     self.send_response(200)
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
+                if name in owner.content_type:
+                    self.send_header("Content-Type", owner.content_type[name])
                 self.end_headers()
+                if name in owner.trickle:
+                    head, delay = owner.trickle[name]
+                    try:
+                        self.wfile.write(body[:head])
+                        self.wfile.flush()
+                        for i in range(head, len(body)):
+                            time.sleep(delay)
+                            self.wfile.write(body[i : i + 1])
+                            self.wfile.flush()
+                    except OSError:  # the client gave up
+                        pass
+                    self.close_connection = True
+                    return
                 if name in owner.truncate:
                     self.wfile.write(body[: len(body) // 2])
                     self.close_connection = True
@@ -538,3 +558,346 @@ def test_checksums_file_format_errors_are_one_line(tmp_path, capsys):
 def _w(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+# --------------------------------------------------------------------------- a wrong published checksum
+def test_wrong_published_checksum_needs_an_explicit_loud_accept(server, tmp_path, capsys):
+    blob = _targz()
+    server.files["fake.tar.gz"] = blob
+    wrong = "md5:" + "0" * 32
+    s = _spec("_test_accept", server.url("fake.tar.gz"), "fake.tar.gz", wrong)
+    with pytest.raises(gd.ChecksumError) as e:
+        gd.download(s, tmp_path, progress=False)
+    md5 = hashlib.md5(blob).hexdigest()
+    assert f"rerun with --accept-checksum fake.tar.gz=md5:{md5}" in str(e.value)
+    (tmp_path / s.name / "fake.tar.gz.corrupt").unlink()
+    with pytest.raises(gd.ChecksumError, match="neither md5:1{32}"):  # another digest than the file's
+        gd.download(s, tmp_path, progress=False, accept={"fake.tar.gz": "1" * 32})
+    (tmp_path / s.name / "fake.tar.gz.corrupt").unlink()
+    capsys.readouterr()
+    gd.download(s, tmp_path, progress=False, accept={"_test_accept": md5})  # the dataset's name: its one file
+    err = capsys.readouterr().err
+    assert (
+        f"warning: _test_accept: fake.tar.gz accepted with md5:{md5} from --accept-checksum, NOT the published"
+        in err
+    )
+    marker = json.loads((tmp_path / s.name / ".complete").read_text())
+    assert marker["overrides"] == {
+        "fake.tar.gz": {
+            "checksum": f"md5:{md5}",
+            "origin": "--accept-checksum",
+            "kind": "accept",
+            "published": wrong,
+        }
+    }
+    lines = gd.verify(s, tmp_path)
+    assert lines[0].startswith("WARNING: fake.tar.gz was accepted with md5:") and lines[-1].startswith(
+        "layout OK"
+    )
+
+
+def test_accept_checksum_flag_errors_are_one_line_exit_2(tmp_path, capsys):
+    base = ["data", "download", "svhn", "--root", str(tmp_path)]
+    for flag, words in (
+        (["--accept-checksum", "nonsense"], "allowed: NAME=DIGEST"),
+        (
+            ["--accept-checksum", "other.tar=" + "a" * 32],
+            "'other.tar' is no file of the named datasets; allowed: svhn",
+        ),
+        (["--accept-checksum", "svhn=md5:xyz"], "'md5:xyz' is not a digest"),
+        (["--read-timeout", "0"], "--read-timeout 0: allowed: a finite number > 0"),
+        (["--min-rate", "-1"], "--min-rate -1: allowed: a finite number >= 0"),
+    ):
+        assert greg_main([*base, *flag]) == 2, flag
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and words in err, (flag, err)
+    assert not (tmp_path / "svhn").exists()
+
+
+# ------------------------------------------------------------------------------------------ HTML pages
+@pytest.mark.parametrize("header", [True, False])
+def test_an_html_page_is_refused_as_such(server, tmp_path, header):
+    page = b"<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head></html>"
+    server.files["fake.tar.gz"] = page
+    if header:
+        server.content_type["fake.tar.gz"] = "text/html; charset=utf-8"
+    s = _spec("_test_html", server.url("fake.tar.gz"), "fake.tar.gz", "md5:" + "0" * 32)
+    with pytest.raises(gd.DownloadError) as e:
+        gd.download(s, tmp_path, progress=False)
+    msg = str(e.value)
+    assert f"downloading fake.tar.gz from {server.url('fake.tar.gz')}: got an HTML page titled " in msg
+    assert "'Google Drive - Quota exceeded', not the file" in msg and "\n" not in msg
+    assert sorted(p.name for p in (tmp_path / s.name).iterdir()) == [
+        ".download.lock"
+    ]  # no .part, no .corrupt
+
+
+# ----------------------------------------------------------------------------- slow and stalled servers
+def test_a_trickling_server_is_abandoned_and_the_part_resumed(server, tmp_path):
+    blob = _npy()
+    server.files["arr.npy"] = blob
+    server.trickle["arr.npy"] = (100, 0.05)  # 100 bytes, then 20 bytes/s
+    s = _spec("_test_slow", server.url("arr.npy"), "arr.npy", f"sha256:{_sha256(blob)}", layout=("arr.npy",))
+    t0 = time.monotonic()
+    with pytest.raises(gd.DownloadError) as e:
+        gd.download(s, tmp_path, progress=False, read_timeout=0.3, min_rate=1000)
+    assert time.monotonic() - t0 < 5
+    msg = str(e.value)
+    assert f"download of arr.npy from {server.url('arr.npy')} is too slow" in msg and "--min-rate" in msg
+    part = tmp_path / s.name / "arr.npy.part"
+    assert "is kept and the next run resumes it" in msg and str(part) in msg and "\n" not in msg
+    got = part.read_bytes()
+    assert len(got) >= 100 and blob.startswith(got)
+    server.trickle.clear()
+    gd.download(s, tmp_path, progress=False)
+    assert server.requests[-1] == ("arr.npy", f"bytes={len(got)}-")
+    assert (tmp_path / s.name / "arr.npy").read_bytes() == blob
+
+
+def test_a_stalled_server_hits_the_read_timeout(server, tmp_path):
+    blob = _npy()
+    server.files["arr.npy"] = blob
+    server.trickle["arr.npy"] = (10, 3.0)  # 10 bytes, then silence
+    s = _spec("_test_stall", server.url("arr.npy"), "arr.npy", f"sha256:{_sha256(blob)}", layout=("arr.npy",))
+    t0 = time.monotonic()
+    with pytest.raises(gd.DownloadError, match=r"stalled: no data for 0\.3 s \(--read-timeout\) after 10 of"):
+        gd.download(s, tmp_path, progress=False, read_timeout=0.3, min_rate=0)
+    assert time.monotonic() - t0 < 2.5
+    assert (tmp_path / s.name / "arr.npy.part").read_bytes() == blob[:10]
+
+
+def test_cli_timeout_flags_reach_the_transfer(server, tmp_path, monkeypatch, capsys):
+    blob = _npy()
+    server.files["arr.npy"] = blob
+    server.trickle["arr.npy"] = (10, 3.0)
+    s = _spec(
+        "_test_cli_stall", server.url("arr.npy"), "arr.npy", f"sha256:{_sha256(blob)}", layout=("arr.npy",)
+    )
+    monkeypatch.setitem(DATASETS._items, s.name, lambda: s)
+    args = ["data", "download", s.name, "--root", str(tmp_path), "--no-progress", "--read-timeout", "0.2"]
+    assert greg_main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "stalled: no data for 0.2 s" in err and server.url("arr.npy") in err
+
+
+# ------------------------------------------------------------------- two sets sharing one directory
+def test_a_directory_being_downloaded_is_locked_and_the_second_waits(server, tmp_path, capsys):
+    blob = _npy()
+    server.files["arr.npy"] = blob
+    mk = lambda name: dataclasses.replace(
+        _spec(name, server.url("arr.npy"), "arr.npy", f"sha256:{_sha256(blob)}", layout=("arr.npy",)),
+        data_dir="shared",
+    )
+    first, second = mk("_test_first"), mk("_test_second")
+    d = tmp_path / "shared"
+    d.mkdir()
+    result = {}
+    with downloader.download_lock(d, first.name):  # the first download holds the directory
+        t = threading.Thread(
+            target=lambda: result.setdefault("d", gd.download(second, tmp_path, progress=False))
+        )
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive() and server.requests == []  # waiting, not downloading
+        # the first one finishes: its file and marker appear, then it lets go of the lock
+        (d / "arr.npy").write_bytes(blob)
+        downloader.atomic_write_json(d / ".complete", {"dataset": first.name, "files": {"arr.npy": "x"}})
+    t.join(10)
+    assert not t.is_alive() and result["d"] == d and server.requests == []
+    out = capsys.readouterr().out
+    assert f"{d} is being downloaded by pid " in out and "(_test_first); waiting for it" in out
+    assert "_test_second: already downloaded and verified" in out
+
+
+# ----------------------------------------------------------------------------------- symbolic links
+def _user_file(tmp_path: Path) -> Path:
+    f = tmp_path / "user" / "notes.txt"
+    f.parent.mkdir(exist_ok=True)
+    f.write_text("precious")
+    return f
+
+
+@pytest.mark.parametrize("which", ["fake.tar.gz.part", ".complete", ".download.lock"])
+def test_symlinks_in_the_dataset_directory_are_never_written_through(server, tmp_path, which):
+    blob = _targz()
+    server.files["fake.tar.gz"] = blob
+    s = _spec("_test_link", server.url("fake.tar.gz"), "fake.tar.gz", f"sha256:{_sha256(blob)}")
+    user = _user_file(tmp_path)
+    d = tmp_path / "root" / s.name
+    d.mkdir(parents=True)
+    (d / which).symlink_to(user)
+    with pytest.raises(downloader.UnsafePathError) as e:
+        gd.download(s, tmp_path / "root", progress=False, force=True)
+    assert str(e.value).startswith(f"refusing to write through the symbolic link {d / which} (-> {user})")
+    assert user.read_text() == "precious" and (d / which).is_symlink()
+
+
+def test_extraction_never_writes_through_a_symlink(server, tmp_path):
+    blob = _targz()
+    server.files["fake.tar.gz"] = blob
+    s = _spec("_test_xlink", server.url("fake.tar.gz"), "fake.tar.gz", f"sha256:{_sha256(blob)}")
+    user = _user_file(tmp_path)
+    d = tmp_path / "root" / s.name
+    (d / "fake/images/a").mkdir(parents=True)
+    (d / "fake/images/a/1.png").symlink_to(user)  # a member's target
+    with pytest.raises(
+        downloader.UnsafePathError, match="member 'fake/images/a/1.png' would be written through"
+    ):
+        gd.download(s, tmp_path / "root", progress=False)
+    (d / "fake/images/a/1.png").unlink()
+    (d / "fake/images/b").symlink_to(user.parent, target_is_directory=True)  # a member's folder
+    with pytest.raises(
+        downloader.UnsafePathError, match=r"fake/images/b/0.png' would be written through .*/b \(->"
+    ):
+        gd.download(s, tmp_path / "root", progress=False)
+    assert sorted(p.name for p in user.parent.iterdir()) == ["notes.txt"] and user.read_text() == "precious"
+    assert not (d / ".complete").exists()
+    zpath = tmp_path / "z.zip"
+    zpath.write_bytes(_zip())
+    with pytest.raises(downloader.UnsafePathError):
+        downloader.extract(zpath, d)
+    assert sorted(p.name for p in user.parent.iterdir()) == ["notes.txt"]
+
+
+# ------------------------------------------------------------------------ image count after extraction
+def _targz_with(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_image_count_is_checked_and_dot_files_are_skipped(server, tmp_path):
+    blob = _targz_with({**IMAGES, "fake/images/a/._0.png": b"\x00\x05\x16\x07 AppleDouble"})
+    server.files["fake.tar.gz"] = blob
+    s = dataclasses.replace(
+        _spec("_test_count", server.url("fake.tar.gz"), "fake.tar.gz", f"sha256:{_sha256(blob)}"),
+        archive_images=6,
+    )
+    d = gd.download(s, tmp_path, progress=False)
+    assert json.loads((d / ".complete").read_text())["images"] == 6
+    raw = s.loader(s, "test", tmp_path)
+    assert len(raw.files) == 6 and not any(p.name.startswith(".") for p in raw.files)
+    more = dataclasses.replace(s, name="_test_count7", archive_images=7)
+    with pytest.raises(gd.CorruptDataError) as e:
+        gd.download(more, tmp_path, progress=False)
+    assert str(e.value).startswith(
+        f"_test_count7: 6 images under {tmp_path / '_test_count7' / 'fake/images'} after extraction, the catalog "
+        "expects 7 (dot-files such as ._x.jpg are not counted)"
+    )
+    assert not (tmp_path / "_test_count7" / ".complete").exists()
+
+
+# ------------------------------------------------------------------------- markers of another catalog
+def test_a_marker_for_other_files_is_not_taken_as_complete(server, tmp_path, capsys):
+    d = tmp_path / "places365"
+    (d / "val_256").mkdir(parents=True)
+    (d / ".complete").write_text(json.dumps({"dataset": "places365", "files": {"val_256.tar": "md5:e27b"}}))
+    with pytest.raises(FileNotFoundError) as e:
+        gd.load("places365", "test", tmp_path)
+    expects = "records val_256.tar, the catalog now expects places365_test_list.txt, test_256.tar"
+    assert expects in str(e.value)
+    with pytest.raises(FileNotFoundError, match="records val_256.tar"):
+        gd.verify("places365", tmp_path)
+    with pytest.raises(gd.DownloadError):  # downloads again (here: nothing listens)
+        gd.download("places365", tmp_path, progress=False, url_base=server.base)
+    assert f"{expects}; downloading again" in capsys.readouterr().out
+
+
+def test_marker_with_malformed_entries_is_one_line(tmp_path):
+    d = _mark(tmp_path, "places365")
+    (d / ".complete").write_text(json.dumps({"files": {"test_256.tar": "md5:x"}, "extracted": ["a.jpg"]}))
+    with pytest.raises(
+        gd.CorruptDataError, match=r"\.complete: 'extracted' must be a mapping of file -> str, got list"
+    ):
+        gd.verify("places365", tmp_path)
+
+
+# --------------------------------------------------------------------- the catalog against torchvision
+def _class_attrs(module: str) -> dict[str, dict]:
+    """Class-level literal assignments of ``torchvision/datasets/<module>.py``, read from its source (no
+    slow torchvision import): ``{class: {name: value}}``, plus ``""`` for the module level."""
+    import ast
+    import importlib.util
+
+    src = Path(importlib.util.find_spec("torchvision").origin).parent / "datasets" / f"{module}.py"
+    tree = ast.parse(src.read_text())
+    out: dict[str, dict] = {}
+
+    def literals(body) -> dict:
+        found = {}
+        for n in body:
+            targets = (
+                n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AnnAssign) else []
+            )
+            for tg in targets:
+                if isinstance(tg, ast.Name) and n.value is not None:
+                    try:
+                        found[tg.id] = ast.literal_eval(n.value)
+                    except ValueError:
+                        pass
+        return found
+
+    out[""] = literals(tree.body)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            out[node.name] = literals(node.body)
+    return out
+
+
+def test_every_url_and_md5_torchvision_also_ships_is_torchvision_s():
+    def res(name):
+        (r,) = gd.spec(name).resources
+        return r.url, r.filename, r.checksum
+
+    cifar = _class_attrs("cifar")
+    for cls, name in (("CIFAR10", "cifar10"), ("CIFAR100", "cifar100")):
+        a = cifar[cls]
+        assert res(name) == (a["url"], a["filename"], f"md5:{a['tgz_md5']}")
+    svhn_url, svhn_file, svhn_md5 = _class_attrs("svhn")["SVHN"]["split_list"]["test"]
+    assert res("svhn") == (svhn_url, svhn_file, f"md5:{svhn_md5}")
+    assert gd.spec("svhn").file_checksums == {svhn_file: f"md5:{svhn_md5}"}
+    dtd = _class_attrs("dtd")["DTD"]
+    for name in ("textures", "textures_imagenet"):
+        assert res(name) == (dtd["_URL"], dtd["_URL"].rsplit("/", 1)[1], f"md5:{dtd['_MD5']}")
+    places = _class_attrs("places365")["Places365"]
+    file, md5 = places["_IMAGES_META"][("test", True)]
+    tar = gd.spec("places365").resources[0]
+    assert (tar.url, tar.filename, tar.checksum) == (places["_BASE_URL"] + file, file, f"md5:{md5}")
+    meta = _class_attrs("imagenet")[""]["ARCHIVE_META"]
+    for key in ("train", "val", "devkit"):
+        file, md5 = meta[key]
+        assert f"{file}, md5 {md5}" in catalog.IMAGENET_INSTRUCTIONS.replace("\n", " "), key
+
+
+def test_places365_is_the_published_10k_of_test_256(tmp_path):
+    s = gd.spec("places365")
+    assert (s.sizes, s.archive_images, s.file_size, s.layout) == (
+        {"test": 10000}, 328500, (256, 256), ("test_256", "places365_test_list.txt"),
+    )  # fmt: skip
+    tar, lst = s.resources
+    assert lst.url == (
+        "https://raw.githubusercontent.com/jfc43/informative-outlier-mining/258efede70c778bf6e9e528869b2cab58b071e3e"
+        "/datasets/ood_datasets/places365/test_subset/places365_test_list.txt"
+    )
+    assert lst.checksum == "sha256:e992c94b23b7416e8f71c0cab87b777b0e7022ee1b4aeed19d5b16ddf1b90578"
+    assert not lst.is_archive and tar.is_archive
+    # the loader: the images the list names, in its order; a named image that is missing is one line
+    d = _mark(tmp_path, "places365")
+    (d / "test_256").mkdir()
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((256, 256, 3), dtype=np.uint8)).save(png, format="PNG")
+    for i in range(1, 10):
+        (d / "test_256" / f"Places365_test_{i:08d}.jpg").write_bytes(png.getvalue())
+    (d / "places365_test_list.txt").write_text("Places365_test_00000002.jpg\nPlaces365_test_00000007.jpg\n")
+    ds = gd.load("places365", "test", tmp_path)
+    assert [p.name for p in ds.raw.files] == ["Places365_test_00000002.jpg", "Places365_test_00000007.jpg"]
+    assert ds[1][0].shape == (3, 32, 32)
+    (d / "test_256" / "Places365_test_00000007.jpg").unlink()
+    with pytest.raises(
+        gd.CorruptDataError, match=r"1 of the 2 images named in .* are missing \(e.g. Places365_test_00000007"
+    ):
+        gd.load("places365", "test", tmp_path)

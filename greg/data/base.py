@@ -423,9 +423,9 @@ class ImageDataset:
         if tuple(x.shape[-2:]) != want:  # else a DataLoader fails with "stack expects each tensor ..."
             h, w = np.asarray(img).shape[:2]
             raise CorruptDataError(
-                f"{what}: a {w} x {h} image gives a {x.shape[-1]} x {x.shape[-2]} input with the "
-                f"{self.transform.geometry!r} geometry of {self.name!r}, expected {want[1]} x {want[0]} "
-                f"(this set is not resized: each image must be at least {want[1]} x {want[0]})"
+                f"{what}: a {w} x {h} image cannot give the {want[1]} x {want[0]} input with the "
+                f"{self.transform.geometry!r} geometry of {self.name!r} (got {x.shape[-1]} x {x.shape[-2]}; "
+                f"this set is not resized: each image must be at least {want[1]} x {want[0]})"
             )
         return x, int(self.labels[i])
 

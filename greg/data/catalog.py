@@ -189,23 +189,26 @@ def _folder(subdir: str):
 
 
 #: The released code scores Places365 as ``places365_10k``: ``ImageFolder("../data/test_256/")``, 10,000 images
-#: of the Places365 test set (o4lc/Greg-OOD@0c35ddb detect.py:475-477; the name and the folder). Which 10,000 is
-#: not released: the catalog keeps a fixed draw of 10,000 of the 328,500 test_256 images, seed 0, sorted by
-#: file name (assumption: the seed).
-PLACES365_KEEP, PLACES365_SEED, PLACES365_TEST_IMAGES = 10000, 0, 328500
-
-
-def places365_indices(n: int) -> np.ndarray:
-    """The fixed subsample of :data:`PLACES365_KEEP` of ``n`` sorted test_256 images (all when fewer)."""
-    if n <= PLACES365_KEEP:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(PLACES365_SEED).choice(n, size=PLACES365_KEEP, replace=False))
+#: of the Places365 test set (o4lc/Greg-OOD@0c35ddb detect.py:475-477; the name and the folder), as POEM, whose
+#: evaluation code it adapts ("We randomly sample 10,000 images from the original test dataset",
+#: deeplearning-wisc/poem README). Which 10,000 GReg used is not released; the catalog takes the list of 10,000
+#: file names that NTOM/ATOM publish for that protocol (jfc43/informative-outlier-mining@258efed
+#: datasets/ood_datasets/places365/test_subset/places365_test_list.txt; POEM's code is adapted from NTOM).
+PLACES365_LIST = "places365_test_list.txt"
+PLACES365_TEST_IMAGES = 328500
 
 
 def _places365(s: DatasetSpec, split: str, root: Path) -> RawImages:
-    files = list_images(require(s, root) / "test_256")
-    keep = [files[i] for i in places365_indices(len(files))]
-    return RawImages(labels=np.full(len(keep), -1, dtype=np.int64), files=keep)
+    d = require(s, root)
+    names = (d / PLACES365_LIST).read_text(encoding="utf-8").split()
+    files = [d / "test_256" / n for n in names]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise CorruptDataError(
+            f"{d / 'test_256'}: {len(missing)} of the {len(files)} images named in {d / PLACES365_LIST} are "
+            f"missing (e.g. {missing[0].name}); {_fix_hint(s, root)}"
+        )
+    return RawImages(labels=np.full(len(files), -1, dtype=np.int64), files=files)
 
 
 def _class_files(d: Path) -> list[Path]:
@@ -343,11 +346,14 @@ add(DatasetSpec(
 add(DatasetSpec(
     name="places365", loader=_places365,
     resources=(Resource("http://data.csail.mit.edu/places/places365/test_256.tar", "test_256.tar",
-                        "md5:f532f6ad7b582262a2ec8009075e186b"),),
-    layout=("test_256",),
-    source="Places365-Standard test images, 256x256 (Zhou et al. 2017): a fixed 10,000 of 328,500, as the "
-           "released places365_10k (detect.py:475-477)",
-    sizes={"test": PLACES365_KEEP}, archive_images=PLACES365_TEST_IMAGES, file_size=(256, 256),
+                        "md5:f532f6ad7b582262a2ec8009075e186b"),
+               Resource("https://raw.githubusercontent.com/jfc43/informative-outlier-mining/"
+                        f"258efede70c778bf6e9e528869b2cab58b071e3e/datasets/ood_datasets/places365/test_subset/{PLACES365_LIST}",
+                        PLACES365_LIST, "sha256:e992c94b23b7416e8f71c0cab87b777b0e7022ee1b4aeed19d5b16ddf1b90578")),
+    layout=("test_256", PLACES365_LIST),
+    source="Places365-Standard test images, 256x256 (Zhou et al. 2017): the 10,000 of 328,500 named by NTOM's "
+           "list, as the released places365_10k (detect.py:475-477)",
+    sizes={"test": 10000}, archive_images=PLACES365_TEST_IMAGES, file_size=(256, 256),
     eval_geometry="pil_resize_crop",
     **_CIFAR_OOD,
 ))  # fmt: skip
