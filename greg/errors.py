@@ -62,6 +62,10 @@ class InputError(ValueError):
     exit_code = EXIT_INPUT
 
 
+class ReportError(InputError):
+    """A table spec, results file or workflow-config entry that the planner or ``greg report`` cannot use."""
+
+
 def exit_code(e: BaseException) -> int:
     """The exit code of a caught error (see the module doc)."""
     code = getattr(e, "exit_code", None)

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from greg import io
-from greg.tables import ReportError, mean_std
+from greg.errors import ReportError
+from greg.tables import mean_std
 
 
 def _save_figure(fig: Any, out: str | Path) -> list[Path]:
@@ -128,7 +129,13 @@ def run_margins(files: list[str]) -> str:
     cfg = Path(files[0]).with_name("config.yaml") if files else None
     if cfg is None or not cfg.is_file():
         return ""
-    hp = ((io.yaml_load(cfg.read_text(encoding="utf-8")) or {}).get("method") or {}).get("hparams") or {}
+    doc = io.yaml_load(cfg.read_text(encoding="utf-8")) or {}
+    method = doc.get("method") if isinstance(doc, dict) else None
+    hp = method.get("hparams") if isinstance(method, dict) else None
+    if not isinstance(doc, dict) or not isinstance(method or {}, dict) or not isinstance(hp or {}, dict):
+        raise ReportError(f"{cfg}: expected a run config (a mapping with method.hparams), got "
+                          f"{type(doc).__name__ if not isinstance(doc, dict) else 'another shape'}")
+    hp = hp or {}
     if hp.get("m_in") is None or hp.get("m_out") is None:
         return ""
     return rf"$m_{{in}}$={hp['m_in']:g}, $m_{{out}}$={hp['m_out']:g}"
@@ -167,7 +174,17 @@ def plot_fig4(models: dict[str, list[str]], ood: str, out: str | Path, id_label:
     axes[0][0].set_ylabel("density")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+    fig.suptitle(pooled_note(models))
     return _save_figure(fig, out)
+
+
+def pooled_note(models: dict[str, list[str]]) -> str:
+    """What each fig4 panel holds, printed on the figure: the per-sample scores of every seed's model, pooled."""
+    counts = sorted({len(dirs) for dirs in models.values()})
+    if counts == [1]:
+        return "Per-sample scores of one model (one seed) per panel"
+    seeds = f"{counts[0]} seeds" if len(counts) == 1 else "its seeds"
+    return f"Each panel pools the per-sample scores of {seeds}' models"
 
 
 def _diagnostics():  # type: ignore[no-untyped-def]

@@ -20,7 +20,10 @@ from greg import config as run_config
 from greg import data, detectors, io, methods, models
 from greg.dg.algorithms import DG_ALGORITHMS
 from greg.dg.datasets import DG_DATASETS
-from greg.tables import FPR_CONVENTIONS, ReportError, metric_column
+from greg.errors import ReportError
+from greg.latex import check_name
+from greg.paper_compare import load_paper_results
+from greg.tables import metric_column
 
 
 def run_dir(results: str, dataset: str, arch: str, run: str, seed: int) -> str:
@@ -44,53 +47,60 @@ def ood_sets(config: dict, dataset: str) -> list[str]:
         raise ReportError(f"dataset {dataset!r} is not in the workflow config's 'datasets'") from None
 
 
-def resolve_table(name: str, spec: dict, config: dict,
-                  unavailable: Callable[[dict], str | None] = lambda cell: None) -> dict:
-    """Turn one ``config/tables.yaml`` entry into a self-contained, JSON-able table spec.
+class _StandIns:
+    """The aliases a table uses, as (kind, used, original): headers and caption name the data actually used,
+    so a smoke table (config ``aliases``) cannot pass for a paper result."""
 
-    Each column group gives ``dataset``/``arch`` (aliased through ``config['aliases']``) and ``ood``: a list
-    of OOD sets and/or ``mean``, or ``all`` (every OOD set of the dataset, then ``mean``), or ``mean``.
-    Each row gives ``run`` (``pretrain`` or a variant of ``config['variants']``) and optionally ``detector``
-    (default: the variant's detector), ``dataset``/``arch`` (override the group's). ``unavailable(cell)``
-    returns a reason when the cell cannot be produced (method/detector/model/dataset not implemented):
-    the cell is then ``na`` and lists no files.
-    """
-    results = config.get("results", "results")
-    seeds = list(config["seeds"])
-    fpr = spec.get("fpr", "fpr95_idpos")
-    metrics = list(spec.get("metrics", ["fpr95", "auroc"]))
-    for m in metrics:
-        metric_column(m, fpr)
-    labels = {**(config.get("labels") or {})}
-    name_of = lambda n: labels.get(n, n)
-    # (kind, used, original) of every alias this table uses: headers and caption name the data actually used,
-    # so a smoke table (config `aliases`) cannot pass for a paper result
-    subs: dict[tuple[str, str, str], None] = {}
+    def __init__(self, config: dict):
+        self.config = config
+        self.labels = config.get("labels") or {}
+        self.seen: dict[tuple[str, str, str], None] = {}
 
-    def stand_in(label: str, *originals: tuple[str, str | None]) -> str:
+    def name(self, n: str) -> str:
+        return self.labels.get(n, n)
+
+    def __call__(self, label: str, *originals: tuple[str, str | None]) -> str:
+        """``label``, or "<used> (stand-in for <label>)" when an original name is aliased."""
         used = []
         for kind, original in originals:
-            u = alias(config, kind, original) if original else original
+            u = alias(self.config, kind, original) if original else original
             if u != original:
-                subs[(kind, u, original)] = None
-                used.append(name_of(u))
+                self.seen[(kind, u, original)] = None
+                used.append(self.name(u))
         return f"{', '.join(used)} (stand-in for {label})" if used else label
 
+    def substitutes(self) -> list[str]:
+        """"<used> for <original>" of each alias in the table (empty unless the config has ``aliases``)."""
+        return [f"{self.name(u)} for {', '.join(self.name(o) for _, u2, o in self.seen if u2 == u)}"
+                for u in dict.fromkeys(u for _, u, _ in self.seen)]
+
+
+def _group_columns(name: str, g: dict, config: dict, dataset: str, stand_in: _StandIns) -> list[dict]:
+    """A group's columns: ``ood`` is ``all`` (every OOD set of the dataset + mean), ``mean``, ``id`` (one
+    column of the model's ID value, e.g. ID accuracy) or a list of OOD sets and ``mean``."""
+    ood = g.get("ood", "all")
+    if ood == "id":
+        return [{"ood": "mean", "label": ""}]
+    if ood == "all":
+        cols = ood_sets(config, dataset) + ["mean"]
+    elif ood == "mean":
+        cols = ["mean"]
+    else:
+        cols = [o if o == "mean" else alias(config, "ood", o) for o in ood]
+        known = set(ood_sets(config, dataset))
+        bad = [o for o in cols if o != "mean" and o not in known]
+        if bad:
+            raise ReportError(f"table {name}: OOD set(s) {bad} not among {dataset}'s {sorted(known)}")
+    back = {alias(config, "ood", o): o for o in (ood if isinstance(ood, list) else []) if o != "mean"}
+    return [{"ood": o, "label": stand_in(stand_in.name(back[o]), ("ood", back[o])) if o in back
+             else stand_in.labels.get(o, "Average" if o == "mean" else o)} for o in cols]
+
+
+def _resolve_groups(name: str, spec: dict, config: dict, stand_in: _StandIns) -> list[dict]:
     groups = []
     for g in spec["groups"]:
         dataset = alias(config, "dataset", g["dataset"])
-        ood = g.get("ood", "all")
-        if ood == "all":
-            cols = ood_sets(config, dataset) + ["mean"]
-        elif ood == "mean":
-            cols = ["mean"]
-        else:
-            cols = [o if o == "mean" else alias(config, "ood", o) for o in ood]
-            known = set(ood_sets(config, dataset))
-            bad = [o for o in cols if o != "mean" and o not in known]
-            if bad:
-                raise ReportError(f"table {name}: OOD set(s) {bad} not among {dataset}'s {sorted(known)}")
-        label = g.get("label", name_of(g["dataset"]))
+        label = g.get("label", stand_in.name(g["dataset"]))
         # the printed header: a group label names the network when the group has one (else the dataset); the
         # caption names the other substitutes
         if g.get("arch"):
@@ -100,72 +110,150 @@ def resolve_table(name: str, spec: dict, config: dict,
         else:
             header = label
             stand_in(label, ("dataset", g["dataset"]))  # recorded for the caption only
-        back = {alias(config, "ood", o): o for o in (g["ood"] if isinstance(g.get("ood"), list) else [])
-                if o != "mean"}
-        groups.append({
-            "label": label,  # the paper's (greg.tables.attach_paper matches on it)
+        group = {
+            "label": label,  # the paper's (greg.paper_compare.attach_paper matches on it)
             "header": header,
             "dataset": dataset,
             "arch": alias(config, "arch", g["arch"]) if "arch" in g else None,
-            "columns": [{"ood": o, "label": stand_in(name_of(back[o]), ("ood", back[o])) if o in back
-                         else labels.get(o, "Average" if o == "mean" else o)} for o in cols],
-        })
+            "columns": _group_columns(name, g, config, dataset, stand_in),
+        }
+        if g.get("metrics"):
+            group["metrics"] = list(g["metrics"])
+        groups.append(group)
+    return groups
+
+
+def _assumptions_of(assumptions: dict, config: dict, run: str, original: dict, dataset: str) -> list[str]:
+    """Keys of the assumptions a cell's recipe rests on: those declared for its run on its (paper) dataset
+    and arch, and, for a run that fine-tunes the CE model, the CE model's."""
+    def matching(r: str) -> set[str]:
+        return {k for k, a in assumptions.items() if r in a["runs"]
+                and original["dataset"] in a.get("datasets", [original["dataset"]])
+                and original["arch"] in a.get("archs", [original["arch"]])}
+
+    found = matching(run)
+    if run != "pretrain" and run_spec(config, run, dataset)["init"] == "pretrain":
+        found |= matching("pretrain")
+    return [k for k in assumptions if k in found]
+
+
+def _resolve_row(name: str, r: dict, g_specs: list[dict], groups: list[dict], config: dict,
+                 stand_in: _StandIns, unavailable: Callable[[dict], str | None], assumptions: dict) -> dict:
+    run = r["run"]
     variants = config.get("variants", {})
-    rows = []
-    for r in spec["rows"]:
-        run = r["run"]
-        if run != "pretrain" and run not in variants:
-            raise ReportError(f"table {name}: row {r.get('label', run)!r}: run {run!r} is neither 'pretrain' "
-                              f"nor a variant in the workflow config ({', '.join(sorted(variants))})")
-        detector = r.get("detector") or (variants.get(run, {}).get("detector") if run != "pretrain" else None)
-        if not detector:
-            raise ReportError(f"table {name}: row {r.get('label', run)!r} needs a detector")
-        cells = []
-        for g in groups:
-            dataset = alias(config, "dataset", r["dataset"]) if "dataset" in r else g["dataset"]
-            arch = alias(config, "arch", r["arch"]) if "arch" in r else g["arch"]
-            if arch is None:
-                raise ReportError(f"table {name}: row {r.get('label', run)!r} has no arch (give it in the "
-                                  "group or the row)")
-            cell = {"dataset": dataset, "arch": arch, "run": run, "detector": detector}
-            reason = unavailable(cell)
-            cell["na"] = reason
-            cell["files"] = [] if reason else [eval_csv(results, dataset, arch, run, s, detector) for s in seeds]
-            cells.append(cell)
-        section = r.get("section")
-        if "dataset" in r:
-            stand_in("", ("dataset", r["dataset"]))
-        rows.append({"label": r.get("label", run), "section": section, "cells": cells,
-                     "section_header": stand_in(section, ("arch", r["arch"])) if section and "arch" in r
-                     else section})
+    if run != "pretrain" and run not in variants:
+        raise ReportError(f"table {name}: row {r.get('label', run)!r}: run {run!r} is neither 'pretrain' "
+                          f"nor a variant in the workflow config ({', '.join(sorted(variants))})")
+    detector = r.get("detector") or (variants.get(run, {}).get("detector") if run != "pretrain" else None)
+    if not detector:
+        raise ReportError(f"table {name}: row {r.get('label', run)!r} needs a detector")
+    cells = []
+    for g_spec, g in zip(g_specs, groups):
+        dataset = alias(config, "dataset", r["dataset"]) if "dataset" in r else g["dataset"]
+        arch = alias(config, "arch", r["arch"]) if "arch" in r else g["arch"]
+        if arch is None:
+            raise ReportError(f"table {name}: row {r.get('label', run)!r} has no arch (give it in the "
+                              "group or the row)")
+        cell = {"dataset": dataset, "arch": arch, "run": run, "detector": detector}
+        reason = unavailable(cell)
+        cell["na"] = reason
+        cell["files"] = [] if reason else [eval_csv(config["results"], dataset, arch, run, s, detector)
+                                           for s in config["seeds"]]
+        # assumptions are declared on the paper's names (the smoke run's aliased cells show them too)
+        original = {"dataset": r.get("dataset", g_spec["dataset"]), "arch": r.get("arch", g_spec.get("arch"))}
+        cell["assumptions"] = _assumptions_of(assumptions, config, run, original, dataset)
+        cells.append(cell)
+    section = r.get("section")
+    if "dataset" in r:
+        stand_in("", ("dataset", r["dataset"]))
+    return {"label": r.get("label", run), "section": section, "cells": cells,
+            "section_header": stand_in(section, ("arch", r["arch"])) if section and "arch" in r else section}
+
+
+def resolve_table(name: str, spec: dict, config: dict,
+                  unavailable: Callable[[dict], str | None] = lambda cell: None,
+                  assumptions: dict | None = None) -> dict:
+    """Turn one ``config/tables.yaml`` entry into a self-contained, JSON-able table spec.
+
+    Each column group gives ``dataset``/``arch`` (aliased through ``config['aliases']``), ``ood``: a list
+    of OOD sets and/or ``mean``, or ``all`` (every OOD set of the dataset, then ``mean``), ``mean``, or ``id``
+    (one column of the model's ID value), and optionally its own ``metrics``. Each row gives ``run``
+    (``pretrain`` or a variant of ``config['variants']``) and optionally ``detector`` (default: the variant's
+    detector), ``dataset``/``arch`` (override the group's). ``unavailable(cell)`` returns a reason when the
+    cell cannot be produced (method/detector/model/dataset not implemented): the cell is then ``na`` and
+    lists no files. ``assumptions`` (:func:`load_assumptions`) marks the cells whose recipe rests on one.
+    """
+    config = {**config, "results": config.get("results", "results"), "seeds": list(config["seeds"])}
+    fpr = spec.get("fpr", "fpr95_idpos")
+    metrics = list(spec.get("metrics", ["fpr95", "auroc"]))
+    for m in metrics + [m for g in spec["groups"] for m in g.get("metrics") or []]:
+        metric_column(m, fpr)
+    assumptions = assumptions or {}
+    stand_in = _StandIns(config)
+    groups = _resolve_groups(name, spec, config, stand_in)
+    rows = [_resolve_row(name, r, spec["groups"], groups, config, stand_in, unavailable, assumptions)
+            for r in spec["rows"]]
+    used = {a for row in rows for c in row["cells"] for a in c["assumptions"]}
     return {
-        "name": name,
+        "name": check_name(name),
         "caption": spec.get("caption", name),
         "fpr": fpr,
-        "fpr_note": FPR_CONVENTIONS[fpr],
         "metrics": metrics,
         "digits": int(spec.get("digits", 2)),
         "show_std": bool(spec.get("show_std", True)),
+        "best": spec.get("best", "mean"),
         "groups": groups,
         "rows": rows,
-        # "<used> for <original>" of each alias in the table (empty unless the config has `aliases`)
-        "substitutes": [f"{name_of(u)} for {', '.join(name_of(o) for _, u2, o in subs if u2 == u)}"
-                        for u in dict.fromkeys(u for _, u, _ in subs)],
+        "assumptions": {k: a["note"] for k, a in assumptions.items() if k in used},
+        "substitutes": stand_in.substitutes(),
     }
 
 
+# the keys of an `assumptions` entry of a table-layout file and their types
+ASSUMPTION_KEYS = {"note": str, "runs": list, "datasets": list, "archs": list}
+
+
+def load_assumptions(path: str | Path) -> dict[str, dict]:
+    """The ``assumptions`` of a table-layout file: key -> ``{note, runs, datasets?, archs?}`` (a recipe that
+    neither the paper nor the released code gives; its cells carry a mark)."""
+    path = Path(path)
+    entries = io.yaml_load(path.read_text(encoding="utf-8")) or {}
+    out = (entries.get("assumptions") or {}) if isinstance(entries, dict) else {}
+    if not isinstance(out, dict):
+        raise ReportError(f"{path}: assumptions: expected a mapping of key -> {{note, runs, datasets, archs}}")
+    for k, a in out.items():
+        check_name(k, f"{path}: assumption key")
+        if not isinstance(a, dict) or "note" not in a or "runs" not in a:
+            raise ReportError(f"{path}: assumptions.{k}: expected a mapping with 'note' and 'runs'")
+        for key, value in a.items():
+            if key not in ASSUMPTION_KEYS or not isinstance(value, ASSUMPTION_KEYS[key]):
+                raise ReportError(f"{path}: assumptions.{k}.{key}: allowed keys: note (text), runs, datasets, "
+                                  "archs (lists of names)")
+    return out
+
+
 def load_tables(path: str | Path) -> dict[str, dict]:
-    """The ``tableN`` entries of ``config/tables.yaml`` (keys starting with ``_`` hold YAML anchors)."""
+    """The table entries of a layout file (``config/tables.yaml``): keys starting with ``_`` hold YAML
+    anchors and ``assumptions`` the marked recipes (:func:`load_assumptions`). Table names must be
+    identifiers (a ``\\label``, a rule name and a file stem)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tables file not found: {path}")
     entries = io.yaml_load(path.read_text(encoding="utf-8")) or {}
-    tables = {k: v for k, v in entries.items() if not str(k).startswith("_")}
+    if not isinstance(entries, dict):
+        raise ReportError(f"{path}: expected a mapping of table name -> layout")
+    tables = {k: v for k, v in entries.items() if not str(k).startswith("_") and k != "assumptions"}
     for k, v in tables.items():
+        check_name(k, f"{path}: table name")
         missing = [key for key in ("caption", "groups", "rows") if key not in (v or {})]
         if missing:
             raise ReportError(f"{path}: table {k!r} lacks {', '.join(missing)}")
     return tables
+
+
+def paper_tables(path: str | Path) -> list[str]:
+    """The names of the tables the paper prints (``config/paper_results.yaml``): those get the comparison."""
+    return list(load_paper_results(path)["tables"])
 
 
 def run_spec(config: dict, run: str, dataset: str) -> dict:
@@ -296,7 +384,8 @@ def dg_run_args(config: dict, dataset: str, algorithm: str) -> list[str]:
 
 def check_extra_names(config: dict) -> None:
     """Fail (``ReportError`` naming the config key) when ``pretrain.import``, ``figures.fig_sam.runs`` or the
-    ``dg`` section name a dataset, arch, run, DG dataset or DG algorithm that does not exist."""
+    ``dg`` section name a dataset, arch, run, DG dataset or DG algorithm that does not exist, or a figure's
+    run label could not pass as ``LABEL=PATH``."""
     for dataset, by_arch in ((config.get("pretrain") or {}).get("import") or {}).items():
         for arch, path in (by_arch or {}).items():
             if path and (dataset not in config["datasets"] or arch not in config["archs"]):
@@ -306,6 +395,12 @@ def check_extra_names(config: dict) -> None:
                 raise ReportError(f"config pretrain.import.{dataset}.{arch}: {path!r} is not a released "
                                   f"checkpoint of the data catalog (known: {data.names('weights')})")
     variants = config.get("variants") or {}
+    for name, f in (config.get("figures") or {}).items():
+        for label in (f or {}).get("runs") or {}:
+            # `greg report fig3/fig4/fig-sam` take LABEL=PATH[,PATH...]: the label ends at the first '='
+            if not isinstance(label, str) or not label.strip() or any(c in label for c in "=,\n"):
+                raise ReportError(f"config figures.{name}.runs: label {label!r}: a non-empty text without "
+                                  "'=', ',' or a line break")
     fig = (config.get("figures") or {}).get("fig_sam") or {}
     for label, run in (fig.get("runs") or {}).items():
         if run != "pretrain" and run not in variants:

@@ -8,7 +8,8 @@ Five sub-commands, each called by one Snakemake rule (workflow/rules/report.smk)
   With ``--paper config/paper_results.yaml`` the CSV gets the paper's value and ``delta`` per cell and
   ``--vs-paper-tex`` writes the table with both.
 - ``greg report reproduction TABLE.csv ... --md OUT.md --csv OUT.csv [--aliased]``: per table, the cells
-  reproduced within ``greg.tables.TOLERANCE`` of the paper, the worst cells and the missing runs.
+  reproduced within ``greg.reproduction.TOLERANCE`` of the paper, those off (and off where the recipe rests on
+  an assumption), the worst cells and the missing runs.
 - ``greg report fig3 --run LABEL=metrics.jsonl[,metrics.jsonl...] ... --out fig3.pdf``: energy loss and
   mean input-gradient norm of the score during training (keys ``energy`` and ``score_grad_norm``).
 - ``greg report fig4 --model LABEL=EVAL_DIR[,EVAL_DIR...] ... --ood SET --out fig4.pdf``: energy-score
@@ -17,21 +18,21 @@ Five sub-commands, each called by one Snakemake rule (workflow/rules/report.smk)
   SAM appendix's diagnostics (``greg.diagnostics``): per model (rows; the first is "before fine-tuning"),
   per-sample head-gradient norm, max logit and energy distributions, ID vs each OOD set.
 
-The work is done by ``greg.tables`` (aggregation over seeds, LaTeX/CSV) and ``greg.figures``; this module
-is the command line only.
+The work is done by ``greg.tables`` (aggregation over seeds, LaTeX/CSV), ``greg.paper_compare``,
+``greg.reproduction`` and ``greg.figures``; this module is the command line only. A ``--template`` is
+rendered in Jinja's sandbox (``greg.latex``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
 from greg import io
 from greg.cli import DEVICE_HELP
-from greg.errors import cli_errors
+from greg.errors import ReportError, cli_errors
 from greg.figures import (
     SAM_DIAGNOSTICS,
     collect_fig_sam,
@@ -40,17 +41,9 @@ from greg.figures import (
     plot_fig_sam,
     save_fig_sam_npz,
 )
-from greg.tables import (
-    DEFAULT_TEMPLATE,
-    ReportError,
-    attach_paper,
-    build_table,
-    load_paper_results,
-    render_csv,
-    render_tex,
-    render_tex_vs_paper,
-    reproduction_summary,
-)
+from greg.paper_compare import attach_paper, load_paper_results, render_tex_vs_paper
+from greg.reproduction import read_table_csv, reproduction_summary
+from greg.tables import DEFAULT_TEMPLATE, build_table, check_spec, render_csv, render_tex
 
 
 def _label_files(items: list[str], what: str) -> dict[str, list[str]]:
@@ -59,6 +52,8 @@ def _label_files(items: list[str], what: str) -> dict[str, list[str]]:
         if "=" not in item:
             raise ReportError(f"{what} expects LABEL=PATH[,PATH...], got {item!r}")
         label, paths = item.split("=", 1)
+        if not label:
+            raise ReportError(f"{what} {item!r}: empty LABEL")
         out.setdefault(label, []).extend(p for p in paths.split(",") if p)
     return out
 
@@ -127,9 +122,7 @@ def _fig_sam(args: argparse.Namespace) -> list[Path]:
     bad = [k for k in keys if k not in SAM_DIAGNOSTICS]
     if bad or not keys:
         raise ReportError(f"--keys: unknown {bad or 'empty'}; known: {', '.join(SAM_DIAGNOSTICS)}")
-    labels = json.loads(args.labels_json)
-    if not isinstance(labels, dict):
-        raise ReportError(f"--labels-json must be a JSON object, got {args.labels_json!r}")
+    labels = _json_object(args.labels_json, "--labels-json")
     from greg.device import resolve_device  # on use: it imports torch
 
     diags = collect_fig_sam(models, args.id, [o for o in args.ood.split(",") if o], args.root,
@@ -139,15 +132,34 @@ def _fig_sam(args: argparse.Namespace) -> list[Path]:
     return plot_fig_sam(diags, args.out, keys, labels)
 
 
+def _spec(args: argparse.Namespace) -> dict:
+    """The resolved table spec of ``--spec`` / ``--spec-json``, checked (``greg.tables.check_spec``)."""
+    origin = "--spec-json" if args.spec_json else f"--spec {args.spec}"
+    text = args.spec_json if args.spec_json else Path(args.spec).read_text(encoding="utf-8")
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{origin}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    return check_spec(spec, origin)
+
+
+def _json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{flag}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{flag} must be a JSON object, got {text[:60]!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     # one line per error; exit 2 for bad input (ReportError, a missing input file), 1 for I/O
     with cli_errors("greg report") as ce:
         if args.report_command == "table":
-            spec = json.loads(args.spec_json) if args.spec_json else json.loads(Path(args.spec).read_text())
+            spec = _spec(args)
             if args.paper:
-                aliases = json.loads(args.aliases_json)
-                if not isinstance(aliases, dict):
-                    raise ReportError(f"--aliases-json must be a JSON object, got {args.aliases_json!r}")
+                aliases = _json_object(args.aliases_json, "--aliases-json")
                 spec = attach_paper(spec, load_paper_results(args.paper), aliases)
             table = build_table(spec)
             io.atomic_write_text(args.tex, render_tex(table, args.template or DEFAULT_TEMPLATE))
@@ -160,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.report_command == "reproduction":
             tables = {}
             for path in map(Path, args.csvs):
-                tables[path.stem] = list(csv.DictReader(path.open(newline=""))) if path.is_file() else None
+                tables[path.stem] = read_table_csv(path) if path.is_file() else None
             md, out = reproduction_summary(tables, aliased=args.aliased)
             io.atomic_write_text(args.md, md)
             io.atomic_write_text(args.csv, out)

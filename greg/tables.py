@@ -1,12 +1,23 @@
-"""Paper tables: aggregate ``greg evaluate`` metrics over seeds and render LaTeX and CSV.
+"""Result tables: aggregate ``greg evaluate`` metrics over seeds and render LaTeX and CSV.
 
 A table is built from a *resolved* spec (``greg.plan.resolve_table``): every cell lists its ``metrics.csv``
 files, one per seed, or says why it is n/a. For each cell, the value of each seed's row (an OOD set, or
 ``mean``) is read; the table shows the mean over seeds and the sample standard deviation (ddof=1; 0 with
-one seed). The best mean of each column is bold and the runner-up underlined, compared on the displayed
-(rounded) values so that ties are marked alike; a column whose values all tie marks none. A table with
-sections (Tables 8-10: one block of rows per network) marks best / runner-up within each section. Every table that
-shows FPR95 states its convention (default: the paper's, ``fpr95_idpos``).
+one seed). Two rules mark the best of a column (the spec's ``best``):
+
+- ``mean`` (the paper's convention, every paper table): the best mean is bold and the runner-up underlined,
+  compared on the displayed (rounded) values so that ties are marked alike; a column whose values all tie
+  marks none;
+- ``separated`` (the demo): only a best, bold, and only where its mean minus its std is still better than
+  the runner-up's mean plus its std (their mean +- std intervals do not overlap); no runner-up mark.
+
+A table with sections (Tables 8-10: one block of rows per network) ranks within each section. Every table
+that shows FPR95 states its convention (default: the paper's, ``fpr95_idpos``). A cell whose recipe rests on
+an assumption (``config/tables.yaml`` ``assumptions``) carries a mark, explained under the table; its CSV
+line names the assumption. Every string from the spec is escaped (``greg.latex``).
+
+The paper's printed numbers beside ours are ``greg.paper_compare``; the reproduction summary
+``greg.reproduction``.
 """
 
 from __future__ import annotations
@@ -21,8 +32,10 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from greg import io
+from greg import latex
+from greg.errors import ReportError
 
+# metric -> (metrics.csv column, None: the table's FPR95 convention; higher is better; LaTeX header)
 METRICS: dict[str, tuple[str | None, bool, str]] = {
     "fpr95": (None, False, r"FPR95$\downarrow$"),
     "auroc": ("auroc", True, r"AUROC$\uparrow$"),
@@ -36,13 +49,18 @@ FPR_CONVENTIONS = {
 }
 CSV_COLUMNS = ("ood_set", "n_id", "n_ood", "id_acc", "fpr95_idpos", "fpr95_oodpos", "auroc", "aupr_in",
                "aupr_out")
+# metrics.csv columns that are percentages (and sample counts): a value outside the range is a broken file
+PERCENT_COLUMNS = ("id_acc", "fpr95_idpos", "fpr95_oodpos", "auroc", "aupr_in", "aupr_out")
+COUNT_COLUMNS = ("n_id", "n_ood")
+BEST_RULES = {
+    "mean": "Best mean in bold, runner-up underlined (none where all tie)",
+    "separated": ("Bold: the best mean, only where its mean $\\pm$ std interval does not overlap the "
+                  "runner-up's (no mark otherwise)"),
+}
+# superscript marks of the assumptions a table shows, in the order they are declared
+MARKS = (r"\dagger", r"\ddagger", r"\S", r"\P", r"\|", r"\ast", r"\star")
 # Package data (pyproject.toml), so a non-editable install finds it too; ``--template`` replaces it.
 DEFAULT_TEMPLATE = resources.files("greg") / "templates" / "table.tex.j2"
-
-
-
-class ReportError(ValueError):
-    pass
 
 
 def metric_column(metric: str, fpr: str) -> str:
@@ -53,8 +71,26 @@ def metric_column(metric: str, fpr: str) -> str:
     return METRICS[metric][0] or fpr
 
 
+def _cell_value(path: Path, lineno: int, column: str, text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ReportError(f"{path}, line {lineno}: {column} is {text[:40]!r}, not a number") from None
+    if math.isnan(v):
+        return v  # flagged as an n/a cell by build_table
+    if column in PERCENT_COLUMNS and not 0.0 <= v <= 100.0:
+        raise ReportError(f"{path}, line {lineno}: {column} is {text[:40]}, outside 0-100 (%)")
+    if column in COUNT_COLUMNS and not (v >= 0 and v == int(v)):
+        raise ReportError(f"{path}, line {lineno}: {column} is {text[:40]}, not a sample count")
+    if not math.isfinite(v):
+        raise ReportError(f"{path}, line {lineno}: {column} is {text[:40]}, not a finite number")
+    return v
+
+
 def read_metrics_csv(path: str | Path) -> dict[str, dict[str, float]]:
-    """``metrics.csv`` of ``greg evaluate`` -> ``{ood_set: {column: value}}`` (``mean`` included)."""
+    """``metrics.csv`` of ``greg evaluate`` -> ``{ood_set: {column: value}}`` (``mean`` included). A second
+    row of one OOD set, a cell that is not a number or a percentage outside 0-100 is refused, naming the line
+    (NaN passes: the table shows that cell as n/a)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
@@ -63,9 +99,14 @@ def read_metrics_csv(path: str | Path) -> dict[str, dict[str, float]]:
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ReportError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(CSV_COLUMNS)}")
-        out = {}
+        out: dict[str, dict[str, float]] = {}
         for row in reader:
-            out[row["ood_set"]] = {k: float(v) for k, v in row.items() if k != "ood_set" and v not in ("", None)}
+            lineno = reader.line_num
+            name = row["ood_set"]
+            if name in out:
+                raise ReportError(f"{path}, line {lineno}: a second row for OOD set {name!r} (one row each)")
+            out[name] = {k: _cell_value(path, lineno, k, v) for k, v in row.items()
+                         if k not in ("ood_set", None) and v not in ("", None)}
     if "mean" not in out:
         raise ReportError(f"{path}: no 'mean' row")
     return out
@@ -81,8 +122,60 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+def group_metrics(spec: dict, group: dict) -> list[str]:
+    """The metrics of a column group: its own ``metrics`` (an ID-accuracy column) or the table's."""
+    return list(group.get("metrics") or spec["metrics"])
 
 
+# ----------------------------------------------------------------------------------------- spec checks
+def _fail(origin: str, where: str, what: str) -> None:
+    raise ReportError(f"{origin}: {where}: {what}")
+
+
+def _check_keys(origin: str, where: str, obj: object, types: dict[str, type | tuple]) -> None:
+    if not isinstance(obj, dict):
+        _fail(origin, where, f"expected a JSON object, got {type(obj).__name__}")
+    for key, t in types.items():
+        if key not in obj:
+            _fail(origin, where, f"missing {key!r}")
+        if not isinstance(obj[key], t) or isinstance(obj[key], bool) and t is int:
+            _fail(origin, f"{where}.{key}", f"expected {getattr(t, '__name__', t)}, got {type(obj[key]).__name__}")
+
+
+def check_spec(spec: object, origin: str = "table spec") -> dict:
+    """``spec`` if it is a resolved table (``greg.plan.resolve_table``'s shape), else a ReportError naming
+    ``origin`` and the first bad entry. The name must be a safe identifier (it reaches ``\\label``)."""
+    _check_keys(origin, "spec", spec, {"name": str, "caption": str, "fpr": str, "metrics": list, "digits": int,
+                                       "show_std": bool, "groups": list, "rows": list})
+    assert isinstance(spec, dict)
+    latex.check_name(spec["name"], f"{origin}: table name")
+    if not 0 <= spec["digits"] <= 6:
+        _fail(origin, "spec.digits", f"{spec['digits']} is not 0-6")
+    if spec.get("best", "mean") not in BEST_RULES:
+        _fail(origin, "spec.best", f"{spec['best']!r} is not one of {', '.join(BEST_RULES)}")
+    if not spec["groups"]:
+        _fail(origin, "spec.groups", "no column group")
+    for i, g in enumerate(spec["groups"]):
+        _check_keys(origin, f"groups[{i}]", g, {"label": str, "columns": list})
+        for m in group_metrics(spec, g):
+            metric_column(m, spec["fpr"])
+        for j, c in enumerate(g["columns"]):
+            _check_keys(origin, f"groups[{i}].columns[{j}]", c, {"ood": str, "label": str})
+    for i, r in enumerate(spec["rows"]):
+        _check_keys(origin, f"rows[{i}]", r, {"label": str, "cells": list})
+        if len(r["cells"]) != len(spec["groups"]):
+            _fail(origin, f"rows[{i}].cells", f"{len(r['cells'])} cells for {len(spec['groups'])} groups")
+        for j, c in enumerate(r["cells"]):
+            _check_keys(origin, f"rows[{i}].cells[{j}]", c, {"files": list, "dataset": str, "arch": str,
+                                                             "run": str, "detector": str})
+            if not all(isinstance(f, str) for f in c["files"]):
+                _fail(origin, f"rows[{i}].cells[{j}].files", "expected a list of paths")
+    if not isinstance(spec.get("assumptions", {}), dict):
+        _fail(origin, "spec.assumptions", "expected a JSON object (key -> note)")
+    return spec
+
+
+# ---------------------------------------------------------------------------------------- aggregation
 @dataclass
 class Value:
     mean: float | None  # None: n/a
@@ -98,48 +191,54 @@ class Table:
     rows: list[tuple[str, str | None, list[Value]]] = field(default_factory=list)
 
 
+def _cell(row: dict, ood: str, col: str, files: list[str], read: Callable[[str], dict]) -> Value:
+    seeds = []
+    for f in files:
+        data = read(f)
+        if ood not in data:
+            raise ReportError(f"{f}: no row for OOD set {ood!r} (has {', '.join(data)})")
+        if col not in data[ood]:
+            raise ReportError(f"{f}: no value of {col!r} for {ood!r}")
+        seeds.append(data[ood][col])
+    if not seeds:
+        raise ReportError(f"row {row['label']!r}: no metrics files for an available cell")
+    bad = [(f, v) for f, v in zip(files, seeds) if not math.isfinite(v)]
+    if bad:  # a NaN metric is flagged (n/a), never averaged into a number or ranked
+        print(f"greg report: warning: {bad[0][0]}: {col} of {ood!r} is {bad[0][1]}; cell {row['label']!r} / "
+              f"{ood} shown as n/a", file=sys.stderr)
+        return Value(None)
+    m, s = mean_std(seeds)
+    return Value(m, s, len(seeds))
+
+
 def build_table(resolved: dict, reader: Callable[[str], dict] = read_metrics_csv) -> Table:
-    """Read every cell's metrics files and aggregate over seeds; mark best / runner-up per column."""
-    fpr, metrics, digits = resolved["fpr"], resolved["metrics"], resolved["digits"]
-    columns = [(gi, c["ood"], m) for gi, g in enumerate(resolved["groups"]) for c in g["columns"] for m in metrics]
+    """Read every cell's metrics files and aggregate over seeds; mark the best of each column."""
+    fpr, digits = resolved["fpr"], resolved["digits"]
+    columns = [(gi, c["ood"], m) for gi, g in enumerate(resolved["groups"]) for c in g["columns"]
+               for m in group_metrics(resolved, g)]
     cache: dict[str, dict] = {}
+
+    def read(f: str) -> dict:
+        if f not in cache:
+            cache[f] = reader(f)
+        return cache[f]
+
     table = Table(resolved, columns)
     for row in resolved["rows"]:
         values = []
         for gi, ood, metric in columns:
             cell = row["cells"][gi]
-            if cell["na"]:
-                values.append(Value(None))
-                continue
-            col = metric_column(metric, fpr)
-            seeds = []
-            for f in cell["files"]:
-                if f not in cache:
-                    cache[f] = reader(f)
-                data = cache[f]
-                if ood not in data:
-                    raise ReportError(f"{f}: no row for OOD set {ood!r} (has {', '.join(data)})")
-                if col not in data[ood]:
-                    raise ReportError(f"{f}: no value of {col!r} for {ood!r}")
-                seeds.append(data[ood][col])
-            if not seeds:
-                raise ReportError(f"row {row['label']!r}: no metrics files for an available cell")
-            bad = [f for f, v in zip(cell["files"], seeds) if not math.isfinite(v)]
-            if bad:  # a NaN/inf metric is flagged (n/a), never averaged into a number or ranked
-                print(f"greg report: warning: {bad[0]}: {col} of {ood!r} is {seeds[cell['files'].index(bad[0])]}; "
-                      f"cell {row['label']!r} / {ood} / {metric} shown as n/a", file=sys.stderr)
-                values.append(Value(None))
-                continue
-            m, s = mean_std(seeds)
-            values.append(Value(m, s, len(seeds)))
+            na = cell.get("na")
+            values.append(Value(None) if na else _cell(row, ood, metric_column(metric, fpr), cell["files"], read))
         table.rows.append((row["label"], row.get("section"), values))
     # Rows of one section (Tables 8-10: one network each) are ranked among themselves, not across networks.
     blocks: dict[str | None, list[list[Value]]] = {}
     for _, section, vals in table.rows:
         blocks.setdefault(section, []).append(vals)
+    mark = _mark_separated if resolved.get("best", "mean") == "separated" else _mark_best
     for block in blocks.values():
         for j, (_, _, metric) in enumerate(columns):
-            _mark_best(block, j, METRICS[metric][1], digits)
+            mark(block, j, METRICS[metric][1], digits)
     return table
 
 
@@ -159,14 +258,17 @@ def _mark_best(rows: list[list[Value]], j: int, higher: bool, digits: int) -> No
             v.style = "second"
 
 
-def latex_escape(text: str) -> str:
-    """Escape the characters that break a LaTeX cell (``& % # _``) once: an already escaped one (``\\%``, as a
-    caption written for LaTeX has it) is kept as it is; ``$``, ``\\`` and braces pass through."""
-    text = str(text)
-    return "".join("\\" + ch if ch in "&%#_" and (i == 0 or text[i - 1] != "\\") else ch
-                   for i, ch in enumerate(text))
+def _mark_separated(rows: list[list[Value]], j: int, higher: bool, digits: int) -> None:
+    """Bold the best of column ``j`` only where its mean +- std interval does not overlap the runner-up's."""
+    vals = sorted((v for r in rows if (v := r[j]).mean is not None), key=lambda v: v.mean, reverse=higher)
+    if len(vals) < 2:
+        return
+    best, second = vals[0], vals[1]
+    if abs(best.mean - second.mean) > (best.std or 0.0) + (second.std or 0.0):
+        best.style = "best"
 
 
+# ------------------------------------------------------------------------------------------ rendering
 def format_value(v: Value, digits: int, show_std: bool) -> str:
     if v.mean is None:
         return "n/a"
@@ -180,211 +282,102 @@ def format_value(v: Value, digits: int, show_std: bool) -> str:
     return text
 
 
-def render_tex(table: Table, template: str | Path | Traversable = DEFAULT_TEMPLATE) -> str:
-    import jinja2  # only rendering needs it; greg.plan imports this module for the Snakefile
+def cell_assumptions(spec: dict, row: dict, gi: int) -> list[str]:
+    """The assumption keys of a row's cell in group ``gi`` (none for an n/a cell)."""
+    cell = row["cells"][gi]
+    return [] if cell.get("na") else [a for a in cell.get("assumptions") or [] if a in (spec.get("assumptions") or {})]
 
+
+def assumption_marks(spec: dict) -> dict[str, str]:
+    """Assumption key -> its LaTeX mark, for the assumptions the table's available cells rest on."""
+    used = {a for row in spec["rows"] for gi in range(len(row["cells"])) for a in cell_assumptions(spec, row, gi)}
+    keys = [a for a in spec.get("assumptions") or {} if a in used]
+    return {a: MARKS[i % len(MARKS)] + "'" * (i // len(MARKS)) for i, a in enumerate(keys)}
+
+
+def _marked_rows(table: Table, cells: list[list[str]]) -> list[tuple[str, list[str]]]:
+    """(row label, cells) with the assumption marks: on the label when every available cell of the row
+    rests on the same assumptions, else on each cell."""
+    spec = table.spec
+    marks = assumption_marks(spec)
+    sup = lambda keys: f"$^{{{','.join(marks[a] for a in keys)}}}$" if keys else ""
+    out = []
+    for (label, _, _), row, texts in zip(table.rows, spec["rows"], cells):
+        per_col = [cell_assumptions(spec, row, gi) for gi, _, _ in table.columns]
+        available = [k for k, (gi, _, _) in zip(per_col, table.columns) if not row["cells"][gi].get("na")]
+        label = latex.escape(label)
+        if available and all(k == available[0] for k in available):
+            out.append((label + sup(available[0]), texts))
+        else:
+            out.append((label, [t + sup(k) for t, k in zip(texts, per_col)]))
+    return out
+
+
+def render_tex(table: Table, template: str | Path | Traversable = DEFAULT_TEMPLATE,
+               cells: list[list[str]] | None = None) -> str:
+    """The LaTeX table; ``cells`` replaces the formatted values (``greg.paper_compare``'s ours-and-paper)."""
     if not isinstance(template, Traversable):
         template = Path(template)
     if not template.is_file():
         raise FileNotFoundError(f"table template not found: {template}")
-    env = jinja2.Environment(
-        block_start_string="<%", block_end_string="%>", variable_start_string="<<", variable_end_string=">>",
-        comment_start_string="<#", comment_end_string="#>", trim_blocks=True, lstrip_blocks=True,
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-    )
-    env.filters["tex"] = latex_escape
     spec = table.spec
-    metrics = spec["metrics"]
-    ncols = len(table.columns)
-    groups = [{"label": g.get("header", g["label"]), "span": len(g["columns"]) * len(metrics),
-               "columns": [{"label": c["label"], "span": len(metrics)} for c in g["columns"]]}
+    latex.check_name(spec["name"])
+    if cells is None:
+        cells = [[format_value(v, spec["digits"], spec["show_std"]) for v in values] for _, _, values in table.rows]
+    groups = [{"label": g.get("header", g["label"]), "span": len(g["columns"]) * len(group_metrics(spec, g)),
+               "columns": [{"label": c["label"], "span": len(group_metrics(spec, g))} for c in g["columns"]]}
               for g in spec["groups"]]
     rows, last_section = [], None
     headers = {r.get("section"): r.get("section_header") or r.get("section") for r in spec["rows"]}
-    for label, section, values in table.rows:
+    for (_, section, _), (label, texts) in zip(table.rows, _marked_rows(table, cells)):
         if section and section != last_section:
             rows.append({"section": headers.get(section, section)})
         last_section = section or last_section
-        rows.append({"label": label,
-                     "cells": [v if isinstance(v, str) else format_value(v, spec["digits"], spec["show_std"])
-                               for v in values]})
+        rows.append({"label": label, "cells": texts})
     subs = spec.get("substitutes") or []
     smoke = (f"Smoke run on substitute data, not a paper result ({'; '.join(subs)}). " if subs else "")
-    return env.from_string(template.read_text(encoding="utf-8")).render(
+    marks = assumption_marks(spec)
+    notes = [f"$^{{{mark}}}$ Assumption: {latex.escape(spec['assumptions'][a])}" for a, mark in marks.items()]
+    metrics = [m for g in spec["groups"] for m in group_metrics(spec, g)]
+    ncols = len(table.columns)
+    return latex.render_template(
+        template.read_text(encoding="utf-8"), str(template),
         name=spec["name"], caption=spec["caption"], smoke=smoke,
-        # the convention sentence only where an FPR95 column is shown
-        fpr_note=spec["fpr_note"] if "fpr95" in metrics else "", ncols=ncols,
+        # the convention sentence only where an FPR95 column is shown (from the table's own registry)
+        fpr_note=FPR_CONVENTIONS[spec["fpr"]] if "fpr95" in metrics else "", ncols=ncols,
         has_na=any("n/a" in str(c) for r in rows for c in r.get("cells", [])),
+        best_rule=BEST_RULES[spec.get("best", "mean")],
         colspec="l" + "c" * ncols, groups=groups,
         show_ood_row=any(len(g["columns"]) > 1 or g["columns"][0]["ood"] != "mean" for g in spec["groups"]),
-        metric_labels=[METRICS[m][2] for m in metrics] * (ncols // max(len(metrics), 1)),
-        rows=rows, show_std=spec["show_std"],
+        metric_labels=[METRICS[m][2] for _, _, m in table.columns],
+        rows=rows, show_std=spec["show_std"], notes=notes,
     )
+
+
+def paper_values(table: Table, i: int) -> list[float | None]:
+    """The paper's printed value of each column of row ``i`` (None: none; ``greg.paper_compare``)."""
+    paper = table.spec.get("paper")
+    return paper["rows"][i] if paper else [None] * len(table.columns)
 
 
 def render_csv(table: Table) -> str:
     """Long format: one line per (row, column group, OOD set, metric) with mean, std, n_seeds, style, the
-    cell's run and detector, and the paper's printed value with ``delta`` = mean - paper (empty where the paper
-    prints none or the spec has no ``paper``, see :func:`attach_paper`)."""
+    cell's run and detector, the assumptions its recipe rests on (``;``-separated keys of the layout's
+    ``assumptions``), and the paper's printed value with ``delta`` = mean - paper (empty where the paper
+    prints none or the spec has no ``paper``, see ``greg.paper_compare.attach_paper``)."""
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["table", "row", "section", "group", "dataset", "arch", "ood_set", "metric", "column",
-                "mean", "std", "n_seeds", "mark", "run", "detector", "paper", "delta"])
+                "mean", "std", "n_seeds", "mark", "run", "detector", "assumptions", "paper", "delta"])
     spec = table.spec
     for i, ((label, section, values), row) in enumerate(zip(table.rows, spec["rows"])):
-        for (gi, ood, metric), v, paper in zip(table.columns, values, _paper_row(table, i)):
+        for (gi, ood, metric), v, paper in zip(table.columns, values, paper_values(table, i)):
             cell = row["cells"][gi]
             w.writerow([spec["name"], label, section or "", spec["groups"][gi]["label"], cell["dataset"],
                         cell["arch"], ood, metric, metric_column(metric, spec["fpr"]),
                         "n/a" if v.mean is None else repr(round(v.mean, 6)),
                         "" if v.std is None else repr(round(v.std, 6)), v.n, v.style, cell["run"],
-                        cell["detector"], "" if paper is None else repr(paper),
+                        cell["detector"], ";".join(cell_assumptions(spec, row, gi)),
+                        "" if paper is None else repr(paper),
                         "" if paper is None or v.mean is None else repr(round(v.mean - paper, 6))])
     return buf.getvalue()
-
-
-# ------------------------------------------------------------------------------------ the paper's numbers
-# config/paper_results.yaml holds every number the paper prints (docs/PAPER_TABLES.md). A rendered table gets
-# the paper's value beside each of our cells (CSV columns `paper` and `delta` = ours - paper, and a
-# `<name>_vs_paper.tex`); `reproduction_summary` says per table which cells are reproduced within TOLERANCE.
-
-# |ours - paper| (percentage points) within which a cell counts as reproduced. FPR95 is far noisier than
-# AUROC at the paper's scale (a few hundred OOD images around the 95 % threshold move it by points; the paper's
-# own seeds and reruns of its baselines differ by ~1-2 points), hence the wider band.
-TOLERANCE: dict[str, float] = {"fpr95": 2.0, "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "id_acc": 1.0}
-
-
-def load_paper_results(path: str | Path) -> dict:
-    """``config/paper_results.yaml``: ``{"source", "tables": {name: {groups, metrics, rows}}, "typos"}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"paper results file not found: {path}")
-    doc = io.yaml_load(path.read_text(encoding="utf-8"))
-    if not isinstance(doc, dict) or not isinstance(doc.get("tables"), dict):
-        raise ReportError(f"{path}: expected a mapping with 'tables'")
-    return doc
-
-
-def paper_cells(doc: dict, name: str) -> dict[tuple, float]:
-    """(section, row label, group label, OOD set, metric) -> printed value; {} when ``name`` is not a paper table."""
-    t = (doc.get("tables") or {}).get(name)
-    if not t:
-        return {}
-    out: dict[tuple, float] = {}
-    for r in t["rows"]:
-        values = iter(r["values"])
-        for g in t["groups"]:
-            for ood in g["ood"]:
-                for metric in t["metrics"]:
-                    out[(r.get("section"), r["label"], g["label"], ood, metric)] = float(next(values))
-    return out
-
-
-def is_aliased(aliases: dict | None) -> bool:
-    """True when a config maps the paper's datasets / archs / OOD sets to others (the smoke run): then our
-    numbers are not the paper's experiment and deltas mean nothing."""
-    return any(bool(m) for m in (aliases or {}).values())
-
-
-def attach_paper(resolved: dict, doc: dict, aliases: dict | None = None) -> dict:
-    """A copy of a resolved table with ``paper``: the paper's value of every cell, in ``build_table``'s column
-    order (None where the paper prints none), matched by row (section, label), group label, OOD set and
-    metric. Column OOD sets are mapped back through ``aliases['ood']`` (smoke: tiny_photos <- svhn)."""
-    cells = paper_cells(doc, resolved["name"])
-    ood_alias = (aliases or {}).get("ood") or {}
-    back: dict[str, str] = {}
-    for original, aliased in ood_alias.items():
-        back.setdefault(aliased, original)
-    rows = []
-    for row in resolved["rows"]:
-        values = []
-        for g in resolved["groups"]:
-            for c in g["columns"]:
-                ood = c["ood"] if c["ood"] == "mean" else back.get(c["ood"], c["ood"])
-                for metric in resolved["metrics"]:
-                    values.append(cells.get((row.get("section"), row["label"], g["label"], ood, metric)))
-        rows.append(values)
-    return {**resolved, "paper": {"source": doc.get("source", ""), "aliased": is_aliased(aliases),
-                                  "found": bool(cells), "rows": rows}}
-
-
-def _paper_row(table: Table, i: int) -> list[float | None]:
-    paper = table.spec.get("paper")
-    return paper["rows"][i] if paper else [None] * len(table.columns)
-
-
-def render_tex_vs_paper(table: Table, template: str | Path | Traversable = DEFAULT_TEMPLATE) -> str:
-    """The table with the paper's printed value after each of our cells: ``ours (paper)``."""
-    digits = table.spec["digits"]
-    paper = table.spec.get("paper") or {}
-    note = (" Each cell: ours (the paper's printed value; -- where it prints none)."
-            + (" Smoke run on substitute data: the comparison is only a format check." if paper.get("aliased")
-               else ""))
-    rows = []
-    for i, (label, section, values) in enumerate(table.rows):
-        cells = []
-        for v, p in zip(values, _paper_row(table, i)):
-            ours = format_value(v, digits, False)
-            cells.append(f"{ours} {{\\scriptsize({'--' if p is None else f'{p:.{digits}f}'})}}")
-        rows.append((label, section, cells))
-    spec = {**table.spec, "caption": table.spec["caption"] + note, "show_std": False}
-    return render_tex(Table(spec, table.columns, rows), template)
-
-
-def _cell_name(r: dict) -> str:
-    where = "/".join(x for x in (r["section"], r["row"]) if x)
-    return f"{where}, {r['group']}, {r['ood_set']}, {r['metric']}"
-
-
-def reproduction_summary(tables: dict[str, list[dict] | None], aliased: bool = False,
-                         tolerance: dict[str, float] | None = None, n_worst: int = 3) -> tuple[str, str]:
-    """Markdown and CSV: per table, how many of the paper's cells we reproduce within ``tolerance``, the worst
-    cells, and the runs whose cells are n/a. ``tables``: name -> the rows of its ``render_csv`` output (None:
-    the table was not built)."""
-    tol = {**TOLERANCE, **(tolerance or {})}
-    md = ["# Reproduction of the paper's tables", "",
-          "Each cell of a table is compared with the number the paper prints (config/paper_results.yaml, as "
-          "printed: the paper's own typos are listed in docs/PAPER_TABLES.md and not corrected here). A cell is "
-          "*reproduced* when |ours - paper| is at most " + ", ".join(f"{v:g} ({k})" for k, v in tol.items())
-          + " percentage points. delta = ours - paper, ours = mean over seeds.", ""]
-    if aliased:
-        md += [("**Smoke / substitute run**: the config maps the paper's datasets, networks or OOD sets to "
-                "others (`aliases`), so these deltas are meaningless; this file only shows that the comparison "
-                "runs."), ""]
-    md += ["| table | paper cells | compared | reproduced | worst cell (delta) | missing runs |",
-           "|---|---|---|---|---|---|"]
-    out = _io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(["table", "paper_cells", "compared", "reproduced", "reproduced_share", "worst_cell", "worst_delta",
-                "missing_runs", "aliased"])
-    details = []
-    for name, rows in tables.items():
-        if rows is None:
-            md.append(f"| {name} | | | | | table not built |")
-            w.writerow([name, "", "", "", "", "", "", "table not built", aliased])
-            continue
-        with_paper = [r for r in rows if r.get("paper", "") != ""]
-        compared = [r for r in with_paper if r["mean"] != "n/a"]
-        ok = [r for r in compared if abs(float(r["delta"])) <= tol.get(r["metric"], 1.0) + 1e-9]
-        worst = sorted(compared, key=lambda r: -abs(float(r["delta"])) / tol.get(r["metric"], 1.0))[:n_worst]
-        missing = sorted({f"{r['run']} ({r['dataset']}, {r['arch']}, {r['detector']})"
-                          for r in with_paper if r["mean"] == "n/a"})
-        share = f"{len(ok) / len(compared):.0%}" if compared else ""
-        top = worst[0] if worst else None
-        md.append(f"| {name} | {len(with_paper)} | {len(compared)} | {len(ok)} ({share or '-'}) | "
-                  + (f"{_cell_name(top)} ({float(top['delta']):+.2f})" if top else "")
-                  + f" | {len(missing) or ''} |")
-        w.writerow([name, len(with_paper), len(compared), len(ok), share,
-                    _cell_name(top) if top else "", f"{float(top['delta']):.4f}" if top else "",
-                    "; ".join(missing), aliased])
-        lines = [f"## {name}", ""]
-        for r in worst:
-            lines.append(f"- {_cell_name(r)}: ours {float(r['mean']):.2f}, paper {float(r['paper']):.2f}, "
-                         f"delta {float(r['delta']):+.2f}")
-        if missing:
-            lines.append("- missing runs (cells n/a: method, detector or model not implemented): "
-                         + ", ".join(missing))
-        if not with_paper:
-            lines.append("- the paper prints no number for this layout's cells")
-        details += lines + [""]
-    return "\n".join(md + [""] + details), out.getvalue()

@@ -1,4 +1,4 @@
-"""The paper's numbers beside ours (greg.tables): attach_paper, the `paper` / `delta` CSV columns, the
+"""The paper's numbers beside ours (greg.paper_compare, greg.reproduction): attach_paper, the `paper` / `delta` CSV columns, the
 `_vs_paper.tex` rendering and the reproduction summary; all against hand-computed values."""
 
 from __future__ import annotations
@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from greg import paper_compare as PC
+from greg import plan as P
+from greg import reproduction as R
 from greg import tables as T
-
-try:
-    from greg import plan as P
-except ImportError:  # pragma: no cover
-    from greg import report as P
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "ood_set,n_id,n_ood,id_acc,fpr95_idpos,fpr95_oodpos,auroc,aupr_in,aupr_out\n"
@@ -61,18 +59,18 @@ ALIASES = {"dataset": {"cifar10": "tiny"}, "arch": {}, "ood": {"svhn": "tiny_pho
 
 
 def test_attach_paper_maps_cells_through_the_aliases(tmp_path):
-    spec = T.attach_paper(_resolved(tmp_path), DOC, ALIASES)
+    spec = PC.attach_paper(_resolved(tmp_path), DOC, ALIASES)
     assert spec["paper"]["rows"] == [[8.5, 95.0, 11.0, 90.25], [None] * 4, [1.0, 2.0, 3.0, 4.0]]
     assert spec["paper"]["aliased"] is True and spec["paper"]["found"] is True
-    assert T.attach_paper(_resolved(tmp_path), DOC, {"dataset": {}, "arch": {}, "ood": {}})["paper"]["aliased"] is False
+    assert PC.attach_paper(_resolved(tmp_path), DOC, {"dataset": {}, "arch": {}, "ood": {}})["paper"]["aliased"] is False
     # without the OOD alias, tiny_photos has no paper column; the mean still matches
-    assert T.attach_paper(_resolved(tmp_path), DOC, {})["paper"]["rows"][0] == [None, None, 11.0, 90.25]
+    assert PC.attach_paper(_resolved(tmp_path), DOC, {})["paper"]["rows"][0] == [None, None, 11.0, 90.25]
     other = {**_resolved(tmp_path), "name": "table_extra"}
-    assert T.attach_paper(other, DOC, {})["paper"]["found"] is False
+    assert PC.attach_paper(other, DOC, {})["paper"]["found"] is False
 
 
 def test_csv_has_paper_and_delta(tmp_path):
-    table = T.build_table(T.attach_paper(_resolved(tmp_path), DOC, ALIASES))
+    table = T.build_table(PC.attach_paper(_resolved(tmp_path), DOC, ALIASES))
     rows = list(csv.DictReader(io.StringIO(T.render_csv(table))))
     a = {(r["ood_set"], r["metric"]): r for r in rows if r["row"] == "A"}
     assert float(a[("tiny_photos", "fpr95")]["paper"]) == 8.5
@@ -89,7 +87,7 @@ def test_csv_has_paper_and_delta(tmp_path):
 
 
 def test_vs_paper_tex_shows_both(tmp_path):
-    tex = T.render_tex_vs_paper(T.build_table(T.attach_paper(_resolved(tmp_path), DOC, ALIASES)))
+    tex = PC.render_tex_vs_paper(T.build_table(PC.attach_paper(_resolved(tmp_path), DOC, ALIASES)))
     line_a = next(ln for ln in tex.splitlines() if ln.startswith("A &"))
     # A and B read the same files: every column ties, so nothing is bold
     assert r"A & 10.50 {\scriptsize(8.50)}" in line_a and r"{\scriptsize(90.25)}" in line_a
@@ -100,9 +98,9 @@ def test_vs_paper_tex_shows_both(tmp_path):
 
 
 def test_reproduction_summary_counts_by_tolerance(tmp_path):
-    table = T.build_table(T.attach_paper(_resolved(tmp_path), DOC, {"ood": {"svhn": "tiny_photos"}}))
+    table = T.build_table(PC.attach_paper(_resolved(tmp_path), DOC, {"ood": {"svhn": "tiny_photos"}}))
     rows = list(csv.DictReader(io.StringIO(T.render_csv(table))))
-    md, out = T.reproduction_summary({"tableT": rows, "tableU": None}, aliased=False)
+    md, out = R.reproduction_summary({"tableT": rows, "tableU": None}, aliased=False)
     summary = {r["table"]: r for r in csv.DictReader(io.StringIO(out))}
     t = summary["tableT"]
     # A's 4 cells and C's 4 (n/a) have paper values; of A's: FPR95 deltas 2.0 and 1.5 are within 2 points,
@@ -112,20 +110,20 @@ def test_reproduction_summary_counts_by_tolerance(tmp_path):
     assert t["missing_runs"] == "r (tiny, n, energy)"
     assert summary["tableU"]["missing_runs"] == "table not built"
     assert "Smoke" not in md and "| tableT | 8 | 4 | 3 (75%) |" in md
-    md_smoke, _ = T.reproduction_summary({"tableT": rows}, aliased=True)
+    md_smoke, _ = R.reproduction_summary({"tableT": rows}, aliased=True)
     assert "meaningless" in md_smoke
 
 
 def test_every_cell_of_the_repos_tables_finds_its_paper_value():
-    doc = T.load_paper_results(ROOT / "config/paper_results.yaml")
+    doc = PC.load_paper_results(ROOT / "config/paper_results.yaml")
     full = yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
     layouts = P.load_tables(ROOT / "config/tables.yaml")
     for name in doc["tables"]:
-        spec = T.attach_paper(P.resolve_table(name, layouts[name], full), doc, full.get("aliases"))
+        spec = PC.attach_paper(P.resolve_table(name, layouts[name], full), doc, full.get("aliases"))
         assert spec["paper"]["aliased"] is False
         assert all(v is not None for row in spec["paper"]["rows"] for v in row), name
     smoke = _overlay(full, yaml.safe_load((ROOT / "config/smoke.yaml").read_text(encoding="utf-8")))
-    spec = T.attach_paper(P.resolve_table("table8", layouts["table8"], smoke), doc, smoke["aliases"])
+    spec = PC.attach_paper(P.resolve_table("table8", layouts["table8"], smoke), doc, smoke["aliases"])
     assert spec["paper"]["aliased"] is True
     # table8's first row (ResNet MSP) on tiny: Photos <- SVHN (73.02, 89.42) and the average (58.04, 90.49)
     assert [v for v in spec["paper"]["rows"][0] if v is not None] == [73.02, 89.42, 58.04, 90.49]

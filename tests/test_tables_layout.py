@@ -9,10 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-try:  # table resolution moved from greg.report to greg.plan
-    from greg import plan as P
-except ImportError:  # pragma: no cover
-    from greg import report as P
+from greg import plan as P
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = yaml.safe_load((ROOT / "config/paper_results.yaml").read_text(encoding="utf-8"))["tables"]

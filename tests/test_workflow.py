@@ -72,7 +72,11 @@ def test_full_config_dry_run_lists_the_expected_jobs():
     r = snakemake("-n", "all")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     counts = job_counts(r.stdout)
-    assert counts["table"] == len(P.load_tables(ROOT / "config/tables.yaml")) and counts["fig3"] == 1 and counts["fig4"] == 1 and counts["all"] == 1
+    # paper tables (with the comparison) and the others
+    paper = P.paper_tables(ROOT / "config/paper_results.yaml")
+    assert counts["paper_table"] == len(paper) == 10
+    assert counts["table"] + counts["paper_table"] == len(P.load_tables(ROOT / "config/tables.yaml"))
+    assert counts["fig3"] == 1 and counts["fig4"] == 1 and counts["all"] == 1
     assert counts["fig_sam"] == 1 and counts["table_dg"] == 1
     # Hessian alignment: (colored_digits, colored_mnist) x 8 algorithms, one download check per dataset
     assert counts["dg_run"] == 2 * 8 and counts["dg_download"] == 2
@@ -99,7 +103,8 @@ def test_profile_dry_run_all_tables():
     r = snakemake("--profile", "slurm", "all_tables", "-n")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     counts = job_counts(r.stdout)
-    assert counts["table"] == len(P.load_tables(ROOT / "config/tables.yaml")) and counts["all_tables"] == 1 and counts["pretrain"] > 0
+    assert counts["table"] + counts["paper_table"] == len(P.load_tables(ROOT / "config/tables.yaml"))
+    assert counts["all_tables"] == 1 and counts["pretrain"] > 0
     assert counts["table_dg"] == 1 and counts["dg_run"] == 16
 
 

@@ -51,7 +51,10 @@ def cell_ok(dataset, arch, run, detector):
     return UNAVAILABLE({"dataset": dataset, "arch": arch, "run": run, "detector": detector}) is None
 
 
-RESOLVED = {name: P.resolve_table(name, spec, config, UNAVAILABLE) for name, spec in TABLES.items()}
+ASSUMPTIONS = P.load_assumptions(config["tables"])  # marked recipes (config/tables.yaml `assumptions`)
+RESOLVED = {
+    name: P.resolve_table(name, spec, config, UNAVAILABLE, ASSUMPTIONS) for name, spec in TABLES.items()
+}
 
 
 def _check_run_configs():
@@ -82,6 +85,16 @@ _check_run_configs()
 
 def table_outputs(name):
     return [f"{RESULTS}/tables/{name}.tex", f"{RESULTS}/tables/{name}.csv"]
+
+
+def table_report(fmt):
+    """A table's .tex (fmt LaTeX) or .csv (fmt CSV) output of the `table` / `paper_table` rules, in the report."""
+    return report(
+        f"{RESULTS}/tables/{{table}}.{'tex' if fmt == 'LaTeX' else 'csv'}",
+        caption="../report/table.rst",
+        category="Tables",
+        labels={"table": "{table}", "format": fmt},
+    )
 
 
 def rules_inputs_all_tables():
@@ -291,10 +304,11 @@ def dg_summaries():
 
 
 def dg_caption():
+    # plain text: greg dg table escapes it
     steps = "the protocol's 501" if DG["steps"] is None else str(DG["steps"])
     return (
-        f"Domain generalization (Hessian alignment), test-environment accuracy (\\%) of the last step, "
-        f"mean $\\pm$ std over {DG['restarts']} restarts, {steps} full-batch steps; best non-oracle test "
+        f"Domain generalization (Hessian alignment), test-environment accuracy (%) of the last step, "
+        f"mean ± std over {DG['restarts']} restarts, {steps} full-batch steps; best non-oracle test "
         "accuracy in bold."
     )
 

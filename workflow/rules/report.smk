@@ -1,39 +1,52 @@
-# Tables (LaTeX + CSV, one rule per paper table: `snakemake table2`) and figures (PDF + PNG), all made by
+# Tables (LaTeX + CSV, one rule per table: `snakemake table2`) and figures (PDF + PNG), all made by
 # `greg report`. Table cells whose method/detector/model/dataset is not implemented are n/a (not built).
-# Every table also carries the paper's printed numbers (config/paper_results.yaml): `paper` / `delta` in its
-# CSV, `<table>_vs_paper.tex`, and `reproduction` summarizes them (docs/PAPER_TABLES.md).
+# Every paper table also carries the paper's printed numbers (config/paper_results.yaml): `paper` / `delta` in
+# its CSV, `<table>_vs_paper.tex`, and `reproduction` summarizes them (docs/PAPER_TABLES.md).
 
 PAPER_RESULTS = os.path.join(workflow.basedir, "config", "paper_results.yaml")
-# the paper's tables are tableN (tests/test_tables_layout.py); extras (table_sam, ...) have other names
-PAPER_TABLES = [name for name in TABLES if name.removeprefix("table").isdigit()]
+# the tables the paper prints (config/paper_results.yaml) get the comparison; extras (table_sam, the demo's) not
+PAPER_TABLES = [name for name in TABLES if name in P.paper_tables(PAPER_RESULTS)]
+OTHER_TABLES = [name for name in TABLES if name not in PAPER_TABLES]
+TABLE_TEMPLATE = os.path.join(workflow.basedir, "greg", "templates", "table.tex.j2")  # not the working dir
 
 
 rule table:
+    """A table the paper does not print: LaTeX + CSV."""
     input:
         lambda wc: P.table_inputs(RESOLVED[wc.table]),
-        template=os.path.join(workflow.basedir, "greg", "templates", "table.tex.j2"),  # not the working dir
+        template=TABLE_TEMPLATE,
+    output:
+        tex=table_report("LaTeX"),
+        csv=table_report("CSV"),
+    log:
+        f"{RESULTS}/logs/report/{{table}}.log",
+    wildcard_constraints:
+        table="|".join(sorted(OTHER_TABLES)) or "no-tables",
+    params:
+        spec=lambda wc: json.dumps(RESOLVED[wc.table], sort_keys=True),
+    conda:
+        ENV_CPU
+    shell:
+        "greg report table --spec-json {params.spec:q} --template {input.template:q}"
+        " --tex {output.tex:q} --csv {output.csv:q} > {log:q} 2>&1"
+
+
+rule paper_table:
+    """A paper table: LaTeX + CSV with the paper's value and delta per cell, and the table vs the paper."""
+    input:
+        lambda wc: P.table_inputs(RESOLVED[wc.table]),
+        template=TABLE_TEMPLATE,
         paper=PAPER_RESULTS,
     output:
-        tex=report(
-            f"{RESULTS}/tables/{{table}}.tex",
-            caption="../report/table.rst",
-            category="Tables",
-            labels={"table": "{table}", "format": "LaTeX"},
-        ),
-        csv=report(
-            f"{RESULTS}/tables/{{table}}.csv",
-            caption="../report/table.rst",
-            category="Tables",
-            labels={"table": "{table}", "format": "CSV"},
-        ),
+        tex=table_report("LaTeX"),
+        csv=table_report("CSV"),
         vs_paper=f"{RESULTS}/tables/{{table}}_vs_paper.tex",
     log:
         f"{RESULTS}/logs/report/{{table}}.log",
     wildcard_constraints:
-        table="|".join(sorted(TABLES)) or "no-tables",
+        table="|".join(sorted(PAPER_TABLES)) or "no-tables",
     params:
         spec=lambda wc: json.dumps(RESOLVED[wc.table], sort_keys=True),
-        caption=lambda wc: RESOLVED[wc.table]["caption"],
         aliases=json.dumps(config.get("aliases") or {}, sort_keys=True),
     conda:
         ENV_CPU
