@@ -342,3 +342,32 @@ def test_download_mnist_from_local_mirrors(tmp_path, monkeypatch):
         assert not (tmp_path / "data" / "mnist" / "raw" / "train-labels-idx1-ubyte.gz").exists()
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "3", '"erm"', "{"])
+def test_dg_summary_or_config_that_is_not_an_object_is_one_line(tmp_path, capsys, text):
+    from greg.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(text)
+    assert main(["dg", "table", "--inputs", str(run), "--out", str(tmp_path / "t.tex")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run / 'summary.json'}:" in err, err
+    # an existing config.json of a run directory: refused before any training
+    (run / "config.json").write_text(text)
+    rc = main(["dg", "run", "--dataset", "colored_digits", "--algorithm", "erm", "--out", str(run), "--steps", "1",
+               "--restarts", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"{run / 'config.json'}:" in err, err
+    assert not (run / "results.csv").exists()
+
+
+def test_dg_table_escapes_names_and_caption():
+    from greg.dg.cli import render_table
+
+    runs = [{"dataset": "my_set%", "algorithm": "new_alg&#", "n_restarts": 1, "path": "p",
+             **{m: {"mean": 50.0, "std": 1.0} for m in ("train_acc", "val_acc", "test_acc")}}]
+    tex = render_table(runs, caption="Acc. (%) of x_y \\input{/etc/hostname}")[0]
+    assert r"my\_set\% & new\_alg\&\# &" in tex and r"\input" not in tex
+    assert r"\caption{Acc. (\%) of x\_y \textbackslash{}input\{/etc/hostname\}}" in tex

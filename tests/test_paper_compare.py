@@ -153,3 +153,62 @@ def test_cli_table_with_paper_and_reproduction(tmp_path):
     got = {r["table"]: r for r in csv.DictReader(summary.open())}
     assert got["tableT"]["reproduced"] == "3" and got["tableU"]["missing_runs"] == "table not built"
     assert greg_main(args[:-2] + ["--aliases-json", "[1]"]) == 2
+
+
+def test_reproduction_separates_off_and_assumption_based_cells(tmp_path):
+    spec = _resolved(tmp_path)
+    spec["assumptions"] = {"ours": "a recipe of ours"}
+    spec["rows"][0]["cells"][0]["assumptions"] = ["ours"]
+    rows = list(csv.DictReader(io.StringIO(T.render_csv(T.build_table(PC.attach_paper(spec, DOC, ALIASES))))))
+    assert {r["assumptions"] for r in rows if r["row"] == "A"} == {"ours"}
+    md, out = R.reproduction_summary({"tableT": rows})
+    t = next(csv.DictReader(io.StringIO(out)))
+    # A: 3 of 4 cells within tolerance; the AUROC mean cell (+3.0) is off, and A rests on an assumption
+    assert (t["reproduced"], t["off"], t["off_assumption"]) == ("3", "1", "1")
+    assert "| tableT | 8 | 4 | 3 (75%) | 1 | 1 |" in md
+    assert "A, G, mean, auroc: ours 93.25, paper 90.25, delta +3.00: off, assumption-based (ours)" in md
+    plain = list(csv.DictReader(io.StringIO(T.render_csv(T.build_table(PC.attach_paper(_resolved(tmp_path), DOC,
+                                                                                        ALIASES))))))
+    t = next(csv.DictReader(io.StringIO(R.reproduction_summary({"tableT": plain})[1])))
+    assert (t["reproduced"], t["off"], t["off_assumption"]) == ("3", "1", "0")
+
+
+def test_reproduction_refuses_a_csv_it_cannot_read(tmp_path, capsys):
+    from greg.cli import main as greg_main
+
+    md, out = tmp_path / "r.md", tmp_path / "r.csv"
+    bad = tmp_path / "table1.csv"
+    for text, match in (("a,b\n1,2\n", f"{bad}: missing column(s)"),
+                        (("table,row,section,group,dataset,arch,ood_set,metric,mean,run,detector,paper,delta\n"
+                         "t,A,,G,d,a,x,auroc,abc,r,energy,90,1\n"), f"{bad}, line 2: mean is 'abc'"),
+                        (("table,row,section,group,dataset,arch,ood_set,metric,mean,run,detector,paper,delta\n"
+                         "t,A,,G,d,a,x,auroc,90,r,energy,80,\n"), f"{bad}, line 2: a mean and a paper value")):
+        bad.write_text(text)
+        assert greg_main(["report", "reproduction", str(bad), "--md", str(md), "--csv", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err, err
+        assert not md.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda t: t.update(rows=5), r"tables\.tableT\.rows: expected a list, got int"),
+    (lambda t: t["rows"][0].update(values=[1, 2]), r"tables\.tableT\.rows\[0\] \(A\): expected 4 numbers"),
+    (lambda t: t["rows"][0].update(values=[1, 2, 3, "x"]), r"tables\.tableT\.rows\[0\] \(A\): expected 4 numbers"),
+    (lambda t: t["groups"][0].update(ood="svhn"), r"tables\.tableT\.groups\[0\]: expected a mapping with 'label'"),
+    (lambda t: t["rows"].append(3), r"tables\.tableT\.rows\[2\]: expected a mapping"),
+])
+def test_paper_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, mutate, match):
+    import copy
+    import json
+    import re
+
+    from greg.cli import main as greg_main
+
+    doc = copy.deepcopy(DOC)
+    mutate(doc["tables"]["tableT"])
+    paper = tmp_path / "paper.yaml"
+    paper.write_text(yaml.safe_dump(doc))
+    rc = greg_main(["report", "table", "--spec-json", json.dumps(_resolved(tmp_path)), "--tex",
+                    str(tmp_path / "t.tex"), "--csv", str(tmp_path / "t.csv"), "--paper", str(paper)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and re.search(rf"{re.escape(str(paper))}: {match}", err), err

@@ -572,3 +572,290 @@ def test_every_cli_help_shows_defaults(argv, expected, capsys):
     assert found
     bare = [f"{path} {a.option_strings[0]}" for path, a in found if not (a.help or "").strip()]
     assert not bare, bare
+
+
+# ------------------------------------------------------------------------ text that reaches LaTeX, inputs
+HOSTILE = "a_b %c &d #e $f ^g ~h {i} \\j \\input{/etc/hostname}\nk"
+
+
+def test_latex_escape_every_special_character():
+    from greg import latex
+
+    # by hand: each special character becomes the command that prints it; a line break becomes a space
+    assert latex.escape(r"_%&#$^~{}\|<>") == (r"\_\%\&\#\$\textasciicircum{}\textasciitilde{}\{\}"
+                                               r"\textbackslash{}\textbar{}\textless{}\textgreater{}")
+    assert latex.escape("a\nb") == "a b" and latex.escape("1 ± 2") == r"1 $\pm$ 2"
+    assert latex.escape(r"\input{/etc/hostname}") == r"\textbackslash{}input\{/etc/hostname\}"
+    for bad in ("t\n\\input{/etc/hostname}", "table 1", "1table", "", "a-b", None):
+        with pytest.raises(T.ReportError, match="letters, digits and '_'"):
+            latex.check_name(bad)
+    assert latex.check_name("table_1") == "table_1"
+
+
+def _hostile_spec(tmp_path):
+    spec = _spec(tmp_path)
+    spec["caption"] = "Caption " + HOSTILE
+    spec["groups"][0]["label"] = "Group " + HOSTILE
+    spec["groups"][0]["columns"][0]["label"] = "Col " + HOSTILE
+    spec["rows"][0]["label"] = "Row " + HOSTILE
+    spec["rows"][0]["section"] = spec["rows"][1]["section"] = "Section " + HOSTILE
+    spec["substitutes"] = ["Sub " + HOSTILE]
+    spec["assumptions"] = {"hostile": "Note " + HOSTILE}
+    spec["rows"][1]["cells"][0]["assumptions"] = ["hostile"]
+    return spec
+
+
+def test_hostile_strings_never_become_latex_commands(tmp_path):
+    tex = T.render_tex(T.build_table(_hostile_spec(tmp_path)))
+    # every hostile string arrives escaped: no \input, no unescaped special character from the input
+    assert r"\input" not in tex and tex.count(r"\textbackslash{}input\{/etc/hostname\}") == 7
+    assert tex.count(r"\_b \%c \&d \#e \$f \textasciicircum{}g \textasciitilde{}h \{i\}") == 7
+    assert "\nk" not in tex  # a line break in a label cannot end the comment or the \label line
+    # a table name that is not an identifier is refused: it goes into the header comment and \label
+    for bad in ("t\n\\input{/etc/hostname}", "t}\\input{x"):
+        with pytest.raises(T.ReportError, match="table name"):
+            T.render_tex(T.build_table({**_spec(tmp_path), "name": bad}))
+        with pytest.raises(T.ReportError, match="table name"):
+            T.check_spec({**_spec(tmp_path), "name": bad})
+        with pytest.raises(T.ReportError, match="table name"):
+            P.resolve_table(bad, {"caption": "c", "groups": [], "rows": []}, _config())
+    layout = tmp_path / "tables.yaml"
+    layout.write_text(yaml.safe_dump({"t\n\\input{/etc/hostname}": {"caption": "c", "groups": [], "rows": []}}))
+    with pytest.raises(T.ReportError, match="table name"):
+        P.load_tables(layout)
+
+
+def test_user_template_is_sandboxed(tmp_path):
+    t = T.build_table(_spec(tmp_path))
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.tex.j2"
+    evil.write_text("<< cycler.__init__.__globals__.os.system('touch " + str(marker) + "') >>\n"
+                    "<< ''.__class__.__mro__[1].__subclasses__() >>\n")
+    with pytest.raises(T.ReportError, match="sandbox"):
+        T.render_tex(t, evil)
+    assert not marker.exists()
+    # through the CLI: one line, exit 2, no output, no command run
+    spec = json.dumps(_spec(tmp_path))
+    args = ["report", "table", "--spec-json", spec, "--tex", str(tmp_path / "o.tex"), "--csv", str(tmp_path / "o.csv")]
+    assert greg_main([*args, "--template", str(evil)]) == 2
+    assert not marker.exists() and not (tmp_path / "o.tex").exists()
+    # the shipped template renders in the sandbox, and a plain user template too
+    assert greg_main(args) == 0 and r"\label{tab:tableT}" in (tmp_path / "o.tex").read_text()
+    plain = tmp_path / "plain.tex.j2"
+    plain.write_text("<< name >>: << caption | tex >> << rows | length >>\n")
+    assert T.render_tex(t, plain) == "tableT: Test 100\\% table 5\n"
+
+
+LATEX_PRESENT = pytest.mark.skipif(not shutil.which("pdflatex") and not os.environ.get("GREG_REQUIRE_LATEX"),
+                                   reason="pdflatex not installed (CI installs it: .ci/run)")
+
+
+@LATEX_PRESENT
+def test_hostile_label_set_compiles(tmp_path):
+    """Tables and `greg dg table` with every LaTeX special character in labels, captions, sections, notes,
+    group / algorithm / dataset names compile (.ci/compile_tables.py), and print no hostname."""
+    from greg.dg.cli import render_table as dg_table
+
+    assert shutil.which("pdflatex"), "GREG_REQUIRE_LATEX is set but pdflatex is not on PATH"
+    out = tmp_path / "tables"
+    out.mkdir()
+    table = T.build_table(_hostile_spec(tmp_path))
+    (out / "hostile.tex").write_text(T.render_tex(table))
+    runs = [{"dataset": "ds_" + HOSTILE, "algorithm": "alg_" + HOSTILE, "n_restarts": 2, "path": "p",
+             **{m: {"mean": 50.0, "std": 1.0} for m in ("train_acc", "val_acc", "test_acc")}}]
+    (out / "hostile_dg.tex").write_text(dg_table(runs, caption="Cap " + HOSTILE)[0])
+    r = subprocess.run([sys.executable, str(ROOT / ".ci/compile_tables.py"), str(out)], capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0 and "2/2 tables compile" in r.stderr, r.stderr
+
+
+def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("row,match", [
+    ("mean,100,50,90,10,20,1e308,1,1", r"line 3: auroc is 1e308, outside 0-100"),
+    ("mean,100,50,90,10,20,150,1,1", r"line 3: auroc is 150, outside 0-100"),
+    ("mean,100,50,90,-20,20,90,1,1", r"line 3: fpr95_idpos is -20, outside 0-100"),
+    ("mean,100,50,90,10,20,inf,1,1", r"line 3: auroc is inf, outside 0-100"),
+    ("mean,100,50,90,10,20,abc,1,1", r"line 3: auroc is 'abc', not a number"),
+    ("mean,-3,50,90,10,20,90,1,1", r"line 3: n_id is -3, not a sample count"),
+    ("x,100,50,90,10,20,90,1,1", r"line 3: a second row for OOD set 'x'"),
+])
+def test_metrics_csv_bad_values_are_refused_with_file_and_line(tmp_path, row, match):
+    p = _write(tmp_path / "m.csv", HEADER + "x,100,50,90,10,20,90,1,1\n" + row + "\n")
+    with pytest.raises(T.ReportError, match=rf"m\.csv, {match}"):
+        T.read_metrics_csv(p)
+
+
+def test_metrics_csv_nan_stays_a_flagged_cell(tmp_path):
+    p = _write(tmp_path / "m.csv", HEADER + "mean,100,50,90,10,20,nan,1,1\n")
+    assert math.isnan(T.read_metrics_csv(p)["mean"]["auroc"])
+
+
+@pytest.mark.parametrize("spec_json,match", [
+    ("[]", "--spec-json: spec: expected a JSON object, got list"),
+    ("3", "--spec-json: spec: expected a JSON object, got int"),
+    ("{", "--spec-json: not valid JSON"),
+    (('{"name": "t", "caption": "c", "fpr": "fpr95_idpos", "metrics": ["auroc"], "digits": 1, "show_std": true, '
+     '"groups": [{"label": "g", "columns": [{"ood": "mean", "label": "m"}]}], "rows": [{"label": "r", '
+     '"cells": 5}]}'), r"rows\[0\]\.cells: expected list, got int"),
+    (('{"name": "t", "caption": "c", "fpr": "fpr95_idpos", "metrics": ["auroc"], "digits": 1, "show_std": true, '
+     '"groups": [{"label": "g", "columns": [{"ood": "mean", "label": "m"}]}], "rows": [{"label": "r", '
+     '"cells": [{"files": "x", "dataset": "d", "arch": "a", "run": "r", "detector": "d"}]}]}'),
+     r"rows\[0\]\.cells\[0\]\.files: expected list, got str"),
+])
+def test_report_table_bad_spec_is_one_line(tmp_path, capsys, spec_json, match):
+    rc = greg_main(["report", "table", "--spec-json", spec_json, "--tex", str(tmp_path / "o.tex"),
+                    "--csv", str(tmp_path / "o.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("greg report: "), err
+    assert __import__("re").search(match, err), err
+    assert not (tmp_path / "o.tex").exists()
+
+
+def test_fig3_run_config_that_is_not_a_mapping(tmp_path, capsys):
+    log = _write(tmp_path / "run" / "metrics.jsonl", '{"step": 0, "energy": 1.0, "score_grad_norm": 2.0}\n')
+    for doc in ("[1, 2]\n", "7\n", "method: [1]\n", "method: {hparams: 3}\n"):
+        (tmp_path / "run" / "config.yaml").write_text(doc)
+        rc = greg_main(["report", "fig3", "--run", f"E={log}", "--out", str(tmp_path / "f.pdf")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "config.yaml: expected a run config" in err, (doc, err)
+    assert greg_main(["report", "fig3", "--run", f"={log}", "--out", str(tmp_path / "f.pdf")]) == 2
+    assert "empty LABEL" in capsys.readouterr().err
+
+
+def test_figure_labels_that_cannot_pass_as_label_path_are_refused():
+    cfg = {**_config(), "figures": {"fig3": {"runs": {"GReg": "greg"}}}}
+    P.check_extra_names(cfg)
+    for label in ("m=1", "a,b", "two\nlines", " "):
+        with pytest.raises(T.ReportError, match=r"figures\.fig3\.runs: label"):
+            P.check_extra_names({**cfg, "figures": {"fig3": {"runs": {label: "greg"}}}})
+
+
+def test_fig4_says_on_the_figure_that_it_pools_the_seeds(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    dirs = []
+    for s in range(3):
+        d = tmp_path / f"s{s}"
+        (d / "scores").mkdir(parents=True)
+        np.savez(d / "scores" / "id.npz", scores=rng.normal(-10, 1, 20))
+        np.savez(d / "scores" / "svhn.npz", scores=rng.normal(-4, 1, 20))
+        dirs.append(str(d))
+    seen = {}
+    monkeypatch.setattr(F, "_save_figure", lambda fig, out: seen.setdefault("title", fig._suptitle.get_text()))
+    F.plot_fig4({"GReg": dirs, "Energy": dirs}, "svhn", tmp_path / "f.pdf")
+    assert seen["title"] == "Each panel pools the per-sample scores of 3 seeds' models"
+    assert F.pooled_note({"a": dirs[:1]}) == "Per-sample scores of one model (one seed) per panel"
+
+
+# ----------------------------------------------------------------------------------- assumption marks
+def _full_and_smoke():
+    full = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    return full, _overlay(full, yaml.safe_load((ROOT / "config/smoke.yaml").read_text()))
+
+
+def test_assumption_marks_follow_the_declared_recipes():
+    """config/tables.yaml `assumptions`, resolved on the full config: a cell carries a key when its run (or,
+    for a fine-tuned run, its CE model) is declared for the cell's paper dataset and arch."""
+    full, _ = _full_and_smoke()
+    path = ROOT / "config/tables.yaml"
+    layouts, assumptions = P.load_tables(path), P.load_assumptions(path)
+    assert set(assumptions) == {"ce_resnet_wrn", "imagenet_ce", "imagenet_oe_energy", "imagenet_adam_wd", "oe_grad"}
+    keys = lambda res: {(r["label"], g["label"]): c["assumptions"]
+                        for r in res["rows"] for g, c in zip(res["groups"], r["cells"])}
+    t1 = keys(P.resolve_table("table1", layouts["table1"], full, assumptions=assumptions))
+    assert t1[("MSP", "ResNet")] == t1[("MSP", "WRN")] == ["ce_resnet_wrn"]
+    assert t1[("MSP", "DenseNet")] == []  # the released checkpoint is imported
+    assert t1[("GReg", "WRN")] == ["ce_resnet_wrn"]  # fine-tunes the CE model
+    assert t1[("OpenMix", "ResNet")] == []  # trains from scratch
+    t3 = keys(P.resolve_table("table3", layouts["table3"], full, assumptions=assumptions))
+    g = "OOD Datasets"
+    assert t3[("MSP", g)] == ["imagenet_ce"] and t3[("OE", g)] == ["imagenet_ce", "imagenet_oe_energy"]
+    assert t3[("GReg", g)] == ["imagenet_ce", "imagenet_adam_wd"]
+    assert t3[("GReg+", g)] == ["imagenet_ce", "imagenet_adam_wd"]  # ImageNet GReg+ fine-tunes (init_by_dataset)
+    assert t3[("DOS", g)] == []
+    t4 = P.resolve_table("table4", layouts["table4"], full, assumptions=assumptions)
+    assert keys(t4)[("OE + Grad", "CIFAR-10")] == ["oe_grad"] and keys(t4)[("OE", "CIFAR-10")] == []
+    assert list(t4["assumptions"]) == ["oe_grad"]  # only the notes a table needs
+
+
+def test_smoke_tables_show_the_assumption_marks(tmp_path):
+    """The smoke run (aliased names) renders the marks: on the row label where the whole row rests on one,
+    else on the cell; the note under the table; the CSV names the key."""
+    _, smoke = _full_and_smoke()
+    smoke["results"] = str(tmp_path / "res")
+    path = ROOT / "config/tables.yaml"
+    layouts, assumptions = P.load_tables(path), P.load_assumptions(path)
+    rendered = {}
+    for name in ("table1", "table4"):
+        res = P.resolve_table(name, layouts[name], smoke, assumptions=assumptions)
+        for f in P.table_inputs(res):
+            oods = smoke["datasets"]["tiny"]["ood"] + ["mean"]
+            write_metrics(Path(f), {o: (10.0, 20.0, 90.0) for o in oods})
+        table = T.build_table(res)
+        rendered[name] = (T.render_tex(table), list(csv.DictReader(io.StringIO(T.render_csv(table)))))
+    tex, rows = rendered["table4"]
+    assert r"OE + Grad$^{\dagger}$ &" in tex and r"$^{\dagger}$ Assumption: OE + Grad: OE's recipe" in tex
+    assert {r["assumptions"] for r in rows if r["row"] == "OE + Grad"} == {"oe_grad"}
+    assert {r["assumptions"] for r in rows if r["row"] != "OE + Grad"} == {""}
+    tex, rows = rendered["table1"]
+    msp = next(ln for ln in tex.splitlines() if ln.startswith("MSP"))
+    # ResNet and WRN cells marked, the DenseNet ones (imported checkpoint) not: marks on the cells
+    assert msp.startswith("MSP &") and msp.count(r"$^{\dagger}$") == 4
+    assert r"$^{\dagger}$ Assumption: the CE model of ResNet-18 and WRN-40-2" in tex
+    assert {(r["group"], r["assumptions"]) for r in rows if r["row"] == "MSP"} == {
+        ("ResNet", "ce_resnet_wrn"), ("WRN", "ce_resnet_wrn"), ("DenseNet", "")}
+
+
+def test_assumptions_file_is_checked(tmp_path):
+    p = tmp_path / "t.yaml"
+    for doc, match in (({"assumptions": [1]}, "expected a mapping"),
+                       ({"assumptions": {"a": {"note": "n"}}}, "'note' and 'runs'"),
+                       ({"assumptions": {"a": {"note": "n", "runs": ["x"], "arch": ["y"]}}}, r"assumptions\.a\.arch"),
+                       ({"assumptions": {"a b": {"note": "n", "runs": ["x"]}}}, "assumption key")):
+        p.write_text(yaml.safe_dump(doc))
+        with pytest.raises(T.ReportError, match=match):
+            P.load_assumptions(p)
+
+
+# ---------------------------------------------------------------------------------------- the demo table
+def test_separated_best_needs_a_gap_beyond_the_spread():
+    V = T.Value
+    # AUROC (higher better): 90 +- 1 vs 87 +- 1: gap 3 > 2 -> bold; 90 +- 2 vs 87 +- 1.5: gap 3 < 3.5 -> none
+    rows = [[V(90.0, 1.0, 3)], [V(87.0, 1.0, 3)], [V(50.0, 0.0, 3)]]
+    T._mark_separated(rows, 0, True, 2)
+    assert [r[0].style for r in rows] == ["best", "", ""]
+    rows = [[V(90.0, 2.0, 3)], [V(87.0, 1.5, 3)]]
+    T._mark_separated(rows, 0, True, 2)
+    assert [r[0].style for r in rows] == ["", ""]
+    # FPR95 (lower better): 10 +- 0.5 vs 12 +- 0.5 -> bold 10; an n/a cell never counts
+    rows = [[V(12.0, 0.5, 3)], [V(None)], [V(10.0, 0.5, 3)]]
+    T._mark_separated(rows, 0, False, 2)
+    assert [r[0].style for r in rows] == ["", "", "best"]
+
+
+def test_demo_table_is_the_demos_own(tmp_path):
+    demo = _overlay(yaml.safe_load((ROOT / "config/config.yaml").read_text()),
+                    yaml.safe_load((ROOT / "config/demo.yaml").read_text()))
+    demo["results"] = str(tmp_path / "res")
+    layouts = P.load_tables(ROOT / demo["tables"])
+    res = P.resolve_table("table_demo", layouts["table_demo"], demo)
+    assert res["substitutes"] == [] and res["best"] == "separated"
+    assert [g["header"] for g in res["groups"]] == ["OOD test sets", "ID accuracy"]
+    oods = demo["datasets"]["tiny_m"]["ood"]
+    assert [c["label"] for c in res["groups"][0]["columns"]] == ["Textures", "Faces", "Photos", "Gaussian",
+                                                                 "Uniform", "Average"]
+    for k, f in enumerate(P.table_inputs(res)):
+        write_metrics(Path(f), {o: (10.0 + k, 20.0, 90.0 - k) for o in oods + ["mean"]}, acc=95.0 - k % 3)
+    table = T.build_table(res)
+    assert [m for _, _, m in table.columns][-1] == "id_acc" and len(table.columns) == 2 * (len(oods) + 1) + 1
+    tex = T.render_tex(table)
+    caption = next(ln for ln in tex.splitlines() if ln.startswith(r"\caption{"))
+    assert caption.startswith(r"\caption{CPU demo, not a paper result") and "Smoke" not in tex
+    assert "stand-in" not in tex and caption.count("std") == 2  # "Mean±std over seeds" + the bold rule, once each
+    assert "does not overlap the runner-up" in caption and r"\underline" not in tex
+    assert r"ID Acc.$\uparrow$" in tex
+    assert "table_demo" not in P.paper_tables(ROOT / "config/paper_results.yaml")  # so no _vs_paper.tex
