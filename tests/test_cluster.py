@@ -134,7 +134,7 @@ def test_profile_plans_one_gpu_job_per_model():
     stats = r.stdout.split("Job stats:", 1)[1]
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.MULTILINE)}
     groups = set(re.findall(r"Group job (model_\S+) ", r.stdout))
-    assert counts["evaluate"] > counts["pretrain"] + counts["train"]
+    assert counts["evaluate"] + counts["evaluate_posthoc"] > counts["pretrain"] + counts["train"]
     assert len(groups) == counts["pretrain"] + counts["train"], (len(groups), counts)
     profile = yaml.safe_load((ROOT / "slurm/config.v9+.yaml").read_text())
     assert "retries" not in profile  # only the rules that benefit declare retries
@@ -146,8 +146,8 @@ def test_profile_plans_one_gpu_job_per_model():
 
 @needs_snakemake
 def test_profile_merges_the_evaluations_of_a_trained_model_into_one_job(tmp_path):
-    """The model exists (no training job to connect them): group-components still makes its 7 post-hoc
-    evaluations one SLURM job."""
+    """The model exists (no training job to connect them): its 7 post-hoc evaluations are one job of one
+    process (evaluate_posthoc), and a further detector's evaluation joins it in the model's SLURM job."""
     results = tmp_path / "results"
     (results / ".greg-ready").mkdir(parents=True)
     for name in ("tiny", "tiny_aux", "tiny_textures", "tiny_faces", "tiny_photos", "tiny_gaussian", "tiny_uniform"):
@@ -156,14 +156,15 @@ def test_profile_merges_the_evaluations_of_a_trained_model_into_one_job(tmp_path
     run.mkdir(parents=True)
     time.sleep(0.05)
     (run / "final.pt").touch()  # newer than its inputs
-    dets = ("msp", "odin", "energy", "react", "dice", "line", "mahalanobis")
+    dets = ("msp", "odin", "energy", "react", "dice", "line", "mahalanobis", "rankfeat")
     r = snakemake("--profile", "slurm", "-n", "--configfile", "config/smoke.yaml", "--config",
                   f"results={results}", f"data_root={tmp_path / 'data'}", "--",
                   *(str(run / "eval" / d / "metrics.csv") for d in dets))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"^evaluate\s+7$", r.stdout, re.MULTILINE) and "pretrain " not in r.stdout
+    assert re.search(r"^evaluate_posthoc\s+1$", r.stdout, re.MULTILINE), r.stdout[-3000:]
+    assert re.search(r"^evaluate\s+1$", r.stdout, re.MULTILINE) and "pretrain " not in r.stdout
     assert set(re.findall(r"Group job (\S+) ", r.stdout)) == {"model_tiny_small_cnn_pretrain_seed42"}
-    assert r.stdout.count("Group job ") == 1 and r.stdout.count("    rule evaluate:") == 7
+    assert r.stdout.count("Group job ") == 1 and "--detector msp,odin,energy,react,dice,line,mahalanobis" in r.stdout
 
 
 def _rules_text() -> str:

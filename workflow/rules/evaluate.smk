@@ -39,3 +39,47 @@ rule evaluate:
         " --detector {wildcards.detector:q} --out {params.out:q} --root {config[data_root]:q}"
         " --num-workers {threads} --device {config[device]:q} $([ {resources.gpu} -gt 0 ] && echo --require-cuda)"
         " {params.extra}"
+
+
+# A pretrained (CE) model is scored by every post-hoc detector of the grid in one process (`greg evaluate
+# --detector a,b,...`: model, data and ID features loaded once; each detector's eval/<detector>/ as above)
+# instead of one job per detector, which paid the start-up each time. Other detectors a table asks of it
+# (and every fine-tuned model's detector) go through `evaluate`.
+POSTHOC = list(dict.fromkeys(d for g in config["grid"] for d in g["posthoc"]))
+
+
+ruleorder: evaluate_posthoc > evaluate
+
+
+rule evaluate_posthoc:
+    input:
+        ckpt=f"{RESULTS}/{{dataset}}/{{arch}}/pretrain/seed{{seed}}/final.pt",
+        data=lambda wc: [ancient(data_stamp(d)) for d in datasets_of(wc.dataset, with_aux=False)],
+    output:
+        [f"{RESULTS}/{{dataset}}/{{arch}}/pretrain/seed{{seed}}/eval/{d}/metrics.csv" for d in POSTHOC],
+    log:
+        f"{RESULTS}/logs/eval/{{dataset}}/{{arch}}/pretrain/seed{{seed}}/posthoc.log",
+    benchmark:
+        benchmark_file("evaluate", "{dataset}", "{arch}", "pretrain", "seed{seed}", "posthoc")
+    group:
+        MODEL_GROUP.replace("{run}", "pretrain")
+    params:
+        ood=lambda wc: ",".join(config["datasets"][wc.dataset]["ood"]),
+        detectors=",".join(POSTHOC),
+        out=lambda wc: f"{run_dir(wc.dataset, wc.arch, 'pretrain', wc.seed)}/eval/{{detector}}",
+        extra=quote_args(config["evaluate_args"]),
+    threads: GPU_THREADS
+    resources:
+        gpu=GPUS,
+        runtime=20 * max(len(POSTHOC), 1),  # as `evaluate`, per detector
+        mem_mb=32000,
+        attempt=attempt,
+    retries: GPU_RETRIES
+    conda:
+        ENV_GPU
+    shell:
+        "python {JOB:q} --log {log:q} --attempt {resources.attempt} --"
+        " greg evaluate --checkpoint {input.ckpt:q} --id {wildcards.dataset:q} --ood {params.ood:q}"
+        " --detector {params.detectors:q} --out {params.out:q} --root {config[data_root]:q}"
+        " --num-workers {threads} --device {config[device]:q} $([ {resources.gpu} -gt 0 ] && echo --require-cuda)"
+        " {params.extra}"
