@@ -123,16 +123,17 @@ def _resolve_groups(name: str, spec: dict, config: dict, stand_in: _StandIns) ->
     return groups
 
 
-def _assumptions_of(assumptions: dict, config: dict, run: str, original: dict, dataset: str) -> list[str]:
-    """Keys of the assumptions a cell's recipe rests on: those declared for its run on its (paper) dataset
-    and arch, and, for a run that fine-tunes the CE model, the CE model's."""
+def _assumptions_of(assumptions: dict, config: dict, run: str, original: dict) -> list[str]:
+    """Keys of the assumptions a cell's recipe rests on: those declared for its run on its paper dataset and
+    arch, and, for a run that fine-tunes the CE model there, the CE model's (the paper's names throughout, so
+    that an aliased run shows the marks of the cell it stands in for)."""
     def matching(r: str) -> set[str]:
         return {k for k, a in assumptions.items() if r in a["runs"]
                 and original["dataset"] in a.get("datasets", [original["dataset"]])
                 and original["arch"] in a.get("archs", [original["arch"]])}
 
     found = matching(run)
-    if run != "pretrain" and run_spec(config, run, dataset)["init"] == "pretrain":
+    if run != "pretrain" and run_spec(config, run, original["dataset"])["init"] == "pretrain":
         found |= matching("pretrain")
     return [k for k in assumptions if k in found]
 
@@ -161,7 +162,7 @@ def _resolve_row(name: str, r: dict, g_specs: list[dict], groups: list[dict], co
                                            for s in config["seeds"]]
         # assumptions are declared on the paper's names (the smoke run's aliased cells show them too)
         original = {"dataset": r.get("dataset", g_spec["dataset"]), "arch": r.get("arch", g_spec.get("arch"))}
-        cell["assumptions"] = _assumptions_of(assumptions, config, run, original, dataset)
+        cell["assumptions"] = _assumptions_of(assumptions, config, run, original)
         cells.append(cell)
     section = r.get("section")
     if "dataset" in r:

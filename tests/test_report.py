@@ -481,7 +481,7 @@ LATEX = shutil.which("pdflatex")
                     reason="pdflatex not installed (CI installs it: .ci/run; Debian: texlive-latex-recommended)")
 def test_every_table_compiles_with_latex(tmp_path):
     """Every table of config/tables.yaml, rendered as the smoke run renders it (aliases, one seed, n/a cells,
-    a caption with %), one table vs the paper, and table_dg, compile in a minimal document that loads only the
+    a caption with %, the assumption marks), one table vs the paper, the demo's table, and table_dg, compile in a minimal document that loads only the
     packages of the table's '% Needs:' header (.ci/compile_tables.py)."""
     from greg.dg.cli import render_table as dg_table
 
@@ -491,8 +491,10 @@ def test_every_table_compiles_with_latex(tmp_path):
     cfg["results"] = str(tmp_path / "res")
     out = tmp_path / "tables"
     out.mkdir()
+    assumptions = P.load_assumptions(ROOT / "config/tables.yaml")  # their marks and notes compile too
     for i, (name, spec) in enumerate(P.load_tables(ROOT / "config/tables.yaml").items()):
-        res = P.resolve_table(name, spec, cfg, lambda cell: "n/a" if cell["detector"] == "rankfeat" else None)
+        res = P.resolve_table(name, spec, cfg, lambda cell: "n/a" if cell["detector"] == "rankfeat" else None,
+                              assumptions)
         for f in P.table_inputs(res):
             if not Path(f).exists():
                 oods = cfg["datasets"]["tiny"]["ood"] + ["mean"]
@@ -501,6 +503,11 @@ def test_every_table_compiles_with_latex(tmp_path):
         (out / f"{name}.tex").write_text(T.render_tex(table))
         if name == "table9":
             (out / f"{name}_vs_paper.tex").write_text(PC.render_tex_vs_paper(table))
+    demo = _overlay(cfg, yaml.safe_load((ROOT / "config/demo.yaml").read_text()))
+    demo_res = P.resolve_table("table_demo", P.load_tables(ROOT / "config/tables_demo.yaml")["table_demo"], demo)
+    for f in P.table_inputs(demo_res):
+        write_metrics(Path(f), {o: (10.0, 20.0, 90.0) for o in demo["datasets"]["tiny_m"]["ood"] + ["mean"]})
+    (out / "table_demo.tex").write_text(T.render_tex(T.build_table(demo_res)))
     runs = [{"dataset": "colored_digits", "algorithm": a, "n_restarts": 2, "path": a,
              **{m: {"mean": 50.0 + k, "std": 1.0} for m in ("train_acc", "val_acc", "test_acc")}}
             for k, a in enumerate(("erm", "hgp", "oracle"))]
@@ -790,7 +797,7 @@ def test_smoke_tables_show_the_assumption_marks(tmp_path):
     path = ROOT / "config/tables.yaml"
     layouts, assumptions = P.load_tables(path), P.load_assumptions(path)
     rendered = {}
-    for name in ("table1", "table4"):
+    for name in ("table1", "table3", "table4"):
         res = P.resolve_table(name, layouts[name], smoke, assumptions=assumptions)
         for f in P.table_inputs(res):
             oods = smoke["datasets"]["tiny"]["ood"] + ["mean"]
@@ -801,6 +808,9 @@ def test_smoke_tables_show_the_assumption_marks(tmp_path):
     assert r"OE + Grad$^{\dagger}$ &" in tex and r"$^{\dagger}$ Assumption: OE + Grad: OE's recipe" in tex
     assert {r["assumptions"] for r in rows if r["row"] == "OE + Grad"} == {"oe_grad"}
     assert {r["assumptions"] for r in rows if r["row"] != "OE + Grad"} == {""}
+    # the smoke GReg+ stands in for ImageNet's, which fine-tunes the CE model: the same marks as the full run
+    tex, rows = rendered["table3"]
+    assert r"GReg+$^{\dagger,\S}$ &" in tex and r"OE$^{\dagger,\ddagger}$ &" in tex and "\nDOS &" in tex
     tex, rows = rendered["table1"]
     msp = next(ln for ln in tex.splitlines() if ln.startswith("MSP"))
     # ResNet and WRN cells marked, the DenseNet ones (imported checkpoint) not: marks on the cells
