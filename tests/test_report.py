@@ -503,7 +503,7 @@ def test_every_table_compiles_with_latex(tmp_path):
         (out / f"{name}.tex").write_text(T.render_tex(table))
         if name == "table9":
             (out / f"{name}_vs_paper.tex").write_text(PC.render_tex_vs_paper(table))
-    demo = _overlay(cfg, yaml.safe_load((ROOT / "config/demo.yaml").read_text()))
+    demo = {**_overlay(cfg, yaml.safe_load((ROOT / "config/demo.yaml").read_text())), "results": cfg["results"]}
     demo_res = P.resolve_table("table_demo", P.load_tables(ROOT / "config/tables_demo.yaml")["table_demo"], demo)
     for f in P.table_inputs(demo_res):
         write_metrics(Path(f), {o: (10.0, 20.0, 90.0) for o in demo["datasets"]["tiny_m"]["ood"] + ["mean"]})
