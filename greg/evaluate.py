@@ -74,23 +74,6 @@ CONVENTIONS = {
 
 
 # ----------------------------------------------------------------------------------------------- core
-def score_loader(
-    model: nn.Module,
-    loader: Iterable,
-    detector: Detector,
-    device: torch.device | str,
-    *,
-    with_predictions: bool = False,
-    num_classes: int | None = None,
-    desc: str = "score",
-) -> dict[str, np.ndarray]:
-    """Detector scores of every batch ``(x, y)``; with ``with_predictions`` also ``labels`` and ``pred``
-    (:func:`score_detectors` with one detector)."""
-    out = score_detectors(model, loader, {"d": detector}, device, with_predictions=with_predictions,
-                          num_classes=num_classes, desc=desc)
-    return {("scores" if k == "d" else k): v for k, v in out.items()}
-
-
 def score_detectors(
     model: nn.Module,
     loader: Iterable,

@@ -173,12 +173,6 @@ _TMP_RE = re.compile(r"^\.(?P<target>.+)" + re.escape(_TMP_MARK) + r"(?P<host>\w
 LOCK_NAME = ".greg.lock"
 
 
-def temp_target(name: str) -> str | None:
-    """The output a greg temp file name belongs to (``.state.pt.greg-tmp-...`` -> ``state.pt``), else None."""
-    m = _TMP_RE.match(name)
-    return m["target"] if m else None
-
-
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0])[:40]
 
@@ -248,14 +242,6 @@ class NotARunDirError(ValueError):
     """``--out`` is empty, a symlinked lock, or a non-empty directory greg did not make (exit 2)."""
 
     exit_code = 2
-
-
-def out_dir(value: str | os.PathLike | None, flag: str = "--out") -> Path:
-    """``value`` as an output directory; an empty value (an unset shell variable) would be the working
-    directory, so it is refused."""
-    if value is None or not str(value).strip():
-        raise NotARunDirError(f"{flag} is empty: name the output directory (an unset shell variable?)")
-    return Path(value)
 
 
 # Filesystems without flock (Lustre mounted noflock: ENOSYS; some NFS setups: ENOLCK/EOPNOTSUPP) get a lock

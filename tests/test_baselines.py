@@ -22,7 +22,7 @@ from greg import config, methods, trainer
 from greg.io import safe_torch_load
 from greg.methods.dos import absent_class_loss
 from greg.methods.openmix import openmix_soft_targets, sample_beta, soft_cross_entropy
-from greg.methods.poem import StatsWindow, blr_posterior, boundary_select, thompson_sample
+from greg.methods.poem import StatsWindow, blr_posterior_from_stats, boundary_select, thompson_sample
 
 
 def _roundtrip(state):
@@ -65,7 +65,7 @@ def test_blr_posterior_matches_ridge_regression():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(30, 4, generator=g, dtype=torch.float64)
     y = torch.where(torch.arange(30) < 15, -3.0, 3.0).double()
-    mu, chol = blr_posterior(z, y, prior_var=20.0, noise_var=0.5)
+    mu, chol = blr_posterior_from_stats(z.T @ z, z.T @ y, prior_var=20.0, noise_var=0.5)
     zn, yn = z.numpy(), y.numpy()
     a = zn.T @ zn / 0.5 + np.eye(4) / 20.0
     np.testing.assert_allclose((chol @ chol.T).numpy(), a, rtol=1e-12)

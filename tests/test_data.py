@@ -266,14 +266,6 @@ def test_dataloader_batches():
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
 
 
-def test_channel_stats_helper():
-    imgs = np.zeros((2, 1, 2, 3), dtype=np.uint8)
-    imgs[0, 0, 0] = 255
-    mean, std = base.channel_stats(imgs)
-    np.testing.assert_allclose(mean, [0.25] * 3)
-    np.testing.assert_allclose(std, [np.sqrt(0.25 * 0.75)] * 3)
-
-
 # ------------------------------------------------------------------------------- unreadable image files
 def _png_bytes(w: int = 4, h: int = 3) -> bytes:
     import io

@@ -20,7 +20,7 @@ from greg.evaluate import (
     metrics_from_scores_dir,
     metrics_table,
     save_scores,
-    score_loader,
+    score_detectors,
 )
 from greg.metrics import ood_metrics
 
@@ -102,8 +102,9 @@ def test_accuracy_ignores_extra_absent_class():
     with torch.no_grad():
         model.head.bias[3] = 100.0  # always predicts the absent class
     loader = data(12, 0.0, 0)
-    out = score_loader(
-        model, loader, detectors.create("absent_class"), "cpu", with_predictions=True, num_classes=3
+    out = score_detectors(
+        model, loader, {"absent_class": detectors.create("absent_class")}, "cpu", with_predictions=True,
+        num_classes=3,
     )
     with torch.no_grad():
         expected = model(loader.dataset.tensors[0])[:, :3].argmax(1).numpy()
@@ -125,7 +126,9 @@ def test_csv_is_byte_identical_when_rescored(tmp_path):
     assert text.splitlines()[0] == ",".join(COLUMNS)
     assert text == format_csv(metrics_table(sc["id"], {"a": sc["a"]}, df["id_acc"].iloc[0] / 100))
     # Same numbers through the npz files written by the CLI.
-    out = score_loader(model, data(20, 1.0, 0), detectors.create("msp"), "cpu", with_predictions=True)
+    # the npz keys: one detector named "scores", plus labels and pred
+    out = score_detectors(model, data(20, 1.0, 0), {"scores": detectors.create("msp")}, "cpu",
+                          with_predictions=True)
     save_scores(tmp_path / "id.npz", out)
     save_scores(tmp_path / "a.npz", {"scores": sc["a"]})
     assert format_csv(metrics_from_scores_dir(tmp_path, ["a"])) == text

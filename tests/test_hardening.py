@@ -98,7 +98,7 @@ def test_stale_temp_files_pattern_and_other_hosts(tmp_path):
     # under the directory lock no other greg writer exists, on any host
     assert gio.stale_temp_files(tmp_path, locked=True) == sorted([dead_here, other_host])
     with gio.atomic_path(tmp_path / "state.pt") as t:
-        assert gio.temp_target(t.name) == "state.pt" and t not in gio.stale_temp_files(tmp_path, locked=True)
+        assert t.name.startswith(".state.pt.greg-tmp-") and t not in gio.stale_temp_files(tmp_path, locked=True)
 
 
 # ------------------------------------------------------------------------------- 13.3 one run per --out
@@ -367,7 +367,7 @@ def test_disk_full_during_state_save_names_state_pt_exit_1_previous_kept(tmp_pat
     assert rc == 1, err
     assert line == f"greg train: [Errno 28] No space left on device: '{out / 'state.pt'}'"
     assert gio.safe_torch_load(out / "state.pt")["step"] == 2  # the previous checkpoint, intact
-    assert not (out / "final.pt").exists() and not [p for p in out.iterdir() if gio.temp_target(p.name)]
+    assert not (out / "final.pt").exists() and not [p for p in out.iterdir() if ".greg-tmp-" in p.name]
 
 
 # ------------------------------------------------------------------------------------------- 13.10 greg dg

@@ -12,7 +12,7 @@ from nets import TinyNet
 from torch import nn
 
 from greg import methods, models
-from greg.methods import grad_backends, grad_reg
+from greg.methods import fused_backward, grad_reg
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -41,7 +41,7 @@ def test_batchnorm_train_function_gradgradcheck():
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
 
     def f(x, w, b):
-        return grad_backends.BatchNormTrain.apply(x, w, b, None, None, 0.1, 1e-5)
+        return fused_backward.BatchNormTrain.apply(x, w, b, None, None, 0.1, 1e-5)
 
     ref = F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
     assert torch.allclose(f(x, w, b), ref, atol=1e-12)
@@ -60,14 +60,14 @@ def test_relu_train_function_gradgradcheck(inplace):
     x[x.abs() < 0.1] = 0.5  # away from the kink, where finite differences are meaningless
 
     def f(t):
-        return grad_backends.ReluTrain.apply(t.clone() if inplace else t, inplace)
+        return fused_backward.ReluTrain.apply(t.clone() if inplace else t, inplace)
 
     xg = x.clone().requires_grad_(True)
     assert torch.equal(f(xg), torch.relu(x))
     assert torch.autograd.gradcheck(f, (xg,))
     assert torch.autograd.gradgradcheck(f, (xg,))
     # the mode routes every ReLU spelling, in place or not, and leaves grad-free calls alone
-    with grad_backends.fused_batchnorm():
+    with fused_backward.fused_batchnorm():
         ys = [F.relu(xg), F.relu(xg.clone(), inplace=True), torch.relu(xg), xg.clone().relu_(), xg.relu()]
         free = F.relu(x)
     assert all(type(y.grad_fn).__name__ == "ReluTrainBackward" for y in ys)
@@ -80,7 +80,7 @@ def test_fused_mode_updates_running_stats_like_native():
     fused_ref = copy.deepcopy(fused)
     native_ref = copy.deepcopy(native)
     x = torch.randn(6, 4, 3, 3, requires_grad=True)
-    with grad_backends.fused_batchnorm():
+    with fused_backward.fused_batchnorm():
         y = native(x)
         fused(x)
         fused(x + 1)
@@ -117,7 +117,7 @@ def test_exact_compiled_falls_back_to_eager_with_one_warning(monkeypatch):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(grad_backends, "_COMPILED", {})
+    monkeypatch.setattr(fused_backward, "_COMPILED", {})
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*no compiler here") as rec:
         _check_equals_native("densenet100", {"depth": 10}, 8, "official", "exact_compiled")
     assert len([w for w in rec if "torch.compile failed" in str(w.message)]) == 1

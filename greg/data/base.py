@@ -549,11 +549,3 @@ def list_images(directory: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {directory}")
     return sorted(files, key=lambda p: p.relative_to(directory).as_posix())
-
-
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 NHWC images scaled to [0, 1]."""
-    x = np.asarray(images, dtype=np.float64) / 255.0
-    mean = x.mean(axis=(0, 1, 2))
-    std = np.sqrt(((x - mean) ** 2).mean(axis=(0, 1, 2)))
-    return tuple(float(m) for m in mean), tuple(float(v) for v in std)

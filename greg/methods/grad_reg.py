@@ -35,16 +35,16 @@ import torch
 from torch import nn
 
 from greg import scores
-from greg.methods import grad_backends
+from greg.methods import finite_diff, fused_backward
 
 REDUCTIONS = ("official", "paper")
-# How the parameter gradient of L_grad is computed (greg.methods.grad_backends): "exact" double backprop
+# How the parameter gradient of L_grad is computed (greg.methods.fused_backward, greg.methods.finite_diff): "exact" double backprop
 # with a hand-written batch-norm and ReLU double backward; "exact_native" the same with PyTorch's own (the
 # reference); "exact_compiled" = "exact" with the batch-norm double backward through torch.compile (eager
 # fallback); "fd" a finite difference of two first-order backward passes (the penalty value stays exact).
 GRAD_BACKENDS = ("exact", "exact_native", "exact_compiled", "fd")
 # Step of "fd" in score units: the first-order change of the hinge-weighted scores along the difference
-# (grad_backends.fd_step_size; docs/METHOD.md, "Finite-difference gradient regularization": float32 error
+# (finite_diff.fd_step_size; docs/METHOD.md, "Finite-difference gradient regularization": float32 error
 # vs step measured on the released DenseNet-100 CIFAR-10 checkpoint).
 FD_STEP = 3e-3
 
@@ -170,11 +170,11 @@ def forward_concat(
     x = x.detach().clone().requires_grad_(True)
     backend = "exact_native" if hp is None else hp.get("grad_backend", "exact")
     if backend in ("exact", "exact_compiled"):
-        with grad_backends.fused_batchnorm(compiled=backend == "exact_compiled"):
+        with fused_backward.fused_batchnorm(compiled=backend == "exact_compiled"):
             return x, model(x)
     if backend == "fd":
-        gates = grad_backends.ReluGates()
-        x._greg_fd = (model, grad_backends.RngState(x.device), gates)  # type: ignore[attr-defined]
+        gates = finite_diff.ReluGates()
+        x._greg_fd = (model, finite_diff.RngState(x.device), gates)  # type: ignore[attr-defined]
         with gates:
             return x, model(x)
     return x, model(x)
@@ -227,7 +227,7 @@ def fd_gradient_penalty(
     step: float = FD_STEP,
 ) -> GradPenalty:
     """:func:`gradient_penalty` without double backprop (``grad_backend: fd``): ``loss`` has the exact value
-    and a parameter gradient from a finite difference (``greg.methods.grad_backends.fd_surrogate``).
+    and a parameter gradient from a finite difference (``greg.methods.finite_diff.fd_surrogate``).
 
     ``x`` must come from :func:`forward_concat` with ``grad_backend = "fd"`` (it carries the model and the
     RNG state of the training forward). The training graph is kept (``retain_graph``) for the main backward.
@@ -248,5 +248,5 @@ def fd_gradient_penalty(
     w = _row_weights(len(x), n_id, reduction, norms)
     value = (w * norms).sum()
     j_lin_base = (coef.detach() * s).sum()
-    sur = grad_backends.fd_surrogate(model, x, g, w, coef.detach(), j_lin_base, score_fn, step, rng, gates)
+    sur = finite_diff.fd_surrogate(model, x, g, w, coef.detach(), j_lin_base, score_fn, step, rng, gates)
     return GradPenalty(value + (sur - sur.detach()), norms)

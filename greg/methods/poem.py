@@ -69,14 +69,6 @@ def blr_posterior_from_stats(
     return mu, chol
 
 
-def blr_posterior(
-    z: torch.Tensor, y: torch.Tensor, prior_var: float, noise_var: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`blr_posterior_from_stats` of the rows ``z`` (n x d) with targets ``y`` (n)."""
-    z = z.double()
-    return blr_posterior_from_stats(z.T @ z, z.T @ y.double(), prior_var, noise_var)
-
-
 def thompson_sample(
     mu: torch.Tensor, chol: torch.Tensor | None, cov_scale: float, generator: torch.Generator
 ) -> torch.Tensor:
