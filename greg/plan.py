@@ -184,7 +184,6 @@ def resolve_table(name: str, spec: dict, config: dict,
     cell cannot be produced (method/detector/model/dataset not implemented): the cell is then ``na`` and
     lists no files. ``assumptions`` (:func:`load_assumptions`) marks the cells whose recipe rests on one.
     """
-    config = {**config, "results": config.get("results", "results"), "seeds": list(config["seeds"])}
     fpr = spec.get("fpr", "fpr95_idpos")
     metrics = list(spec.get("metrics", ["fpr95", "auroc"]))
     for m in metrics + [m for g in spec["groups"] for m in g.get("metrics") or []]:

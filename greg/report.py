@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--spec-json", help="the resolved table spec as a JSON string")
     t.add_argument("--tex", required=True, help="LaTeX output")
     t.add_argument("--csv", required=True, help="CSV output (same numbers, long format)")
-    t.add_argument("--template", default=None, help="jinja2 LaTeX template (default: greg/templates/table.tex.j2, shipped with the package)")
+    t.add_argument("--template", default=None, help="jinja2 LaTeX template, rendered in Jinja's sandbox (default: "
+                                                    "greg/templates/table.tex.j2, shipped with the package)")
     t.add_argument("--paper", default=None, help="the paper's numbers (config/paper_results.yaml): adds the "
                                                  "paper / delta CSV columns")
     t.add_argument("--aliases-json", default="{}", help="the workflow config's aliases (JSON), to map aliased "

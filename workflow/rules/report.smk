@@ -24,6 +24,7 @@ rule table:
         table="|".join(sorted(OTHER_TABLES)) or "no-tables",
     params:
         spec=lambda wc: json.dumps(RESOLVED[wc.table], sort_keys=True),
+        caption=lambda wc: RESOLVED[wc.table]["caption"],  # workflow/report/table.rst
     conda:
         ENV_CPU
     shell:
@@ -47,6 +48,7 @@ rule paper_table:
         table="|".join(sorted(PAPER_TABLES)) or "no-tables",
     params:
         spec=lambda wc: json.dumps(RESOLVED[wc.table], sort_keys=True),
+        caption=lambda wc: RESOLVED[wc.table]["caption"],  # workflow/report/table.rst
         aliases=json.dumps(config.get("aliases") or {}, sort_keys=True),
     conda:
         ENV_CPU
