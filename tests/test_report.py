@@ -869,3 +869,16 @@ def test_demo_table_is_the_demos_own(tmp_path):
     assert "does not overlap the runner-up" in caption and r"\underline" not in tex
     assert r"ID Acc.$\uparrow$" in tex
     assert "table_demo" not in P.paper_tables(ROOT / "config/paper_results.yaml")  # so no _vs_paper.tex
+
+
+@pytest.mark.parametrize("overlay", [None, "smoke", "demo"])
+def test_every_resolved_spec_passes_the_cli_check(overlay):
+    """What the workflow hands `greg report table --spec-json` (JSON of greg.plan.resolve_table) passes
+    greg.tables.check_spec, for the paper grid, the smoke and the demo configs."""
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    if overlay:
+        cfg = _overlay(cfg, yaml.safe_load((ROOT / f"config/{overlay}.yaml").read_text()))
+    layout = ROOT / cfg["tables"]
+    for name, spec in P.load_tables(layout).items():
+        res = json.loads(json.dumps(P.resolve_table(name, spec, cfg, assumptions=P.load_assumptions(layout))))
+        assert T.check_spec(res, name) == res
