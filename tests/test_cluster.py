@@ -1,4 +1,4 @@
-"""Cluster readiness of the workflow (issue 14, issue 13 item 1): config values never reach a shell unquoted,
+"""Cluster readiness of the workflow: config values never reach a shell unquoted,
 GPU rules declare their resources, the SLURM profile groups a model's jobs and refuses the placeholder
 account, job.py keeps every attempt's log and never retries exit 2/3, benchmarks.csv sums the benchmark
 files, the conda envs install greg from the checkout, and every config key is documented.
@@ -40,7 +40,7 @@ def snakemake(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-# ------------------------------------------------------------------------------ shell injection (13.1)
+# ------------------------------------------------------------------------------------- shell injection
 
 
 @needs_snakemake
@@ -62,7 +62,7 @@ def test_hostile_config_values_are_refused_before_any_job(tmp_path):
 def test_paths_with_spaces_work_end_to_end_and_runtime_settings_never_replan_a_model(tmp_path):
     """Real jobs (download, 3-step CE pretraining, 3-step GReg fine-tuning of the tiny benchmark) into results
     and data directories whose names contain spaces (quoting, job.py, greg train). Then the data root moves
-    and the worker count, progress and checkpoint/log cadence change: the dry run plans no job (issue 14.1),
+    and the worker count, progress and checkpoint/log cadence change: the dry run plans no job,
     while a change of what a run computes replans it. Trained checkpoints are write-protected."""
     results, data = tmp_path / "my results", tmp_path / "my data"
     target = results / "tiny/small_cnn/greg/seed42/final.pt"
@@ -192,7 +192,7 @@ def test_readme_names_the_profile_file_that_snakemake_reads():
     assert "slurm/config.v9+.yaml" in readme
 
 
-# ------------------------------------------------------------------------------------ job.py (14.5)
+# ------------------------------------------------------------------------------------------- job.py
 
 
 def _script(tmp_path: Path, body: str) -> list[str]:
@@ -245,7 +245,7 @@ def test_job_retries_other_failures_and_forwards_usr1(tmp_path):
     assert not J.marker(log).exists()  # 143 (preempted) may be retried
 
 
-# --------------------------------------------------------------------------------- benchmarks (14.7)
+# ---------------------------------------------------------------------------------------- benchmarks
 
 
 def test_benchmarks_sum_gpu_hours_per_rule(tmp_path):
@@ -271,7 +271,7 @@ def test_benchmarks_sum_gpu_hours_per_rule(tmp_path):
     assert B.main([str(root), "--out", str(out), "--gpus", "train"]) == 2
 
 
-# ----------------------------------------------------------------------------------- conda (14.9)
+# ------------------------------------------------------------------------------------------ conda
 
 
 def test_conda_envs_do_not_pip_install_a_relative_path():
@@ -304,7 +304,7 @@ def test_post_deploy_installs_greg_into_a_fresh_env(tmp_path):
     assert f"from {ROOT / 'greg' / '__init__.py'}" in r.stdout
 
 
-# ------------------------------------------------------------------------- docs and catalog (14.11)
+# --------------------------------------------------------------------------------- docs and catalog
 
 
 def test_every_config_key_is_documented():
@@ -316,7 +316,7 @@ def test_every_config_key_is_documented():
     assert catalog["usage"]["software-stack-deployment"]["conda"] is True
 
 
-# ------------------------------------------------------------------------ trainer and CUDA (14.8, 14.4)
+# ------------------------------------------------------------------------------------- trainer and CUDA
 
 
 def test_rerun_after_a_kill_before_the_first_checkpoint_starts_over(tmp_path, monkeypatch):
@@ -364,7 +364,7 @@ def test_require_cuda_fails_and_slurm_without_cuda_warns(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-# ---------------------------------------------------------------------------------- packaging (14.10)
+# ------------------------------------------------------------------------------------------ packaging
 
 
 def test_package_metadata_is_a_library_not_a_pin():

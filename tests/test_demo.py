@@ -1,4 +1,4 @@
-"""The CPU demo (issue 16): its data and model choices, and a reduced run of config/demo.yaml."""
+"""The CPU demo: its data and model choices, and a reduced run of config/demo.yaml."""
 
 from pathlib import Path
 
@@ -66,7 +66,7 @@ def test_tiny_m_shares_tiny_split_and_its_own_statistics():
     np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), want, atol=2e-6)
 
 
-# ------------------------------------------------------------------------------ the reduced demo (issue 16.5)
+# ------------------------------------------------------------------------------------------- the reduced demo
 ROOT = Path(__file__).resolve().parents[1]
 
 

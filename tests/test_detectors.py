@@ -117,6 +117,21 @@ def random_model(seed=0, k=3):
     return TinyNet(k=k, identity=False).eval()
 
 
+def test_msp_and_max_logit_against_hand_values():
+    """Independent of greg.scores: logits (0, ln 3) have softmax (1/4, 3/4); (2, -1) has max softmax
+    1 / (1 + e^-3). Scores are negated (higher = more OOD)."""
+    import math
+
+    logits = torch.tensor([[0.0, math.log(3.0)], [2.0, -1.0]])
+    model = nn.Identity()
+    model.head = None  # the logit detectors read only model(x)
+    msp = D.create("msp").score(model, logits)
+    assert msp.tolist() == pytest.approx([-0.75, -1.0 / (1.0 + math.exp(-3.0))], rel=1e-6)
+    assert scores.msp(logits).tolist() == pytest.approx(msp.tolist(), rel=1e-6)
+    assert D.create("max_logit").score(model, logits).tolist() == pytest.approx([-math.log(3.0), -2.0], rel=1e-6)
+    assert scores.max_logit(logits).tolist() == pytest.approx([-math.log(3.0), -2.0], rel=1e-6)
+
+
 def test_logit_detectors_use_scores_module():
     model = random_model()
     x = torch.randn(5, 3, 4, 4)

@@ -1,4 +1,4 @@
-"""Config assertions: the method presets follow the paper and the released code (issue 12, section 3).
+"""Config assertions: the method presets follow the paper and the released code.
 
 Each test names the choice it pins; the sources are cited in the preset files' comments."""
 
@@ -54,8 +54,19 @@ def test_poem_released_recipe():
     assert cfg["data"]["aux_batch_size"] == 8 * cfg["method"]["hparams"]["n_selected"]  # 400K scored, 50K kept
 
 
-def test_oe_grad_margins_labelled_assumption():
-    assert "ASSUMPTION" in (ROOT / "config" / "methods" / "oe_grad.yaml").read_text()
+def test_oe_grad_trains_with_the_default_msp_margins_it_labels_an_assumption(monkeypatch):
+    """The preset sets no MSP margins, so a training step's gradient term uses grad_reg.DEFAULT_MARGINS'
+    (-0.9, -0.5): the choice its header comment declares an assumption."""
+    from greg.methods import grad_reg
+    from tests.nets import TinyNet
+
+    seen, real = [], grad_reg.resolve_margins
+    monkeypatch.setattr(grad_reg, "resolve_margins", lambda *a: seen.append(real(*a)) or seen[-1])
+    torch.manual_seed(0)
+    batch = {"x_id": torch.randn(4, 3, 8, 8), "y_id": torch.tensor([0, 1, 2, 0]), "x_aux": torch.randn(4, 3, 8, 8)}
+    terms = METHODS.get("oe")(**preset("oe_grad")["method"]["hparams"]).compute_loss(TinyNet(), batch)
+    assert seen == [(-0.9, -0.5)] and float(terms["grad"]) > 0
+    assert "ASSUMPTION: the MSP margins" in (ROOT / "config" / "methods" / "oe_grad.yaml").read_text()
 
 
 def test_dos_schedule_and_weight_decay():
