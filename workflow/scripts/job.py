@@ -30,6 +30,9 @@ from pathlib import Path
 
 NO_RETRY = {2: "bad input or config", 3: "the loss or the weights became NaN/inf"}
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+#: Set only by the rehearsal (workflow/rules/rehearsal.smk): the command then runs under rehearse.py, which
+#: records its peak RSS and seconds per step there and preempts + resumes each training once.
+REHEARSAL_ENV = "GREG_REHEARSAL_DIR"
 
 
 def attempts_log(log: Path) -> Path:
@@ -67,6 +70,8 @@ def run(log: Path, attempt: int, cmd: list[str]) -> int:
                   f"fix it and rerun snakemake (the marker {mark} is removed then)\n")
             return code
         mark.unlink(missing_ok=True)  # our own marker of an earlier snakemake invocation
+        if os.environ.get(REHEARSAL_ENV):
+            cmd = [sys.executable, str(Path(__file__).with_name("rehearse.py")), "--", *cmd]
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as e:
