@@ -4,6 +4,8 @@
 #   snakemake --profile slurm all_tables              # the paper's tables on a SLURM cluster
 #   snakemake demo --configfile config/demo.yaml -c2  # the CPU demo: a table that shows the method (15 min)
 #   snakemake all --configfile config/smoke.yaml -c2  # the same DAG on the tiny benchmark, CPU, minutes
+#   snakemake rehearsal --configfile config/rehearsal.yaml -c2  # the paper's grid at real shapes on fake data
+#   snakemake --profile slurm repro_quick             # one GPU: Table 1/2 DenseNet post-hoc rows + GReg, 1 seed
 
 from snakemake.utils import min_version
 
@@ -33,7 +35,10 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/dg.smk"
 include: "workflow/rules/benchmarks.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/rehearsal.smk"
 
 
 onstart:
     check_slurm_account()
+    planned_gpu_hours()
+    rehearsal_onstart()

@@ -232,6 +232,32 @@ def load_assumptions(path: str | Path) -> dict[str, dict]:
     return out
 
 
+def quick_table(resolved: dict, cells: Iterable[tuple[str, str, str]]) -> dict | None:
+    """``resolved`` (:func:`resolve_table`) cut to the cells whose (dataset, arch, run) is in ``cells``: column
+    groups and rows left without such a cell are dropped, the other cells of a kept row become n/a. ``None``
+    when no cell is kept (``repro_quick``, which resolves the tables with its one seed)."""
+    keep = set(cells)
+
+    def kept(c: dict) -> bool:
+        return not c.get("na") and (c["dataset"], c["arch"], c["run"]) in keep
+
+    groups = [i for i in range(len(resolved["groups"])) if any(kept(r["cells"][i]) for r in resolved["rows"])]
+    rows = []
+    for r in resolved["rows"]:
+        if not any(kept(r["cells"][i]) for i in groups):
+            continue
+        cut = []
+        for i in groups:
+            c = dict(r["cells"][i])
+            if not kept(c):
+                c["na"], c["files"] = c.get("na") or "not in repro_quick", []
+            cut.append(c)
+        rows.append({**r, "cells": cut})
+    if not rows:
+        return None
+    return {**resolved, "groups": [resolved["groups"][i] for i in groups], "rows": rows}
+
+
 def load_tables(path: str | Path) -> dict[str, dict]:
     """The table entries of a layout file (``config/tables.yaml``): keys starting with ``_`` hold YAML
     anchors and ``assumptions`` the marked recipes (:func:`load_assumptions`). Table names must be

@@ -1,5 +1,5 @@
 """``greg data list | download NAME... [--root DIR] [--mirror DIR] [--url-base URL] [--checksums FILE]
-[--accept-checksum NAME=DIGEST] [--read-timeout S] [--min-rate B] | verify NAME... [--root DIR]``.
+[--accept-checksum NAME=DIGEST] [--read-timeout S] [--min-rate B] | verify NAME... [--root DIR] | fake --root DIR``.
 
 Every named dataset is tried; each failure is one line ``greg data: <message>`` (naming the file, the
 expected and actual digests, or the command to run). Exit status (:data:`EXIT_HELP`): 0 when every dataset
@@ -87,6 +87,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("--root", type=Path, default=Path("data"), help="data directory (default: data)")
+    p = sub.add_parser(
+        "fake",
+        help="write format-faithful fakes of every dataset (few images) to rehearse the workflow",
+        description="Writes DIR/serve/ (one file per catalog download, real file names, archive layouts, "
+        "schemas, image sizes and modes, few images; and checksums.json, their digests) and DIR/data/ "
+        "(the hand-placed ImageNet folders and torchvision DenseNet-121 weights). Serve DIR/serve over HTTP "
+        "and download with --url-base and --checksums DIR/serve/checksums.json (docs/WORKFLOW.md, "
+        "rehearsal).",
+    )
+    p.add_argument("--root", type=Path, required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the fake contents (default: 0)")
+    p.add_argument("--no-imagenet", action="store_true", help="skip the ImageNet folders (2000+ JPEGs)")
+
+
+def _fake(args: argparse.Namespace) -> int:
+    from greg.data.fake import write_fakes
+
+    print(f"fake: checksums in {write_fakes(args.root, seed=args.seed, imagenet=not args.no_imagenet)}")
+    return 0
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -159,6 +178,8 @@ def _download_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "list":
         return _list(args)
+    if args.data_command == "fake":
+        return _fake(args)
     if args.data_command == "download":
         try:
             options = _download_options(args)

@@ -1,0 +1,144 @@
+# The rehearsal (config/rehearsal.yaml, docs/WORKFLOW.md "Rehearsal") and `repro_quick`.
+#
+# Rehearsal: `snakemake rehearsal --configfile config/rehearsal.yaml --cores 2`. With the config key
+# `rehearsal: {fakes: DIR}` set, Snakemake writes format-faithful fakes of every dataset into DIR at start
+# (`greg data fake`), serves DIR/serve on 127.0.0.1 (a free port, bound at parse time, served from onstart)
+# and the workflow's own `download` jobs fetch, verify and extract from it: $GREG_DATA_URL_BASE and
+# $GREG_DATA_CHECKSUMS (the fakes' checksum file) are set in this process, so the jobs inherit them and no
+# rule's shell text changes. $GREG_REHEARSAL_DIR makes workflow/scripts/job.py run every GPU job under
+# workflow/scripts/rehearse.py (peak RSS, seconds per step, one preemption + resume per training).
+# Without the key (every other config) nothing here runs but the definitions of the targets.
+
+import threading
+
+from greg.data import downloader as _dl
+
+REHEARSAL = config["rehearsal"]
+REHEARSAL_DIR = RESULTS  # resources.csv and the per-job records (resources/) beside the runs
+REHEARSAL_SERVER = None
+
+if REHEARSAL:
+    from greg.data import fake as _fake
+
+    _FAKES = REHEARSAL["fakes"]
+    REHEARSAL_SERVER = _fake.server(os.path.join(_FAKES, _fake.SERVE))
+    os.environ[_dl.URL_BASE_ENV] = _fake.url_of(REHEARSAL_SERVER)
+    os.environ[_dl.CHECKSUMS_ENV] = os.path.join(_FAKES, _fake.SERVE, _fake.CHECKSUMS)
+    os.environ["GREG_REHEARSAL_DIR"] = os.path.abspath(f"{REHEARSAL_DIR}/resources")
+
+
+def rehearsal_onstart():
+    """Write the fakes (once) and start serving them; nothing without the `rehearsal` key."""
+    if not REHEARSAL:
+        return
+    if not os.path.isfile(os.environ[_dl.CHECKSUMS_ENV]):
+        _fake.write_fakes(_FAKES)
+    threading.Thread(target=REHEARSAL_SERVER.serve_forever, daemon=True).start()
+    print(f"rehearsal: serving {os.path.join(_FAKES, _fake.SERVE)} at {os.environ[_dl.URL_BASE_ENV]}")
+
+
+# --- repro_quick: the config's `repro_quick` cells, first seed; the paper tables cut to them
+QUICK_SEED = SEEDS[0]
+QUICK_CELLS = [(c["dataset"], c["arch"], r) for c in config["repro_quick"] for r in c["runs"]]
+QUICK_DIR = f"{RESULTS}/repro_quick"
+QUICK_TABLES = {
+    name: t
+    for name in PAPER_TABLES
+    if (
+        t := P.quick_table(
+            P.resolve_table(name, TABLES[name], {**config, "seeds": [QUICK_SEED]}, UNAVAILABLE, ASSUMPTIONS),
+            QUICK_CELLS,
+        )
+    )
+}
+
+
+rule repro_quick_table:
+    input:
+        lambda wc: P.table_inputs(QUICK_TABLES[wc.table]),
+        template=TABLE_TEMPLATE,
+        paper=PAPER_RESULTS,
+    output:
+        tex=f"{QUICK_DIR}/tables/{{table}}.tex",
+        csv=f"{QUICK_DIR}/tables/{{table}}.csv",
+        vs_paper=f"{QUICK_DIR}/tables/{{table}}_vs_paper.tex",
+    log:
+        f"{RESULTS}/logs/repro_quick/{{table}}.log",
+    wildcard_constraints:
+        table="|".join(sorted(QUICK_TABLES)) or "no-tables",
+    params:
+        spec=lambda wc: json.dumps(QUICK_TABLES[wc.table], sort_keys=True),
+        aliases=json.dumps(config.get("aliases") or {}, sort_keys=True),
+    conda:
+        ENV_CPU
+    shell:
+        "greg report table --spec-json {params.spec:q} --template {input.template:q}"
+        " --tex {output.tex:q} --csv {output.csv:q} --paper {input.paper:q} --aliases-json {params.aliases:q}"
+        " --vs-paper-tex {output.vs_paper:q} > {log:q} 2>&1"
+
+
+rule repro_quick:
+    """Table 1/2's DenseNet-100 post-hoc rows (released checkpoints) and GReg on CIFAR-10, one seed, vs the paper."""
+    input:
+        [f"{QUICK_DIR}/tables/{name}.csv" for name in QUICK_TABLES],
+    output:
+        md=f"{QUICK_DIR}/tables/reproduction.md",
+        csv=f"{QUICK_DIR}/tables/reproduction.csv",
+    log:
+        f"{RESULTS}/logs/repro_quick/reproduction.log",
+    params:
+        aliased="--aliased" if any((config.get("aliases") or {}).values()) else "",
+    conda:
+        ENV_CPU
+    shell:
+        "greg report reproduction {input:q} --md {output.md:q} --csv {output.csv:q} {params.aliased}"
+        " > {log:q} 2>&1"
+
+
+def planned_gpu_hours():
+    """onstart: the GPU jobs about to run and the GPU-hours they reserve (each rule's `runtime` limit x its
+    GPUs), printed before anything is submitted."""
+    jobs = [j for j in workflow.dag.needrun_jobs() if int(j.resources.get("gpu", 0) or 0) > 0]
+    if not jobs:
+        return
+    hours = sum(float(j.resources.get("runtime", 0) or 0) / 60 * int(j.resources.get("gpu", 0)) for j in jobs)
+    kinds = {}
+    for j in jobs:
+        kinds[j.rule.name] = kinds.get(j.rule.name, 0) + 1
+    print(
+        f"planned: {len(jobs)} GPU jobs ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}), at most "
+        f"{hours:.1f} GPU-hours reserved (each job's runtime limit; docs/WORKFLOW.md has the expected cost)"
+    )
+
+
+# --- the rehearsal's targets
+rule rehearsal_resources:
+    """One row per rehearsed job: peak RSS, wall seconds, seconds per optimizer step at the real batch size."""
+    input:
+        rules_inputs_all_tables(),
+        f"{RESULTS}/tables/reproduction.md",
+        rules_inputs_all_figures(),
+        f"{QUICK_DIR}/tables/reproduction.md",
+    output:
+        f"{REHEARSAL_DIR}/resources.csv",
+    params:
+        script=os.path.join(workflow.basedir, "workflow", "scripts", "rehearse.py"),
+        jobs=f"{REHEARSAL_DIR}/resources",
+    shell:
+        "python {params.script:q} --jobs {params.jobs:q} --summarize {output:q}"
+
+
+rule rehearsal:
+    """Every table, reproduction.md, the figures and repro_quick on the fakes, and the resources table."""
+    input:
+        rules_inputs_all_tables(),
+        f"{RESULTS}/tables/reproduction.md",
+        rules_inputs_all_figures(),
+        f"{QUICK_DIR}/tables/reproduction.md",
+        f"{REHEARSAL_DIR}/resources.csv",
+
+
+localrules:
+    repro_quick_table,
+    repro_quick,
+    rehearsal_resources,
