@@ -10,6 +10,8 @@ know which names exist and whether a method trains on auxiliary outliers.
 from __future__ import annotations
 
 import itertools
+import json
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -478,6 +480,125 @@ def table_inputs(resolved: dict) -> list[str]:
     seen: dict[str, None] = {}
     for row in resolved["rows"]:
         for cell in row["cells"]:
-            for f in cell["files"]:
+            for f in [*cell["files"], *(f for files in (cell.get("sweep") or {}).values() for f in files)]:
                 seen.setdefault(f, None)
     return list(seen)
+
+
+# ------------------------------------------------------------------------------------ post-hoc detectors
+# ``detector_kwargs`` (workflow config): detector -> dataset or "<dataset>/<arch>" -> ``greg evaluate
+# --detector-kwargs``; ``detector_sweep``: detectors also evaluated with every distinct listed setting, each
+# in its own eval directory "<detector>~<setting tag>" (the default setting keeps "<detector>").
+
+SWEEP_SEP = "~"
+EVAL_NAME = r"[A-Za-z0-9_]+(~[A-Za-z0-9_.+-]+)?"  # an eval directory name (the workflow's wildcard constraint)
+
+
+def detector_kwargs(config: dict, dataset: str, arch: str, detector: str) -> dict[str, Any]:
+    """The detector arguments of one (dataset, arch) cell: the dataset's entry, updated by the
+    "<dataset>/<arch>" entry; {} (the detector's defaults) when neither is listed."""
+    by_key = (config.get("detector_kwargs") or {}).get(detector) or {}
+    return {**(by_key.get(dataset) or {}), **(by_key.get(f"{dataset}/{arch}") or {})}
+
+
+def _tag(kwargs: dict[str, Any]) -> str:
+    """A readable, stable directory-name part for one setting: sorted ``<key><value>`` joined by ``+``."""
+    return "+".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
+
+
+def sweep_settings(config: dict, detector: str) -> list[dict[str, Any]]:
+    """The distinct settings ``detector_kwargs`` lists for ``detector``, in config order ([] without any)."""
+    out: list[dict[str, Any]] = []
+    for kw in ((config.get("detector_kwargs") or {}).get(detector) or {}).values():
+        if kw and kw not in out:
+            out.append(dict(kw))
+    return out
+
+
+def detector_evals(config: dict, dataset: str, arch: str, detector: str) -> list[str]:
+    """The eval directory names of a (dataset, arch, detector) cell: ``[detector]``, plus, when the detector
+    is in ``detector_sweep``, ``<detector>~<tag>`` for each other setting of :func:`sweep_settings`."""
+    names = [detector]
+    if detector in (config.get("detector_sweep") or []):
+        own = detector_kwargs(config, dataset, arch, detector)
+        names += [f"{detector}{SWEEP_SEP}{_tag(kw)}" for kw in sweep_settings(config, detector) if kw != own]
+    return names
+
+
+def _eval_kwargs(config: dict, dataset: str, arch: str, name: str) -> tuple[str, dict[str, Any]]:
+    """(detector, its arguments) of the eval directory ``name``: a detector, or a swept ``<detector>~<tag>``."""
+    detector, _, tag = name.partition(SWEEP_SEP)
+    if not tag:
+        return detector, detector_kwargs(config, dataset, arch, detector)
+    found = [kw for kw in sweep_settings(config, detector) if _tag(kw) == tag]
+    if not found:
+        raise ReportError(f"eval {name!r}: no setting of detector_kwargs.{detector} has the tag {tag!r}")
+    return detector, found[0]
+
+
+def evaluate_detector_args(config: dict, dataset: str, arch: str, names: str | list[str]) -> list[str]:
+    """``--detector`` and ``--detector-kwargs`` of ``greg evaluate`` for one eval directory name (a detector,
+    or a swept ``<detector>~<tag>``) or several plain detectors in one process (the kwargs then keyed by
+    detector), then ``evaluate_args``; shell-quote before use."""
+    names = [names] if isinstance(names, str) else list(names)
+    resolved = dict(_eval_kwargs(config, dataset, arch, n) for n in names)
+    if len(resolved) != len(names):
+        raise ReportError(f"greg evaluate of {names}: one process takes each detector once")
+    args = ["--detector", ",".join(resolved)]
+    kwargs = next(iter(resolved.values())) if len(names) == 1 else {d: kw for d, kw in resolved.items() if kw}
+    if kwargs:
+        args += ["--detector-kwargs", json.dumps(kwargs, sort_keys=True)]
+    return args + [str(a) for a in config.get("evaluate_args") or []]
+
+
+def check_detector_kwargs(config: dict) -> None:
+    """Fail (``ReportError`` naming the config key) when ``detector_kwargs`` / ``detector_sweep`` name an
+    unknown detector, dataset or arch, or give arguments the detector does not take or accept."""
+    for detector, by_key in (config.get("detector_kwargs") or {}).items():
+        where = f"config detector_kwargs.{detector}"
+        if detector not in detectors.DETECTORS:
+            raise ReportError(f"{where}: unknown detector (known: {detectors.DETECTORS.names()})")
+        for key, kwargs in (by_key or {}).items():
+            dataset, _, arch = key.partition("/")
+            if dataset not in config["datasets"] or (arch and arch not in config["archs"]):
+                raise ReportError(f"{where}.{key}: unknown dataset or arch (datasets: {sorted(config['datasets'])}"
+                                  f", archs: {sorted(config['archs'])})")
+            try:
+                run_config.check_kwargs(kwargs or {}, detectors.DETECTORS.get(detector), f"{where}.{key}")
+                detectors.create(detector, **(kwargs or {}))
+            except (ValueError, TypeError) as e:
+                raise ReportError(f"{where}.{key}: {e}") from None
+    for detector in config.get("detector_sweep") or []:
+        for kw in sweep_settings(config, detector):
+            if not re.fullmatch(EVAL_NAME, f"{detector}{SWEEP_SEP}{_tag(kw)}"):
+                raise ReportError(f"config detector_sweep: setting {kw} of {detector!r} makes the directory name "
+                                  f"{_tag(kw)!r}; swept settings need scalar values (letters, digits, _ . + -)")
+        if len(sweep_settings(config, detector)) < 2:
+            raise ReportError(f"config detector_sweep: {detector!r} needs at least two distinct settings in "
+                              f"detector_kwargs.{detector} (has {len(sweep_settings(config, detector))})")
+
+
+def with_sweeps(resolved: dict, config: dict) -> dict:
+    """A copy of a resolved table in which every available cell of a detector in ``detector_sweep`` lists
+    ``sweep``: eval name (:func:`detector_evals`, the cell's own setting first) -> its per-seed metrics files,
+    and whose caption says that such cells report the best setting, chosen on the test set
+    (``greg.tables.choose_sweep_settings`` picks it). Unchanged when the table has no swept cell."""
+    results, seeds = config.get("results", "results"), list(config["seeds"])
+    swept: dict[str, int] = {}
+    rows = []
+    for row in resolved["rows"]:
+        cells = []
+        for cell in row["cells"]:
+            names = [] if cell["na"] else detector_evals(config, cell["dataset"], cell["arch"], cell["detector"])
+            if len(names) > 1:
+                cell = {**cell, "sweep": {n: [eval_csv(results, cell["dataset"], cell["arch"], cell["run"], s, n)
+                                              for s in seeds] for n in names}}
+                swept[cell["detector"]] = max(swept.get(cell["detector"], 0), len(names))
+            cells.append(cell)
+        rows.append({**row, "cells": cells})
+    if not swept:
+        return resolved
+    note = "; ".join(f"{d}: best of {n} settings" for d, n in swept.items())
+    caption = (f"{resolved['caption']} ({note} per cell, chosen on the test set by the lowest mean FPR95 over "
+               "seeds.)")
+    return {**resolved, "rows": rows, "caption": caption}

@@ -191,6 +191,28 @@ class Table:
     rows: list[tuple[str, str | None, list[Value]]] = field(default_factory=list)
 
 
+def choose_sweep_settings(resolved: dict, reader: Callable[[str], dict] = read_metrics_csv) -> dict:
+    """A copy in which each cell with ``sweep`` (detector setting -> per-seed files, ``greg.plan.with_sweeps``)
+    keeps the setting with the lowest mean over seeds of its ``mean`` FPR95 (the table's convention): its
+    files, and its name as the cell's detector. Chosen on the test set; ties keep the first (the cell's own)."""
+    col = resolved["fpr"]
+
+    def fpr(files: list[str]) -> float:
+        v = sum(reader(f)["mean"][col] for f in files) / len(files)
+        return v if math.isfinite(v) else math.inf
+
+    rows = []
+    for row in resolved["rows"]:
+        cells = []
+        for cell in row["cells"]:
+            if cell.get("sweep") and not cell["na"]:
+                best = min(cell["sweep"], key=lambda n: fpr(cell["sweep"][n]))
+                cell = {**cell, "detector": best, "files": cell["sweep"][best]}
+            cells.append(cell)
+        rows.append({**row, "cells": cells})
+    return {**resolved, "rows": rows}
+
+
 def _cell(row: dict, ood: str, col: str, files: list[str], read: Callable[[str], dict]) -> Value:
     seeds = []
     for f in files:
@@ -212,7 +234,9 @@ def _cell(row: dict, ood: str, col: str, files: list[str], read: Callable[[str],
 
 
 def build_table(resolved: dict, reader: Callable[[str], dict] = read_metrics_csv) -> Table:
-    """Read every cell's metrics files and aggregate over seeds; mark the best of each column."""
+    """Read every cell's metrics files and aggregate over seeds; mark the best of each column (a swept
+    detector's cell first keeps its best setting, :func:`choose_sweep_settings`)."""
+    resolved = choose_sweep_settings(resolved, reader)
     fpr, digits = resolved["fpr"], resolved["digits"]
     columns = [(gi, c["ood"], m) for gi, g in enumerate(resolved["groups"]) for c in g["columns"]
                for m in group_metrics(resolved, g)]

@@ -20,6 +20,10 @@ class DICE(FeatureDetector):
     the entries above the ``p``-th percentile of all of ``V`` (strict ``>``, p = 90: the top 10 %).
     ``p = 0`` keeps every weight (plain energy; the strict ``>`` at the minimum would drop one entry).
 
+    Released settings (deeplearning-wisc/dice@8acfb8d): ``p = 90`` on CIFAR-10 / CIFAR-100
+    (``demo-cifar.sh:6,13``), ``p = 70`` on ImageNet (``demo-imagenet.sh:9``); the default is 90, the
+    workflow passes each dataset's (config ``detector_kwargs``, docs/BASELINES.md).
+
     Source: Sun & Li, "DICE: Leveraging Sparsification for Out-of-Distribution Detection", ECCV 2022
     (code: deeplearning-wisc/dice, ``RouteDICE``).
     """

@@ -28,11 +28,13 @@ class LINe(FeatureDetector):
     Score: ``h = min(h(x), clip)``; ``c* = argmax(W h + b)``; logits ``(M[c*] * W)(A[c*] * h) + b``;
     ``S = -logsumexp(logits)``. ``p = 0`` keeps everything (no strict ``>`` at the minimum).
 
-    Settings of the released code (``run.sh``): CIFAR-10 ``p_w = 90, p_a = 90``, CIFAR-100
-    ``p_w = 90, p_a = 10``, both with ``clip_threshold = 1.0`` (an absolute clip of the pooled
-    DenseNet-100 features, applied before the head). These are the defaults (CIFAR-10); for other models
-    ``clip_percentile`` fits a ReAct-style clip on the ID features instead (``clip_threshold`` then
-    ignored); ``clip_threshold=None, clip_percentile=None`` disables clipping.
+    Settings of the released code (``demo-cifar.sh:3,7``, ``demo-imagenet.sh:4`` at 465ddf5): CIFAR-10
+    ``p_w = 90, p_a = 90``, CIFAR-100 ``p_w = 90, p_a = 10``, both with ``clip_threshold = 1.0`` (an
+    absolute clip of the pooled DenseNet-101 features, applied before the head); ImageNet (ResNet-50)
+    ``p_w = 10, p_a = 10, clip_threshold = 0.8``. The defaults are CIFAR-10's; the workflow passes each
+    (dataset, arch)'s setting (config ``detector_kwargs``, docs/BASELINES.md). ``clip_percentile`` fits a
+    ReAct-style clip on the ID features instead (``clip_threshold`` then ignored);
+    ``clip_threshold=None, clip_percentile=None`` disables clipping.
 
     Source: Ahn, Park & Kim, "LINe: Out-of-Distribution Detection by Leveraging Important Neurons",
     CVPR 2023 (code: YongHyun-Ahn/LINe-Out-of-Distribution-Detection-by-Leveraging-Important-Neurons,

@@ -41,6 +41,7 @@ def _check_names():
 
 _check_names()
 P.check_extra_names(config)
+P.check_detector_kwargs(config)
 
 
 def run_dir(dataset, arch, run, seed):
@@ -52,8 +53,10 @@ def cell_ok(dataset, arch, run, detector):
 
 
 ASSUMPTIONS = P.load_assumptions(config["tables"])  # marked recipes (config/tables.yaml `assumptions`)
+# with_sweeps: cells of a detector in detector_sweep list every setting's files (the table keeps the best)
 RESOLVED = {
-    name: P.resolve_table(name, spec, config, UNAVAILABLE, ASSUMPTIONS) for name, spec in TABLES.items()
+    name: P.with_sweeps(P.resolve_table(name, spec, config, UNAVAILABLE, ASSUMPTIONS), config)
+    for name, spec in TABLES.items()
 }
 
 
@@ -123,7 +126,11 @@ def rules_inputs_all_runs():
                 cells += [(run, config["variants"][run]["detector"]) for run in g["runs"]]
                 for run, det in cells:
                     if cell_ok(dataset, arch, run, det):
-                        out += [P.eval_csv(RESULTS, dataset, arch, run, s, det) for s in SEEDS]
+                        out += [
+                            P.eval_csv(RESULTS, dataset, arch, run, s, name)
+                            for name in P.detector_evals(config, dataset, arch, det)
+                            for s in SEEDS
+                        ]
     return list(dict.fromkeys(out))
 
 
@@ -317,7 +324,7 @@ wildcard_constraints:
     dataset="|".join(sorted(config["datasets"])),
     arch="|".join(sorted(config["archs"])),
     seed=r"\d+",
-    detector=r"[A-Za-z0-9_]+",
+    detector=P.EVAL_NAME,  # a detector, or a swept "<detector>~<setting>" (config detector_sweep)
     name=r"[A-Za-z0-9_]+",
     dg_dataset=r"[A-Za-z0-9_]+",
     algorithm=r"[A-Za-z0-9_]+",

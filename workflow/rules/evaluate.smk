@@ -23,7 +23,9 @@ rule evaluate:
     params:
         ood=lambda wc: ",".join(config["datasets"][wc.dataset]["ood"]),
         out=lambda wc: f"{run_dir(wc.dataset, wc.arch, wc.run, wc.seed)}/eval/{wc.detector}",
-        extra=quote_args(config["evaluate_args"]),
+        # --detector (the eval directory's detector, also a swept "<detector>~<setting>"), its per-(dataset,
+        # arch) --detector-kwargs (config detector_kwargs) and evaluate_args
+        detector=lambda wc: quote_args(P.evaluate_detector_args(config, wc.dataset, wc.arch, wc.detector)),
     threads: GPU_THREADS
     resources:
         gpu=GPUS,
@@ -36,9 +38,9 @@ rule evaluate:
     shell:
         "python {JOB:q} --log {log:q} --attempt {resources.attempt} --"
         " greg evaluate --checkpoint {input.ckpt:q} --id {wildcards.dataset:q} --ood {params.ood:q}"
-        " --detector {wildcards.detector:q} --out {params.out:q} --root {config[data_root]:q}"
+        " --out {params.out:q} --root {config[data_root]:q}"
         " --num-workers {threads} --device {config[device]:q} $([ {resources.gpu} -gt 0 ] && echo --require-cuda)"
-        " {params.extra}"
+        " {params.detector}"
 
 
 # A pretrained (CE) model is scored by every post-hoc detector of the grid in one process (`greg evaluate
@@ -65,9 +67,10 @@ rule evaluate_posthoc:
         MODEL_GROUP.replace("{run}", "pretrain")
     params:
         ood=lambda wc: ",".join(config["datasets"][wc.dataset]["ood"]),
-        detectors=",".join(POSTHOC),
         out=lambda wc: f"{run_dir(wc.dataset, wc.arch, 'pretrain', wc.seed)}/eval/{{detector}}",
-        extra=quote_args(config["evaluate_args"]),
+        # --detector a,b,... with each one's (dataset, arch) --detector-kwargs (config detector_kwargs), then
+        # evaluate_args
+        detectors=lambda wc: quote_args(P.evaluate_detector_args(config, wc.dataset, wc.arch, POSTHOC)),
     threads: GPU_THREADS
     resources:
         gpu=GPUS,
@@ -80,6 +83,6 @@ rule evaluate_posthoc:
     shell:
         "python {JOB:q} --log {log:q} --attempt {resources.attempt} --"
         " greg evaluate --checkpoint {input.ckpt:q} --id {wildcards.dataset:q} --ood {params.ood:q}"
-        " --detector {params.detectors:q} --out {params.out:q} --root {config[data_root]:q}"
+        " --out {params.out:q} --root {config[data_root]:q}"
         " --num-workers {threads} --device {config[device]:q} $([ {resources.gpu} -gt 0 ] && echo --require-cuda)"
-        " {params.extra}"
+        " {params.detectors}"
