@@ -29,6 +29,7 @@ too (for debugging). An exception class may set an ``exit_code`` attribute to ch
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import traceback
@@ -64,6 +65,17 @@ class InputError(ValueError):
 
 class ReportError(InputError):
     """A table spec, results file or workflow-config entry that the planner or ``greg report`` cannot use."""
+
+
+def json_object(text: str, flag: str, error: type[InputError] = InputError) -> dict:
+    """A command-line flag's JSON object; ``error`` (exit 2) naming the flag if it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{flag}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise error(f"{flag} must be a JSON object, got {text[:60]!r}")
+    return value
 
 
 def exit_code(e: BaseException) -> int:

@@ -54,7 +54,7 @@ from greg.detectors import DETECTORS, Detector
 from greg.detectors import create as create_detector
 from greg.detectors.base import FeatureDetector, collect_features
 from greg.device import DEVICE_HELP, check_cuda, eval_mode, resolve_device
-from greg.errors import EXIT_STATUS_HELP, InputError, cli_errors
+from greg.errors import EXIT_STATUS_HELP, InputError, cli_errors, json_object
 from greg.metrics import METRIC_COLUMNS, metrics_table, ood_metrics  # noqa: F401  (re-exported)
 from greg.metrics import TABLE_COLUMNS as COLUMNS  # noqa: F401  (re-exported: metrics.csv columns)
 
@@ -267,16 +267,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cert-eps", type=float, default=0.5, help="cap of the certified radius")
 
 
-def _parse_kwargs(text: str, flag: str = "--detector-kwargs") -> dict[str, Any]:
-    try:
-        kw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{flag} is not valid JSON ({e}): {text!r}") from e
-    if not isinstance(kw, dict):
-        raise InputError(f"{flag} must be a JSON object, got {text!r}")
-    return kw
-
-
 def _build_detector(name: str, kwargs: dict[str, Any], context: Mapping[str, Any]) -> Detector:
     """The detector ``name`` with ``kwargs``, its ``context_kwargs`` filled from ``context`` when not given."""
     cls = DETECTORS.get(name)
@@ -288,7 +278,7 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     if args.arch is not None:
         if args.num_classes is None:
             raise InputError("--arch needs --num-classes for an external checkpoint")
-        kwargs = _parse_kwargs(args.model_kwargs, "--model-kwargs")
+        kwargs = json_object(args.model_kwargs, "--model-kwargs")
         _check_kwargs(kwargs, gm.MODELS.get(args.arch), f"--model-kwargs: model {args.arch!r}", ("num_classes",))
         model = gm.create(args.arch, args.num_classes, **kwargs)
         gm.load_pretrained(model, args.checkpoint)
@@ -403,7 +393,7 @@ def _evaluations(args: argparse.Namespace, id_spec: Any) -> list[Evaluation]:
     names = _names(args.detector, "--detector")
     for name in names:
         DETECTORS.get(name)  # unknown name: KeyError listing the known ones
-    kwargs = _parse_kwargs(args.detector_kwargs)
+    kwargs = json_object(args.detector_kwargs, "--detector-kwargs")
     if len(names) > 1:
         if "{detector}" not in args.out:
             raise InputError(f"--out {args.out}: with several detectors it must contain '{{detector}}' (replaced "

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from greg import io
 from greg.cli import DEVICE_HELP
-from greg.errors import ReportError, cli_errors
+from greg.errors import ReportError, cli_errors, json_object
 from greg.figures import (
     SAM_DIAGNOSTICS,
     collect_fig_sam,
@@ -145,13 +145,7 @@ def _spec(args: argparse.Namespace) -> dict:
 
 
 def _json_object(text: str, flag: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{flag}: not valid JSON ({e.msg})") from None
-    if not isinstance(value, dict):
-        raise ReportError(f"{flag} must be a JSON object, got {text[:60]!r}")
-    return value
+    return json_object(text, flag, ReportError)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -279,3 +279,31 @@ def test_greg_plus_with_real_sampler():
     model.train()
     out = m1.compute_loss(model, b)
     assert torch.isfinite(out["total"]) and out["n_aux_selected"].item() == 8
+
+
+def test_every_module_of_a_package_is_imported_so_a_new_method_is_one_file(tmp_path, monkeypatch):
+    """greg.methods and greg.detectors import all their public modules (registry.import_package_modules):
+    a new file registers itself with no import line elsewhere."""
+    import sys
+
+    from greg.registry import import_package_modules
+
+    pkg = tmp_path / "plugpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "new_method.py").write_text("")
+    (pkg / "_private.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import_package_modules("plugpkg", [str(pkg)])
+    assert "plugpkg.new_method" in sys.modules and "plugpkg._private" not in sys.modules
+    for m in ("plugpkg", "plugpkg.new_method"):
+        monkeypatch.delitem(sys.modules, m)
+    # the real packages: every @METHODS.register / @DETECTORS.register in their files is registered
+    import re
+    from pathlib import Path
+
+    from greg import detectors
+    for package, registry in ((methods, methods.METHODS), (detectors, detectors.DETECTORS)):
+        declared = {n for f in Path(package.__file__).parent.glob("*.py")
+                    for n in re.findall(r'@[A-Z]+\.register\("(\w+)"\)', f.read_text())}
+        assert declared and declared == set(registry.names())

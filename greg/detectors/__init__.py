@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from greg.detectors import dice, line, logit, mahalanobis, odin, rankfeat, react  # noqa: F401  (registers)
-from greg.detectors.base import DETECTORS, Detector, collect_features
+from greg.detectors.base import DETECTORS, Detector, FeatureDetector, collect_features
+from greg.registry import import_package_modules
+
+import_package_modules(__name__, __path__)  # each detector module registers itself
 from greg.detectors.dice import DICE
 from greg.detectors.line import LINe
 from greg.detectors.logit import MSP, AbsentClass, Energy, MaxLogit
@@ -39,6 +41,7 @@ __all__ = [
     "AbsentClass",
     "Detector",
     "Energy",
+    "FeatureDetector",
     "LINe",
     "Mahalanobis",
     "MaxLogit",

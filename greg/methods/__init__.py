@@ -4,19 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from greg.methods import (  # noqa: F401  (registers the methods)
-    ce,
-    dos,
-    energy,
-    greg,
-    greg_plus,
-    oe,
-    openmix,
-    poem,
-    sam_finetune,
-)
 from greg.methods._registry import METHODS
 from greg.methods.base import Batch, Method
+from greg.registry import import_package_modules
+
+import_package_modules(__name__, __path__)  # each method module registers itself
 
 __all__ = ["METHODS", "Batch", "Method", "create", "names"]
 
