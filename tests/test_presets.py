@@ -159,10 +159,12 @@ def test_imagenet_dos_as_the_released_command():
     assert "init.checkpoint" not in " ".join(sets)  # from scratch (no --finetune in the command)
 
 
-def test_table4_caption_labels_oe_grad_margins_an_assumption():
+def test_table4_oe_grad_row_carries_its_margins_as_an_assumption_mark():
     from greg.methods.grad_reg import DEFAULT_MARGINS
 
     assert preset("oe_grad")["method"]["hparams"].get("grad_m_in") is None  # so DEFAULT_MARGINS["msp"] apply
-    caption = " ".join(yaml.safe_load((ROOT / "config" / "tables.yaml").read_text())["table4"]["caption"].split())
+    marks = yaml.safe_load((ROOT / "config" / "tables.yaml").read_text())["assumptions"]
+    note = " ".join(marks["oe_grad"]["note"].split())
     m_in, m_out = DEFAULT_MARGINS["msp"]
-    assert "assumption" in caption and f"m_in = {m_in}" in caption and f"m_out = {m_out}" in caption
+    assert marks["oe_grad"]["runs"] == ["oe_grad"]
+    assert f"m_in = {m_in}" in note and f"m_out = {m_out}" in note
