@@ -27,7 +27,7 @@ from greg.device import eval_mode, resolve_device
 from greg.diagnostics import score_grad_norms
 from greg.optim.registry import lr_multiplier, make_optimizer
 from greg.rundir import RunDir
-from greg.stream import StreamSampler, aux_pool_size, loader, ratio_candidates
+from greg.stream import AUX_STREAM, ID_STREAM, StreamSampler, aux_pool_size, loader, ratio_candidates
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 143
@@ -249,7 +249,7 @@ class Trainer:
         c_data = self.cfg["data"]
         bs, seed = c_data["batch_size"], self.cfg["seed"]
         id_sampler = StreamSampler(
-            len(self.id_train), self.steps_per_epoch * bs, seed, 1, self.step * bs, self.total_steps * bs
+            len(self.id_train), self.steps_per_epoch * bs, seed, ID_STREAM, self.step * bs, self.total_steps * bs
         )
         id_iter = iter(loader(self.id_train, id_sampler, bs, c_data["num_workers"], self.device))
         if self.aux is None:
@@ -261,7 +261,7 @@ class Trainer:
             # o4lc/Greg-OOD train_sea.py@4761101:157).
             per_pass, pool = self.steps_per_epoch * self.aux_bs, self.aux_pool
         aux_sampler = StreamSampler(
-            len(self.aux), per_pass, seed, 2, self.step * self.aux_bs, self.total_steps * self.aux_bs, pool
+            len(self.aux), per_pass, seed, AUX_STREAM, self.step * self.aux_bs, self.total_steps * self.aux_bs, pool
         )
         return id_iter, iter(loader(self.aux, aux_sampler, self.aux_bs, c_data["num_workers"], self.device))
 
