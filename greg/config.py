@@ -1,22 +1,31 @@
-"""Run config of ``greg train``: defaults, merging, ``--set``, validation, and building the Method.
+"""Run config of ``greg train``: its keys, merging, ``--set``, validation, and building the Method.
 
-Every value of a run enters here once: :func:`load_config` merges the preset files and ``--set`` overrides
-onto :data:`DEFAULTS`, :func:`validate` checks types, ranges and cross-field rules, and :func:`make_method`
-builds the configured :class:`greg.methods.Method`. The execution plane (``greg.trainer``) takes the result
-and checks nothing but what needs the data (dataset sizes).
+Every value of a run enters here once. :data:`KEYS` declares each leaf of the run config once (default,
+types, range check, what is allowed, help); :data:`DEFAULTS` is derived from it. :func:`load_config`
+checks each preset file and the ``--set`` overrides against :data:`KEYS` (:func:`check`, naming the file),
+merges them onto the defaults (:func:`merge`), and :func:`validate` checks the whole config and the
+cross-field rules. :func:`make_method` builds the configured :class:`greg.methods.Method`, whose hparams
+are checked by the method (types from its declarations, ranges in its ``validate``). The execution plane
+(``greg.trainer``) takes the result and checks nothing but what needs the data (dataset sizes).
+
+The workflow planner (``greg.plan``) and the CLIs check their values with the same :func:`check_value` /
+:func:`check_kwargs`, so a run config, a workflow config and a command-line flag are held to one rule.
 
 One cohesive thing (the run-config schema, its loading and its checks), hence over ~400 lines.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import copy
-import difflib
 import hashlib
 import inspect
 import math
 import os
+import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,70 +33,24 @@ import numpy as np
 import yaml
 
 from greg import data, io, methods, models, scores
+from greg.errors import cap, did_you_mean
 from greg.methods.base import ClusterSelection
 from greg.optim.registry import OPTIMIZERS, SCHEDULES
 
-DEFAULTS: dict[str, Any] = {
-    # Seed of everything: data order, augmentation, initialization, method RNGs.
-    "seed": 0,
-    "model": {
-        "name": "small_cnn",  # greg.models registry name
-        "kwargs": {},  # extra constructor arguments, e.g. {stem: imagenet} for resnet18
-    },
-    "init": {
-        # Start from weights: a greg run checkpoint (final.pt) or an external file (the shared DenseNets).
-        "checkpoint": None,
-        "kind": "auto",  # auto | run | pretrained
-        # Keep the freshly initialized head (e.g. ImageNet-1k weights into a 10-class DenseNet-121).
-        "skip_head": False,
-    },
-    "data": {
-        "root": "data",
-        "id": "tiny",  # ID dataset (its train split is trained on)
-        "aux": None,  # auxiliary outlier dataset; required by methods with needs_aux
-        "batch_size": 64,
-        # Auxiliary images per step: an int, or "ratio" = floor(pool / n_id * batch_size) (GReg+ candidates;
-        # pool = aux_pool_per_epoch or the whole aux set; o4lc/Greg-OOD train_sea.py@4761101:240).
-        "aux_batch_size": 128,
-        # Each epoch draws this many random auxiliary images (seeded) and the steps walk through them; null =
-        # the whole set. Capped at the set's size (greg.stream.aux_pool_size).
-        "aux_pool_per_epoch": None,
-        "num_workers": 0,
-        "augment": True,  # random crop + flip on ID and auxiliary images, as the official code
-    },
-    "method": {"name": "ce", "hparams": {}},
-    "optim": {
-        "name": "sgd",  # greg.optim.registry.OPTIMIZERS
-        "lr": 0.1,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5.0e-4,
-        "betas": [0.9, 0.999],
-    },
-    "schedule": {
-        # cosine: the Energy/GReg LambdaLR multiplier from 1 down to lr_min_ratio over all steps.
-        # multistep: multiply by gamma at each epoch in milestones.  constant: no change.
-        "name": "cosine",  # greg.optim.registry.SCHEDULES
-        "lr_min_ratio": 1.0e-3,
-        "milestones": [],
-        "gamma": 0.1,
-    },
-    "train": {
-        "epochs": 1,
-        "max_steps": None,  # cap on the total number of steps (smoke runs); the schedule spans the cap
-        "checkpoint_every": 200,  # steps between resume checkpoints (also at every epoch end)
-        "log_every": 1,
-        "grad_norm_every": 10,  # steps between logs of the mean input-gradient norm of the score (Fig. 3)
-        "grad_norm_score": "energy",
-        "progress": True,
-    },
-}
 
-# Keys that say how a run is executed, not what it computes (a resumed or rerun run may change them freely):
-# they are left out of a run's identity (the workflow's rule params, the run's config hash) and reach
-# `greg train` as runtime flags (--workers, --data-root) or late --set overrides. Checkpoint and log cadence
-# do not change the weights (resume is bit-identical).
-RUNTIME_KEYS = ("data.num_workers", "data.root", "train.progress", "train.checkpoint_every", "train.log_every")
+class ConfigError(ValueError):
+    pass
+
+
+# Seeds are mixed through their low 32 bits (:func:`mix`): a larger one would alias a smaller one.
+SEED_MAX = 2**32 - 1
+# Salts of the seeds derived from the run seed, ``mix(seed, salt)``: one named stream each, so no two
+# consumers draw the same numbers. Changing one changes every run's weights.
+SALT_MODEL_INIT = 0  # torch's global RNG before the model is built
+SALT_ID_STREAM = 1  # order and augmentation of the ID training images (greg.stream.StreamSampler)
+SALT_AUX_STREAM = 2  # ... of the auxiliary images
+SALT_METHOD = 3  # a method's own generator (its ``seed`` hparam when unset)
+SALT_MARGINS = 4  # the sample the ``margins: auto`` fit draws
 
 # init.kind values: how init.checkpoint is read.
 INIT_KINDS = {
@@ -97,60 +60,209 @@ INIT_KINDS = {
 }
 
 
-class ConfigError(ValueError):
-    pass
+@dataclass(frozen=True)
+class Key:
+    """One leaf of the run config: its default, the types it takes, a range check, what is allowed (the
+    error text) and what it means."""
+
+    default: Any
+    types: tuple[type, ...]
+    expected: str
+    ok: Callable[[Any], bool] | None = None
+    nullable: bool = False
+    help: str = ""
 
 
-def deep_merge(base: dict, override: dict, where: str = "") -> dict:
-    """Merge ``override`` into a copy of ``base``; keys unknown to ``base`` are errors (typos fail early)."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        path = f"{where}.{key}" if where else key
-        if where in FREE_FORM:  # validated by their owner (the method / the model constructor)
-            out[key] = copy.deepcopy(value)
-            continue
-        if key not in out:
-            raise ConfigError(f"unknown config key {path!r}; known here: {', '.join(sorted(out))}")
-        if isinstance(out[key], dict) and (out[key] or path in FREE_FORM) and isinstance(value, dict):
-            out[key] = deep_merge(out[key], value, path)
-        elif isinstance(out[key], dict) and not isinstance(value, dict) and value is not None:
-            raise ConfigError(f"config key {path!r} must be a mapping, got {type(value).__name__}")
-        else:
-            _check_type(path, DEFAULTS_TYPES.get(path), value)
-            out[key] = value
+_INT, _NUM, _STR, _BOOL, _MAP = (int,), (int, float), (str,), (bool,), (dict,)
+
+
+def _bool(default: bool, help: str = "") -> Key:
+    return Key(default, _BOOL, "true or false", help=help)
+
+
+def _int(default: int | None, lo: int, help: str = "", nullable: bool = False, hi: int | None = None) -> Key:
+    what = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    ok = (lambda v: v >= lo) if hi is None else (lambda v: lo <= v <= hi)
+    return Key(default, _INT, what + (" or null" if nullable else ""), ok, nullable, help)
+
+
+def _positive(default: float, help: str = "") -> Key:
+    return Key(default, _NUM, "a number > 0", lambda v: v > 0, help=help)
+
+
+KEYS: dict[str, Key] = {
+    "seed": _int(0, 0, "seed of everything: data order, augmentation, initialization, method RNGs",
+                 hi=SEED_MAX),
+    "model.name": Key("small_cnn", _STR, f"one of {', '.join(models.MODELS.names())}",
+                      lambda v: v in models.MODELS, help="greg.models registry name"),
+    "model.kwargs": Key({}, _MAP, "a mapping",
+                        help="extra constructor arguments, e.g. {stem: imagenet} for resnet18 (checked "
+                             "against the constructor's signature)"),
+    "init.checkpoint": Key(None, _STR, "a file path, a released checkpoint name or null", lambda v: v != "",
+                           True, "start from weights: a greg run checkpoint (final.pt) or an external file "
+                                 "(the shared DenseNets)"),
+    "init.kind": Key("auto", _STR, f"one of {', '.join(INIT_KINDS)}", lambda v: v in INIT_KINDS,
+                     help="how init.checkpoint is read (INIT_KINDS)"),
+    "init.skip_head": _bool(False, "keep the freshly initialized head (e.g. ImageNet-1k weights into a "
+                                   "10-class DenseNet-121)"),
+    "data.root": Key("data", _STR, "a directory path", lambda v: v != ""),
+    "data.id": Key("tiny", _STR, "a dataset name", help="ID dataset (its train split is trained on)"),
+    "data.aux": Key(None, _STR, "a dataset name or null", nullable=True,
+                    help="auxiliary outlier dataset; required by methods with needs_aux"),
+    "data.batch_size": _int(64, 1),
+    "data.aux_batch_size": Key(
+        128, (int, str), "an integer > 0 or 'ratio'", lambda v: v == "ratio" if isinstance(v, str) else v > 0,
+        help="auxiliary images per step: an int, or 'ratio' = floor(pool / n_id * batch_size) (GReg+ "
+             "candidates; pool = aux_pool_per_epoch or the whole aux set; o4lc/Greg-OOD "
+             "train_sea.py@4761101:240)"),
+    "data.aux_pool_per_epoch": _int(None, 1, "each epoch draws this many random auxiliary images (seeded) and "
+                                             "the steps walk through them; null = the whole set. Capped at the "
+                                             "set's size (greg.stream.aux_pool_size)", nullable=True),
+    "data.num_workers": _int(0, 0),
+    "data.augment": _bool(True, "random crop + flip on ID and auxiliary images, as the official code"),
+    "method.name": Key("ce", _STR, f"one of {', '.join(methods.METHODS.names())}",
+                       lambda v: v in methods.METHODS),
+    "method.hparams": Key({}, _MAP, "a mapping", help="the method's hparams (checked by the method)"),
+    "optim.name": Key("sgd", _STR, f"one of {', '.join(OPTIMIZERS.names())}", lambda v: v in OPTIMIZERS,
+                      help="greg.optim.registry.OPTIMIZERS"),
+    "optim.lr": _positive(0.1),
+    "optim.momentum": Key(0.9, _NUM, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.nesterov": _bool(True),
+    "optim.weight_decay": Key(5.0e-4, _NUM, "a number >= 0", lambda v: v >= 0),
+    "optim.betas": Key([0.9, 0.999], (list,), "a list of two numbers in [0, 1)",
+                       lambda v: len(v) == 2 and all(_is(x, _NUM) and 0 <= x < 1 for x in v)),
+    "schedule.name": Key("cosine", _STR, f"one of {', '.join(SCHEDULES.names())}", lambda v: v in SCHEDULES,
+                         help="greg.optim.registry.SCHEDULES. cosine: the Energy/GReg LambdaLR multiplier from "
+                              "1 down to lr_min_ratio over all steps; multistep: multiply by gamma at each "
+                              "epoch in milestones; constant: no change"),
+    "schedule.lr_min_ratio": Key(1.0e-3, _NUM, "a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "schedule.milestones": Key([], (list,), "a list of epoch numbers (integers >= 0)",
+                               lambda v: all(_is(x, _INT) and x >= 0 for x in v)),
+    "schedule.gamma": _positive(0.1),
+    "train.epochs": _int(1, 0),
+    "train.max_steps": _int(None, 1, "cap on the total number of steps (smoke runs); the schedule spans the "
+                                     "cap; null = no cap", nullable=True),
+    "train.checkpoint_every": _int(200, 1, "steps between resume checkpoints (also at every epoch end)"),
+    "train.log_every": _int(1, 0, "steps between per-step log lines (0 = none)"),
+    "train.grad_norm_every": _int(10, 0, "steps between logs of the mean input-gradient norm of the score "
+                                         "(Fig. 3; 0 = never)"),
+    "train.grad_norm_score": Key("energy", _STR, "a score name"),
+    "train.progress": _bool(True),
+}
+
+# Mappings whose keys belong to someone else: merged key by key, checked by the model constructor's
+# signature / the method's hparam declarations.
+FREE_FORM = ("method.hparams", "model.kwargs")
+
+# Keys that say how a run is executed, not what it computes (a resumed or rerun run may change them freely):
+# they are left out of a run's identity (the workflow's rule params, the run's config hash) and reach
+# `greg train` as runtime flags (--workers, --data-root) or late --set overrides. Checkpoint and log cadence
+# do not change the weights (resume is bit-identical).
+RUNTIME_KEYS = ("data.num_workers", "data.root", "train.progress", "train.checkpoint_every", "train.log_every")
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        *parents, last = path.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = copy.deepcopy(value)
     return out
 
 
-def _leaf_types(d: dict, where: str = "") -> dict[str, type]:
-    types = {}
+DEFAULTS: dict[str, Any] = _nest({path: k.default for path, k in KEYS.items()})
+_SECTIONS = {path.rsplit(".", 1)[0] for path in KEYS if "." in path}
+
+
+def flatten(d: Any, where: str = "", free_form: bool = False) -> dict[str, Any]:
+    """Dotted path -> value of every leaf: a declared key (a free-form mapping whole, or its leaves too with
+    ``free_form``), or any non-mapping / empty mapping; unknown mappings are descended into (their leaves
+    are then unknown keys)."""
+    stop = where in KEYS and not (free_form and where in FREE_FORM)
+    if not isinstance(d, dict) or (where and (stop or not d)):
+        return {where: d}
+    out: dict[str, Any] = {}
     for k, v in d.items():
-        path = f"{where}.{k}" if where else k
-        if isinstance(v, dict) and v:
-            types.update(_leaf_types(v, path))
-        elif v is not None:
-            types[path] = type(v)
-    return types
+        out.update(flatten(v, f"{where}.{k}" if where else str(k), free_form))
+    return out
 
 
-DEFAULTS_TYPES = _leaf_types(DEFAULTS)
-# Mappings whose keys belong to someone else: merged key by key, checked by greg.methods / greg.models.
-FREE_FORM = {"method.hparams", "model.kwargs"}
-_UNION_TYPES = {"data.aux_batch_size": (int, str)}
+def merge(base: dict, override: dict, where: str = "") -> dict:
+    """``override`` merged into a copy of ``base``: mappings key by key (free-form ones one level: their
+    values are replaced whole), everything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{where}.{key}" if where else str(key)
+        if isinstance(out.get(key), dict) and isinstance(value, dict) and where not in FREE_FORM:
+            out[key] = merge(out[key], value, path)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
-def _check_type(path: str, expected: type | None, value: Any) -> None:
-    if expected is None or value is None:
+def check(cfg: dict, partial: bool = False) -> None:
+    """Every leaf of ``cfg`` against :data:`KEYS`: unknown keys, types and ranges; with ``partial`` (one
+    preset file, the ``--set`` overrides) missing keys are fine."""
+    leaves = flatten(cfg)
+    for path, v in leaves.items():
+        if path in KEYS:
+            check_value(f"config key {path!r}", v, KEYS[path])
+        elif path in _SECTIONS:
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key {path!r} must be a mapping, got {_show(v)}")
+        else:
+            _unknown(path)
+    if not partial:
+        for path in KEYS:
+            if path not in leaves:
+                raise ConfigError(f"config key {path!r} is missing")
+
+
+def _unknown(path: str) -> None:
+    parts = path.split(".")
+    for i in range(1, len(parts) + 1):  # the first part that is neither a section nor a key
+        head = ".".join(parts[:i])
+        if head in KEYS:  # a scalar key given as a mapping
+            raise ConfigError(f"config key {head!r} must be {KEYS[head].expected}, got a mapping")
+        if head not in _SECTIONS:
+            break
+    parent = ".".join(parts[: i - 1])
+    known = sorted({p[len(parent) + 1 if parent else 0 :].split(".")[0] for p in KEYS
+                    if not parent or p.startswith(f"{parent}.")})
+    raise ConfigError(f"unknown config key {head!r}{did_you_mean(parts[i - 1], known)}; "
+                      f"known here: {', '.join(known)}")
+
+
+def check_value(what: str, v: Any, key: Key) -> None:
+    """``v`` against one declaration: ``ConfigError`` "<what> must be <expected>, got ..." otherwise."""
+    if v is None and key.nullable:
         return
-    allowed = _UNION_TYPES.get(path, (expected,))
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return
-    if isinstance(value, bool) and bool not in allowed:
-        raise ConfigError(f"config key {path!r} must be {'/'.join(t.__name__ for t in allowed)}, got bool")
-    if not isinstance(value, allowed):
-        raise ConfigError(
-            f"config key {path!r} must be {'/'.join(t.__name__ for t in allowed)}, "
-            f"got {type(value).__name__} ({value!r})"
-        )
+    if v is None or not _is(v, key.types) or (isinstance(v, float) and not math.isfinite(v)):
+        raise ConfigError(f"{what} must be {key.expected}, got {_show(v)}")
+    if key.ok is not None and not key.ok(v):
+        raise ConfigError(f"{what} must be {key.expected}, got {v!r}")
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return "null" if v is None else f"{type(v).__name__} ({text})"
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` checked (:func:`check`, partial) and merged into a copy of ``base``."""
+    check(override, partial=True)
+    return merge(base, override)
 
 
 def parse_set(items: list[str]) -> dict:
@@ -175,46 +287,46 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+
+
 def yaml_error_text(e: yaml.YAMLError) -> str:
     """One line of a PyYAML error (its own text spans several lines with a source excerpt)."""
     problem = getattr(e, "problem", None)
     mark = getattr(e, "problem_mark", None)
     if problem is None:
-        return " ".join(str(e).split())
-    return f"{problem}" + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
+        return cap(" ".join(str(e).split()), 300)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return cap(str(problem), 300) + where
 
 
 def load_yaml_file(path: str | os.PathLike) -> Any:
-    """A YAML file parsed with :func:`greg.io.yaml_load`; a missing file or bad YAML is a ``ConfigError``."""
+    """A YAML file parsed with :func:`greg.io.yaml_load`; a missing, binary or bad-YAML file is a
+    ``ConfigError`` naming it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    with open(p, encoding="utf-8") as f:
-        try:
+    try:
+        with open(p, encoding="utf-8") as f:
             return io.yaml_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {yaml_error_text(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file (not UTF-8 at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {yaml_error_text(e)}") from None
+
+
+def _load_mapping(p: str | os.PathLike) -> dict:
+    data = load_yaml_file(p) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a run config must be a mapping, got {type(data).__name__}")
+    return data
 
 
 def load_presets(paths: list[str | os.PathLike]) -> dict:
     """The preset files merged in order (later override earlier), without defaults or validation."""
     cfg: dict = {}
     for p in paths:
-        data = load_yaml_file(p) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: a run config must be a mapping, got {type(data).__name__}")
-        cfg = _plain_merge(cfg, data)
+        cfg = merge(cfg, _load_mapping(p))
     return cfg
-
-
-def _plain_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(out.get(key), dict) and isinstance(value, dict):
-            out[key] = _plain_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def config_text(cfg: dict) -> str:
@@ -242,175 +354,130 @@ def config_hash(cfg: dict) -> str:
 
 def config_diff(old: dict, new: dict) -> list[str]:
     """Dotted keys whose scientific values differ between two configs (sorted)."""
-    a, b = _flat(science_config(old)), _flat(science_config(new))
+    a, b = (flatten(science_config(c), free_form=True) for c in (old, new))
     return sorted(k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT))
 
 
 _ABSENT = object()
 
 
-def _flat(d: Any, where: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict) or (not d and where):
-        return {where: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{where}.{k}" if where else str(k)))
-    return out
-
-
 def load_config(paths: list[str | os.PathLike], sets: list[str] | None = None) -> dict:
+    """The run config: each preset file checked (naming it) and merged onto :data:`DEFAULTS` in order,
+    then the ``--set`` overrides, then :func:`validate`."""
     cfg = copy.deepcopy(DEFAULTS)
     for p in paths:
-        data = load_yaml_file(p) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: a run config must be a mapping, got {type(data).__name__}")
+        data = _load_mapping(p)
         try:
-            cfg = deep_merge(cfg, data)
+            check(data, partial=True)
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
+        cfg = merge(cfg, data)
     if sets:
-        cfg = deep_merge(cfg, parse_set(sets))
+        override = parse_set(sets)
+        check(override, partial=True)
+        cfg = merge(cfg, override)
     validate(cfg)
     return cfg
 
 
-# Every leaf of the run config: (allowed types, None allowed, range check or None, what is expected).
-_Check = tuple[tuple[type, ...], bool, Any, str]
-_INT, _NUM, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
-SCHEMA: dict[str, _Check] = {
-    "seed": (_INT, False, lambda v: v >= 0, "an integer >= 0"),
-    "model.name": (_STR, False, None, "a model name"),
-    "model.kwargs": ((dict,), False, None, "a mapping"),
-    "init.checkpoint": (_STR, True, lambda v: v != "", "a file path, a released checkpoint name or null"),
-    "init.kind": (_STR, False, lambda v: v in INIT_KINDS, f"one of {', '.join(INIT_KINDS)}"),
-    "init.skip_head": (_BOOL, False, None, "true or false"),
-    "data.root": (_STR, False, lambda v: v != "", "a directory path"),
-    "data.id": (_STR, False, None, "a dataset name"),
-    "data.aux": (_STR, True, None, "a dataset name or null"),
-    "data.batch_size": (_INT, False, lambda v: v > 0, "an integer > 0"),
-    "data.aux_batch_size": ((int, str), False, lambda v: v == "ratio" if isinstance(v, str) else v > 0,
-                            "an integer > 0 or 'ratio'"),
-    "data.aux_pool_per_epoch": (_INT, True, lambda v: v > 0, "an integer > 0 or null"),
-    "data.num_workers": (_INT, False, lambda v: v >= 0, "an integer >= 0"),
-    "data.augment": (_BOOL, False, None, "true or false"),
-    "method.name": (_STR, False, None, "a method name"),
-    "method.hparams": ((dict,), False, None, "a mapping"),
-    "optim.name": (_STR, False, lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS.names())}"),
-    "optim.lr": (_NUM, False, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
-    "optim.momentum": (_NUM, False, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "optim.nesterov": (_BOOL, False, None, "true or false"),
-    "optim.weight_decay": (_NUM, False, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
-    "optim.betas": ((list,), False,
-                    lambda v: len(v) == 2 and all(_is(x, _NUM) and 0 <= x < 1 for x in v),
-                    "a list of two numbers in [0, 1)"),
-    "schedule.name": (_STR, False, lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES.names())}"),
-    "schedule.lr_min_ratio": (_NUM, False, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "schedule.milestones": ((list,), False, lambda v: all(_is(x, _INT) and x >= 0 for x in v),
-                            "a list of epoch numbers (integers >= 0)"),
-    "schedule.gamma": (_NUM, False, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
-    "train.epochs": (_INT, False, lambda v: v >= 0, "an integer >= 0"),
-    "train.max_steps": (_INT, True, lambda v: v >= 0, "an integer >= 0 or null"),
-    "train.checkpoint_every": (_INT, False, lambda v: v >= 1, "an integer >= 1 (steps)"),
-    "train.log_every": (_INT, False, lambda v: v >= 0, "an integer >= 0 (0 = no per-step log)"),
-    "train.grad_norm_every": (_INT, False, lambda v: v >= 0, "an integer >= 0 (0 = never)"),
-    "train.grad_norm_score": (_STR, False, None, "a score name"),
-    "train.progress": (_BOOL, False, None, "true or false"),
-}
-
-
-def _is(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):
-        return bool in types
-    if isinstance(value, int) and float in types:
-        return True
-    return isinstance(value, types)
-
-
-def _leaves(d: dict, where: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        path = f"{where}.{k}" if where else str(k)
-        if path in SCHEMA or path in FREE_FORM or not isinstance(v, dict):
-            out[path] = v
-        else:
-            out.update(_leaves(v, path))
-    return out
-
-
-def did_you_mean(name: str, known: Any) -> str:
-    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def check_leaves(cfg: dict) -> None:
-    """Type and range of every leaf against :data:`SCHEMA`; a missing section (``train: null``) too."""
-    for section, default in DEFAULTS.items():
-        if isinstance(default, dict) and not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"config key {section!r} must be a mapping, got {_show(cfg.get(section))}")
-    leaves = _leaves(cfg)
-    for path, (types, nullable, ok, expected) in SCHEMA.items():
-        if path not in leaves:
-            raise ConfigError(f"config key {path!r} is missing")
-        v = leaves[path]
-        if v is None and nullable:
-            continue
-        if v is None or not _is(v, types) or (isinstance(v, float) and not math.isfinite(v)):
-            raise ConfigError(f"config key {path!r} must be {expected}, got {_show(v)}")
-        if ok is not None and not ok(v):
-            raise ConfigError(f"config key {path!r} must be {expected}, got {v!r}")
-    unknown = sorted(set(leaves) - set(SCHEMA))
-    if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}{did_you_mean(unknown[0], SCHEMA)}")
-
-
-def _show(v: Any) -> str:
-    return "null" if v is None else f"{type(v).__name__} ({v!r})"
-
-
-def _accepted_kwargs(fn: Any) -> tuple[set[str], bool]:
-    """Keyword names ``fn`` takes, following a ``**kwargs`` factory to the class it returns; the flag says
-    whether any name is accepted (an open ``**kwargs`` we cannot follow)."""
+def _accepted_kwargs(fn: Any) -> tuple[dict[str, Any], bool]:
+    """Keyword names ``fn`` takes with their annotations, following a ``**kwargs`` factory to the class it
+    returns; the flag says whether any name is accepted (an open ``**kwargs`` we cannot follow)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return set(), True
-    names = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return {}, True
+    try:
+        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    except (NameError, TypeError, AttributeError):  # unresolvable annotation: cannot tell
+        hints = {}
+    names = {n: hints.get(n, Any) for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return names, False
-    try:
-        ret = typing.get_type_hints(fn).get("return")
-    except (NameError, TypeError, AttributeError):  # unresolvable annotation: cannot tell
-        ret = None
+    ret = hints.get("return")
     if isinstance(ret, type) and ret is not type(None):
-        more, open_ = _accepted_kwargs(ret.__init__)
-        return names | more - {"self"}, open_
+        more, open_ = _accepted_kwargs(ret)
+        return {**more, **names}, open_
     return names, True
 
 
+def matches(value: Any, ann: Any) -> bool:
+    """Whether a config value (YAML: numbers, strings, lists, mappings, null) fits a type annotation;
+    an annotation it cannot read (a class, ``Any``) accepts anything."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, a) for a in args)
+    if ann is None or ann is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if ann is bool:
+        return isinstance(value, bool)
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ann is float:
+        return _is(value, _NUM) and math.isfinite(value)
+    if ann is str:
+        return isinstance(value, str)
+    if origin is tuple or ann is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(matches(v, args[0]) for v in value)
+        return not args or (len(value) == len(args) and all(map(matches, value, args)))
+    if origin in (list, collections.abc.Sequence) or ann in (list, collections.abc.Sequence):
+        return isinstance(value, (list, tuple)) and (not args or all(matches(v, args[0]) for v in value))
+    if origin in (dict, collections.abc.Mapping) or ann is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def type_text(ann: Any) -> str:
+    """An annotation as a user reads it: ``Sequence[int]``, ``float | None``."""
+    if isinstance(ann, type):
+        return ann.__name__
+    return str(ann).replace("typing.", "").replace("collections.abc.", "").replace("NoneType", "None")
+
+
 def check_kwargs(kwargs: dict, fn: Any, what: str, exclude: tuple[str, ...] = ()) -> None:
-    """Unknown keyword arguments of ``fn`` -> ``ConfigError`` with a did-you-mean."""
+    """Unknown keyword arguments of ``fn`` (with a did-you-mean) and values that do not fit its annotations
+    -> ``ConfigError`` naming the argument."""
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{what} must be a mapping, got {_show(kwargs)}")
     known, open_ = _accepted_kwargs(fn)
-    known -= set(exclude)
-    if open_:
-        return
-    for key in kwargs:
+    for name in exclude:
+        known.pop(name, None)
+    _check_against(kwargs, known, open_, what)
+
+
+def _check_against(kwargs: dict, known: dict[str, Any], open_: bool, what: str) -> None:
+    for key, value in kwargs.items():
         if key not in known:
+            if open_:
+                continue
             raise ConfigError(f"{what}: unknown argument {key!r}{did_you_mean(key, known)}; "
                               f"known: {', '.join(sorted(known)) or 'none'}")
+        if not matches(value, known[key]):
+            raise ConfigError(f"{what}: argument {key!r} must be {type_text(known[key])}, got {_show(value)}")
 
 
 def validate(cfg: dict) -> None:
-    check_leaves(cfg)
-    if cfg["model"]["name"] not in models.MODELS:
-        raise ConfigError(
-            f"model.name: unknown model {cfg['model']['name']!r}; known: {models.MODELS.names()}"
-        )
+    """The whole config against :data:`KEYS`, then the rules across keys and the method's hparams."""
+    check(cfg)
     check_kwargs(cfg["model"]["kwargs"], models.MODELS.get(cfg["model"]["name"]), "model.kwargs",
                  exclude=("num_classes",))
-    for key in ("id", "aux"):
-        name = cfg["data"][key]
-        if name is not None and name not in data.DATASETS:
-            raise ConfigError(f"data.{key}: unknown dataset {name!r}; known: {data.DATASETS.names()}")
+    id_sets = data.names("id")
+    if cfg["data"]["id"] not in id_sets:
+        raise ConfigError(f"config key 'data.id' must be an ID dataset (one with classes: "
+                          f"{', '.join(id_sets)}), got {cfg['data']['id']!r}{did_you_mean(cfg['data']['id'], id_sets)}")
+    aux = cfg["data"]["aux"]
+    if aux is not None:
+        if aux not in data.DATASETS or "train" not in data.DATASETS.get(aux)().splits:
+            train_sets = [n for n in data.DATASETS.names() if "train" in data.DATASETS.get(n)().splits]
+            raise ConfigError(f"config key 'data.aux' must be a dataset with a train split ({', '.join(train_sets)})"
+                              f" or null, got {aux!r}{did_you_mean(aux, train_sets)}")
+        if aux == cfg["data"]["id"]:
+            raise ConfigError(f"config key 'data.aux' is the ID set {aux!r}: outliers must come from another set")
     if cfg["train"]["grad_norm_every"] and cfg["train"]["grad_norm_score"] not in scores.SCORES:
         raise ConfigError(f"train.grad_norm_score: unknown score {cfg['train']['grad_norm_score']!r}; "
                           f"known: {', '.join(scores.SCORES.names())}")
@@ -423,8 +490,6 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"method: {e}") from None
     if isinstance(method, ClusterSelection):
         kw = method.hparams.get("kmeans_kwargs")
-        if kw is not None and not isinstance(kw, dict):
-            raise ConfigError(f"method.hparams.kmeans_kwargs must be a mapping or null, got {_show(kw)}")
         if kw:
             _check_kmeans_kwargs(kw, method.hparams["kmeans_backend"])
         try:
@@ -446,15 +511,11 @@ def _check_kmeans_kwargs(kw: dict, backend: str) -> None:
     if open_ and backend == "sklearn":  # the rest goes to sklearn.cluster.KMeans
         from sklearn.cluster import KMeans
 
-        known |= set(inspect.signature(KMeans).parameters)
-        open_ = False
-    known -= {"x", "k", "seed", "n_clusters", "random_state"}  # set by the sampler
-    if open_:
-        return
-    for key in kw:
-        if key not in known:
-            raise ConfigError(f"method.hparams.kmeans_kwargs: unknown argument {key!r} of the {backend} "
-                              f"backend{did_you_mean(key, known)}; known: {', '.join(sorted(known))}")
+        more, open_ = _accepted_kwargs(KMeans)
+        known = {**more, **known}
+    for name in ("x", "k", "seed", "n_clusters", "random_state"):  # set by the sampler
+        known.pop(name, None)
+    _check_against(kw, known, open_, f"method.hparams.kmeans_kwargs ({backend} backend)")
 
 
 def make_method(cfg: dict):
@@ -462,7 +523,7 @@ def make_method(cfg: dict):
 
     name, hparams = cfg["method"]["name"], dict(cfg["method"]["hparams"])
     if "seed" in methods.METHODS.get(name).defaults and "seed" not in hparams:
-        hparams["seed"] = mix(cfg["seed"], 3) % 2**31
+        hparams["seed"] = mix(cfg["seed"], SALT_METHOD) % 2**31
     return methods.create(name, **hparams)
 
 

@@ -28,6 +28,7 @@ too (for debugging). An exception class may set an ``exit_code`` attribute to ch
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
@@ -55,6 +56,13 @@ EXIT_STATUS_HELP = (
 )
 # OSErrors that mean "the input named on the command line / in the config is not there".
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def did_you_mean(name: Any, known: Any) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to ``name``, or ``""``: the one suggestion
+    helper of every "unknown ..." message (registries, config keys, hparams, keyword arguments)."""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class InputError(ValueError):
@@ -107,13 +115,22 @@ def error_text(e: BaseException) -> str:
     return text if own else f"{type(e).__name__}: {text}"
 
 
+# Longest message printed: an error quoting a hostile input (a huge YAML value) stays readable.
+MAX_MESSAGE = 2000
+
+
+def cap(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters in all)"
+
+
 def report_error(prog: str, e: BaseException, file: Any = None) -> int:
-    """Print ``<prog>: <message>`` to stderr (the traceback too with ``GREG_TRACEBACK=1``); return the
-    exit code."""
+    """Print ``<prog>: <message>`` to stderr (the traceback too with ``GREG_TRACEBACK=1``), capped at
+    :data:`MAX_MESSAGE` characters; return the exit code."""
     file = sys.stderr if file is None else file
     if os.environ.get("GREG_TRACEBACK", "") not in ("", "0"):
         traceback.print_exception(e, file=file)
-    print(f"{prog}: {error_text(e)}", file=file, flush=True)
+    print(f"{prog}: {cap(error_text(e))}", file=file, flush=True)
     return exit_code(e)
 
 

@@ -122,9 +122,67 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise RuntimeError(f"cannot load {path} as a weights-only checkpoint: {first}") from e
 
 
+# Limits of every YAML greg reads (configs, presets, tables): nesting depth (PyYAML's composer recurses, and
+# 20,000 nested `[` end in a RecursionError) and the size of the document with its aliases expanded (an
+# "alias bomb" of a few lines expands to billions of nodes when the value is copied, dumped or printed).
+# Greg's own configs stay far below both (depth < 10, < 10,000 nodes).
+YAML_MAX_DEPTH = 100
+YAML_MAX_NODES = 1_000_000
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; users write ``1e-4``) and
-    refuses a key written twice in one mapping (PyYAML keeps the last silently)."""
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; users write ``1e-4``),
+    refuses a key written twice in one mapping (PyYAML keeps the last silently), and refuses a document
+    nested deeper than :data:`YAML_MAX_DEPTH` or larger than :data:`YAML_MAX_NODES` once aliases are
+    expanded."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > YAML_MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {YAML_MAX_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _check_expanded_size(node)
+        return node
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Nodes of ``root`` with every alias expanded (shared nodes counted at each use), without expanding."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # post-order, iterative
+        node, done = stack.pop()
+        if not done and id(node) in sizes:
+            continue
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if not done:
+            sizes[id(node)] = -1  # in progress: seen again before done = an alias to an ancestor
+            stack.append((node, True))
+            for c in children:
+                if sizes.get(id(c)) == -1:
+                    raise yaml.composer.ComposerError(None, None, "an alias refers to its own ancestor",
+                                                      c.start_mark)
+                if id(c) not in sizes:
+                    stack.append((c, False))
+            continue
+        total = 1 + sum(sizes[id(c)] for c in children)
+        if total > YAML_MAX_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"more than {YAML_MAX_NODES:,} values once its aliases (*name) are expanded",
+                node.start_mark)
+        sizes[id(node)] = total
 
 
 def _unique_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
+
+from greg.errors import did_you_mean
 
 T = TypeVar("T")
 
@@ -14,8 +15,10 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps a name to a factory. ``create`` fails with the list of known names (and a suggestion)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, name_attr: str | None = None):
         self.kind = kind
+        # Set on each registered class to its registry key (so the class does not repeat it).
+        self.name_attr = name_attr
         self._items: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -23,6 +26,8 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = factory
+            if self.name_attr is not None:
+                setattr(factory, self.name_attr, name)
             return factory
 
         return deco
@@ -31,10 +36,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            close = difflib.get_close_matches(name, self._items, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise KeyError(
-                f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {name!r}{did_you_mean(name, self._items)}; known: {', '.join(sorted(self._items))}"
             ) from None
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> T:

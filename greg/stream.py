@@ -15,10 +15,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from greg.config import mix
 
-# The trainer's two streams (the ``stream`` of ``mix(seed, stream, ...)``): changing one changes every run.
-ID_STREAM = 1
-AUX_STREAM = 2
-
 
 def _perm(n: int, *key: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(mix(*key)))

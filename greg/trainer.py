@@ -22,12 +22,20 @@ import torch
 from tqdm.auto import tqdm
 
 from greg import data, io, models
-from greg.config import ConfigError, make_method, mix
+from greg.config import (
+    SALT_AUX_STREAM,
+    SALT_ID_STREAM,
+    SALT_MARGINS,
+    SALT_MODEL_INIT,
+    ConfigError,
+    make_method,
+    mix,
+)
 from greg.device import eval_mode, resolve_device
 from greg.diagnostics import score_grad_norms
 from greg.optim.registry import lr_multiplier, make_optimizer
 from greg.rundir import RunDir
-from greg.stream import AUX_STREAM, ID_STREAM, StreamSampler, aux_pool_size, loader, ratio_candidates
+from greg.stream import StreamSampler, aux_pool_size, loader, ratio_candidates
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 143
@@ -75,7 +83,7 @@ class Trainer:
         spec = data.spec(c_data["id"])
         self.num_classes = spec.num_classes + self.method.extra_classes
 
-        torch.manual_seed(mix(cfg["seed"], 0))
+        torch.manual_seed(mix(cfg["seed"], SALT_MODEL_INIT))
         self.model = models.create(cfg["model"]["name"], self.num_classes, **cfg["model"]["kwargs"])
         if cfg["init"]["checkpoint"]:
             self._init_from(init_checkpoint_path(cfg), cfg["init"]["kind"])
@@ -165,7 +173,7 @@ class Trainer:
         try:
             note = self.method.setup(
                 self.model, eval_view(self.id_train), None if self.aux is None else eval_view(self.aux),
-                self.device, mix(self.cfg["seed"], 4), from_scratch=not self.cfg["init"]["checkpoint"],
+                self.device, mix(self.cfg["seed"], SALT_MARGINS), from_scratch=not self.cfg["init"]["checkpoint"],
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -249,7 +257,7 @@ class Trainer:
         c_data = self.cfg["data"]
         bs, seed = c_data["batch_size"], self.cfg["seed"]
         id_sampler = StreamSampler(
-            len(self.id_train), self.steps_per_epoch * bs, seed, ID_STREAM, self.step * bs, self.total_steps * bs
+            len(self.id_train), self.steps_per_epoch * bs, seed, SALT_ID_STREAM, self.step * bs, self.total_steps * bs
         )
         id_iter = iter(loader(self.id_train, id_sampler, bs, c_data["num_workers"], self.device))
         if self.aux is None:
@@ -261,7 +269,7 @@ class Trainer:
             # o4lc/Greg-OOD train_sea.py@4761101:157).
             per_pass, pool = self.steps_per_epoch * self.aux_bs, self.aux_pool
         aux_sampler = StreamSampler(
-            len(self.aux), per_pass, seed, AUX_STREAM, self.step * self.aux_bs, self.total_steps * self.aux_bs, pool
+            len(self.aux), per_pass, seed, SALT_AUX_STREAM, self.step * self.aux_bs, self.total_steps * self.aux_bs, pool
         )
         return id_iter, iter(loader(self.aux, aux_sampler, self.aux_bs, c_data["num_workers"], self.device))
 

@@ -77,7 +77,7 @@ SETTINGS = {
 
 def test_registry_lists_every_detector():
     assert set(D.names()) == set(SETTINGS) | {"absent_class", "msp_known"}
-    with pytest.raises(KeyError, match="Did you mean 'react'"):
+    with pytest.raises(KeyError, match="did you mean 'react'"):
         D.create("reakt")
     with pytest.raises(TypeError, match="detector 'react'"):
         D.create("react", nonsense=1)

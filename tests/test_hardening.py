@@ -215,6 +215,14 @@ BAD_SETS = {
     "optim.lr=.nan": "'optim.lr' must be a number > 0",
     "data.num_workers=-1": "'data.num_workers' must be an integer >= 0",
     "optim.lr=[0.1": "VALUE is not valid YAML",
+    # values checked against the model constructor's annotations (widths: Sequence[int])
+    "model.kwargs.widths=abc": "model.kwargs: argument 'widths' must be Sequence[int], got str ('abc')",
+    "model.kwargs.widths='16'": "model.kwargs: argument 'widths' must be Sequence[int], got str ('16')",
+    "data.id=tiny_aux": "'data.id' must be an ID dataset (one with classes: ",
+    "data.aux=tiny": "'data.aux' is the ID set 'tiny'",
+    "train.max_steps=0": "'train.max_steps' must be an integer >= 1 or null, got 0",
+    f"seed={2**70}": "'seed' must be an integer in [0, 4294967295], got 1180591620717411303424",
+    "optim.name=rmsprop": "'optim.name' must be one of adam, sgd, got 'rmsprop'",
 }
 
 
@@ -226,8 +234,45 @@ def test_bad_run_config_value_is_one_line_exit_2_before_anything_runs(item, tmp_
     assert not out.exists()
 
 
+BAD_HPARAMS = {
+    ("oe", "lambda_oe=-1"): "method 'oe': lambda_oe must be >= 0, got -1",
+    ("oe", "lambda_oe=abc"): "method 'oe': hparam 'lambda_oe' must be a finite number, got str ('abc')",
+    ("energy", "lambda_S='0.1'"): "method 'energy': hparam 'lambda_S' must be a finite number, got str ('0.1')",
+    ("greg_plus", "n_clusters=1.7"): "method 'greg_plus': hparam 'n_clusters' must be an integer or null, got float",
+    ("dos", "kmeans_kwargs=3"): "method 'dos': hparam 'kmeans_kwargs' must be a mapping or null, got int (3)",
+    ("poem", "update_every=1.5"): "method 'poem': hparam 'update_every' must be a string or an integer",
+    ("oe", "grad_m_in=low"): "method 'oe': hparam 'grad_m_in' must be a finite number or null, got str ('low')",
+}
+
+
+@pytest.mark.parametrize("method,item", list(BAD_HPARAMS))
+def test_bad_method_hparam_is_one_line_exit_2(method, item, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, err = cli(["train", "--config", run_yaml(tmp_path), "--set", f"method.name={method}", "--set",
+                   "data.aux=tiny_aux", "--set", f"method.hparams.{item}", "--out", out], capsys)
+    assert rc == 2 and BAD_HPARAMS[method, item] in errline(err), err
+    assert not out.exists()
+
+
+def test_hostile_config_files_are_one_line_exit_2(tmp_path, capsys):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"seed: 1\n\x80\x81\xfe\xff")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 20000 + "]" * 20000)
+    bomb = tmp_path / "bomb.yaml"  # 9 ** 9 = 387,420,489 values once expanded, in 9 lines
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)))
+    for path, msg in [(binary, "binary.yaml: not a text file (not UTF-8 at byte 8)"),
+                      (deep, "deep.yaml: not valid YAML: nested deeper than 100 levels"),
+                      (bomb, "bomb.yaml: not valid YAML: more than 1,000,000 values once its aliases")]:
+        rc, err = cli(["train", "--config", path, "--out", tmp_path / "run"], capsys)
+        line = errline(err)
+        assert rc == 2 and msg in line and len(line) < 400, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_kmeans_kwargs_and_duplicate_yaml_keys(tmp_path, capsys):
-    with pytest.raises(config.ConfigError, match="unknown argument 'max_itr' of the torch backend "
+    with pytest.raises(config.ConfigError, match=r"kmeans_kwargs \(torch backend\): unknown argument 'max_itr' "
                                                  r"\(did you mean 'max_iter'\?\)"):
         config.load_config([run_yaml(tmp_path)], [
             "method.name=greg_plus", "data.aux=tiny_aux", "method.hparams.kmeans_backend=torch",

@@ -439,7 +439,7 @@ def case_unknown_key_train(tmp: Path, ckpt: Path):
 
 def case_wrong_type_train(tmp: Path, ckpt: Path):
     cfg = run_config(tmp, optim={"lr": "fast"})
-    return train_argv(cfg, tmp / "run"), [str(cfg), "'optim.lr' must be float", "'fast'"], tmp
+    return train_argv(cfg, tmp / "run"), [str(cfg), "'optim.lr' must be a number > 0", "'fast'"], tmp
 
 
 # Another subsample seed: a new request, so the rerun must write (the same request would be skipped as done).

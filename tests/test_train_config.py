@@ -30,9 +30,9 @@ def test_unknown_key_is_named():
 
 
 def test_wrong_type_is_named():
-    with pytest.raises(ConfigError, match=r"'optim\.lr' must be float, got str"):
+    with pytest.raises(ConfigError, match=r"'optim\.lr' must be a number > 0, got str \('fast'\)"):
         deep_merge(config.DEFAULTS, {"optim": {"lr": "fast"}})
-    with pytest.raises(ConfigError, match=r"'train\.epochs' must be int, got bool"):
+    with pytest.raises(ConfigError, match=r"'train\.epochs' must be an integer >= 0, got bool"):
         deep_merge(config.DEFAULTS, {"train": {"epochs": True}})
     with pytest.raises(ConfigError, match=r"'data' must be a mapping"):
         deep_merge(config.DEFAULTS, {"data": 3})
@@ -181,8 +181,7 @@ def test_aux_pool_and_ratio_candidates():
 
 def test_aux_pool_per_epoch_validated():
     base = config.deep_merge(config.DEFAULTS, {"data": {"aux_pool_per_epoch": 600000}})
-    config.check_leaves(base)
+    config.check(base)
     for bad in (0, -5, "all", 1.5):
-        cfg = config.deep_merge(config.DEFAULTS, {"data": {"aux_pool_per_epoch": bad}})
         with pytest.raises(ConfigError, match="aux_pool_per_epoch"):
-            config.check_leaves(cfg)
+            config.deep_merge(config.DEFAULTS, {"data": {"aux_pool_per_epoch": bad}})

@@ -5,4 +5,4 @@ from __future__ import annotations
 from greg.methods.base import Method
 from greg.registry import Registry
 
-METHODS: Registry[Method] = Registry("method")
+METHODS: Registry[Method] = Registry("method", name_attr="name")  # Method.name = its key

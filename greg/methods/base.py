@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from greg.errors import did_you_mean
 from greg.sampling import ClusterSampler
 
 Batch = dict[str, torch.Tensor]
@@ -17,7 +18,12 @@ Batch = dict[str, torch.Tensor]
 class Method:
     """A training objective. Subclasses set the class attributes and implement :meth:`compute_loss`.
 
-    - ``defaults``: every hparam with its default; :meth:`__init__` merges and rejects unknown keys.
+    - ``name``: the method's registry key (set by ``METHODS.register``).
+    - ``defaults``: every hparam with its default; :meth:`__init__` merges, rejects unknown keys and checks
+      each value's type: that of its default (an int default takes integers, a float one any finite
+      number, ...), or the types in ``hparam_types`` (inherited and extended along the class hierarchy)
+      for an hparam that takes more than one (``None`` among them for "unset"). Ranges are checked in
+      :meth:`validate`.
     - ``needs_aux``: the trainer must put auxiliary outliers in ``batch["x_aux"]``.
     - ``extra_classes``: classes the network needs beyond the ID ones (1 for (K+1)-class methods).
     - ``detector``: the detector that evaluates models trained with this method.
@@ -33,6 +39,7 @@ class Method:
 
     name: ClassVar[str] = "method"
     defaults: ClassVar[dict[str, Any]] = {}
+    hparam_types: ClassVar[dict[str, tuple[type | None, ...]]] = {}
     needs_aux: ClassVar[bool] = False
     extra_classes: ClassVar[int] = 0
     detector: ClassVar[str] = "msp"
@@ -49,18 +56,34 @@ class Method:
 
     @classmethod
     def resolve_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
-        """``defaults`` updated with ``hparams``; an unknown key raises ``ValueError`` naming the known ones."""
+        """``defaults`` updated with ``hparams``; an unknown key or a value of the wrong type raises
+        ``ValueError`` naming the hparam and what it takes."""
         unknown = sorted(set(hparams) - set(cls.defaults))
         if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, cls.defaults, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints = [f"{key!r}{did_you_mean(key, cls.defaults)}" for key in unknown]
             raise ValueError(
                 f"method {cls.name!r}: unknown hparam(s) {', '.join(hints)}. "
                 f"Known: {', '.join(sorted(cls.defaults)) or '(none)'}"
             )
+        for key, value in hparams.items():
+            allowed = cls.types_of(key)
+            if allowed and not any(_is_type(value, t) for t in allowed):
+                shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+                raise ValueError(
+                    f"method {cls.name!r}: hparam {key!r} must be {' or '.join(_TYPE_TEXT[t] for t in allowed)}, "
+                    f"got {'null' if value is None else f'{type(value).__name__} ({shown})'}"
+                )
         return {**cls.defaults, **hparams}
+
+    @classmethod
+    def types_of(cls, key: str) -> tuple[type | None, ...]:
+        """The types hparam ``key`` takes (empty: any; its default is None and nothing is declared)."""
+        for klass in cls.__mro__:
+            declared = vars(klass).get("hparam_types") or {}
+            if key in declared:
+                return declared[key]
+        default = cls.defaults.get(key)
+        return () if default is None else (float if type(default) is float else type(default),)
 
     def validate(self) -> None:
         """Check hparam values; subclasses raise ``ValueError`` with the key and what was expected."""
@@ -138,6 +161,24 @@ class Method:
         return f"{type(self).__name__}({args})"
 
 
+_TYPE_TEXT: dict[type | None, str] = {
+    None: "null", bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+    list: "a list", dict: "a mapping",
+}
+
+
+def _is_type(value: Any, t: type | None) -> bool:
+    """``value`` of hparam type ``t``: a float hparam takes any finite number, an int one integers only (no
+    bool anywhere but where a bool is expected)."""
+    if t is None:
+        return value is None
+    if isinstance(value, bool):
+        return t is bool
+    if t is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, t)
+
+
 class ClusterSelection(Method):
     """Base of the methods that pick auxiliary samples per step with ``greg.sampling.ClusterSampler``
     (GReg+: lowest and highest energy per cluster; DOS: lowest absent-class probability per cluster).
@@ -156,6 +197,11 @@ class ClusterSelection(Method):
         "kmeans_kwargs",
         "seed",
     )
+    hparam_types: ClassVar[dict[str, tuple[type | None, ...]]] = {
+        "n_clusters": (int, None),
+        "per_cluster": (int, None),
+        "kmeans_kwargs": (dict, None),
+    }
     needs_aux: ClassVar[bool] = True
     selection_score: ClassVar[str] = "energy"
     _sampler: Any = None

@@ -20,7 +20,6 @@ class CrossEntropy(Method):
     (MSP, ODIN, Energy, ReAct, DICE, ...; docs/METHOD.md#post-hoc-detectors).
     """
 
-    name = "ce"
     defaults: ClassVar[dict[str, Any]] = {"label_smoothing": 0.0}
     detector = "msp"
 

@@ -62,7 +62,6 @@ class DOS(ClusterSelection, Method):
     ``seed`` of the CPU generator for the k-means seeds and the fill (state in :meth:`state_dict`).
     """
 
-    name = "dos"
     defaults: ClassVar[dict[str, Any]] = {
         "beta": 1.0,
         "n_clusters": 64,

@@ -35,7 +35,6 @@ class EnergyLoss(Method):
     energies (``greg.methods.margins``), fitted in :meth:`setup` before step 0 and kept in :meth:`state_dict`.
     """
 
-    name = "energy"
     defaults: ClassVar[dict[str, Any]] = {
         "lambda_S": 0.1,
         "m_in": -25.0,
@@ -44,6 +43,7 @@ class EnergyLoss(Method):
         "margin_quantiles": list(margins.DEFAULT_QUANTILES),  # [q_in, q_out] of margins: auto
         **grad_reg.grad_defaults("energy"),
     }
+    hparam_types: ClassVar[dict[str, tuple[type | None, ...]]] = grad_reg.GRAD_TYPES
     fitted_margins: dict[str, float] | None = None  # set by greg.methods.margins.apply
     needs_aux = True
     detector = "energy"

@@ -43,6 +43,7 @@ REDUCTIONS = ("official", "paper")
 # reference); "exact_compiled" = "exact" with the batch-norm double backward through torch.compile (eager
 # fallback); "fd" a finite difference of two first-order backward passes (the penalty value stays exact).
 GRAD_BACKENDS = ("exact", "exact_native", "exact_compiled", "fd")
+GRAD_BACKEND_DEFAULT = "exact"
 # Step of "fd" in score units: the first-order change of the hinge-weighted scores along the difference
 # (finite_diff.fd_step_size; docs/METHOD.md, "Finite-difference gradient regularization": float32 error
 # vs step measured on the released DenseNet-100 CIFAR-10 checkpoint).
@@ -66,9 +67,13 @@ def grad_defaults(score: str) -> dict[str, Any]:
         "grad_m_in": None,
         "grad_m_out": None,
         "grad_reduction": "official",
-        "grad_backend": "exact",
+        "grad_backend": GRAD_BACKEND_DEFAULT,
         "grad_fd_step": FD_STEP,
     }
+
+
+# The grad hparams whose default (None) stands for "unset": the types they take (greg.methods.Method.hparam_types).
+GRAD_TYPES: dict[str, tuple[type | None, ...]] = {"grad_m_in": (float, None), "grad_m_out": (float, None)}
 
 
 def resolve_margins(
@@ -96,7 +101,7 @@ def validate_grad_hparams(method_name: str, hp: dict[str, Any]) -> None:
         raise ValueError(
             f"method {method_name!r}: unknown grad_score {hp['grad_score']!r}; known: {scores.SCORES.names()}"
         )
-    if hp.get("grad_backend", "exact") not in GRAD_BACKENDS:
+    if hp.get("grad_backend", GRAD_BACKEND_DEFAULT) not in GRAD_BACKENDS:
         raise ValueError(
             f"method {method_name!r}: grad_backend must be one of {GRAD_BACKENDS}, got {hp['grad_backend']!r}"
         )
@@ -168,7 +173,7 @@ def forward_concat(
     if not input_grad:
         return x, model(x)
     x = x.detach().clone().requires_grad_(True)
-    backend = "exact_native" if hp is None else hp.get("grad_backend", "exact")
+    backend = "exact_native" if hp is None else hp.get("grad_backend", GRAD_BACKEND_DEFAULT)
     if backend in ("exact", "exact_compiled"):
         with fused_backward.fused_batchnorm(compiled=backend == "exact_compiled"):
             return x, model(x)
@@ -196,7 +201,7 @@ def add_grad_terms(
     m_in, m_out = resolve_margins(hp["grad_score"], hp["grad_m_in"], hp["grad_m_out"], fallback_margins)
     score_fn = scores.get(hp["grad_score"])
     s = score_fn(logits)
-    if hp.get("grad_backend", "exact") == "fd":
+    if hp.get("grad_backend", GRAD_BACKEND_DEFAULT) == "fd":
         pen = fd_gradient_penalty(x, s, n_id, m_in, m_out, hp["grad_reduction"], score_fn, hp["grad_fd_step"])
     else:
         pen = gradient_penalty(x, s, n_id, m_in, m_out, hp["grad_reduction"])

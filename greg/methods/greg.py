@@ -20,5 +20,4 @@ class GReg(EnergyLoss):
     paper's defaults, hence a subclass that only changes ``lambda_grad``.
     """
 
-    name = "greg"
     defaults: ClassVar[dict[str, Any]] = {**EnergyLoss.defaults, "lambda_grad": 1.0}

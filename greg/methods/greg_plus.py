@@ -31,7 +31,6 @@ class GRegPlus(ClusterSelection, GReg):
     same selections. ``kmeans_kwargs`` go to the K-Means backend (released code: scikit-learn, ``n_init=3``).
     """
 
-    name = "greg_plus"
     defaults: ClassVar[dict[str, Any]] = {
         **GReg.defaults,
         "n_clusters": 64,
@@ -65,5 +64,4 @@ class GRegPlus(ClusterSelection, GReg):
 class EnergyClustering(GRegPlus):
     """GReg+ without the gradient loss (``lambda_grad = 0``): "energy-only clustering", paper Table 5."""
 
-    name = "energy_clustering"
     defaults: ClassVar[dict[str, Any]] = {**GRegPlus.defaults, "lambda_grad": 0.0}

@@ -30,12 +30,14 @@ class OutlierExposure(Method):
     given by the paper; see ``grad_reg.DEFAULT_MARGINS``).
     """
 
-    name = "oe"
     defaults: ClassVar[dict[str, Any]] = {"lambda_oe": 0.5, **grad_reg.grad_defaults("msp")}
+    hparam_types: ClassVar[dict[str, tuple[type | None, ...]]] = grad_reg.GRAD_TYPES
     needs_aux = True
     detector = "msp"
 
     def validate(self) -> None:
+        if self.hparams["lambda_oe"] < 0:
+            raise ValueError(f"method {self.name!r}: lambda_oe must be >= 0, got {self.hparams['lambda_oe']!r}")
         grad_reg.validate_grad_hparams(self.name, self.hparams)
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:

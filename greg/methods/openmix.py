@@ -58,7 +58,6 @@ class OpenMix(Method):
     Beta(alpha, alpha)``; ``alpha = 10``, ``lambda_o = 1`` (official). (K+1)-class network, evaluated with
     the absent-class probability. ``seed``: the CPU generator of ``lam`` (state in :meth:`state_dict`)."""
 
-    name = "openmix"
     defaults: ClassVar[dict[str, Any]] = {"alpha": 10.0, "lambda_o": 1.0, "seed": 0}
     needs_aux = True
     extra_classes = 1

@@ -155,7 +155,6 @@ class POEM(EnergyLoss):
     and the step counter, so a resumed run mines the same outliers.
     """
 
-    name = "poem"
     defaults: ClassVar[dict[str, Any]] = {
         **EnergyLoss.defaults,
         "n_selected": 64,
@@ -169,6 +168,7 @@ class POEM(EnergyLoss):
         "forward_batch_size": 1024,
         "seed": 0,
     }
+    hparam_types: ClassVar[dict[str, tuple[type | None, ...]]] = {"cov_scale": (float, None), "update_every": (str, int)}
 
     def __init__(self, **hparams: Any):
         super().__init__(**hparams)

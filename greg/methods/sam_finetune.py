@@ -46,7 +46,6 @@ class SAMFineTune(Method):
     ``sam_grad_norm`` (``||g_P||``).
     """
 
-    name = "sam"
     only_norm: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {
         "rho": 0.05,  # Foret et al. 2021, CIFAR + SGD
@@ -166,6 +165,5 @@ class SAMOnlyNormFineTune(SAMFineTune):
     perturbing only the norm layers works best with a larger radius than full SAM's 0.05.
     """
 
-    name = "sam_only_norm"
     only_norm = True
     defaults: ClassVar[dict[str, Any]] = {**SAMFineTune.defaults, "rho": 0.5}
