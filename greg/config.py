@@ -16,6 +16,7 @@ One cohesive thing (the run-config schema, its loading and its checks), hence ov
 
 from __future__ import annotations
 
+import argparse
 import collections.abc
 import copy
 import hashlib
@@ -243,6 +244,30 @@ def check_value(what: str, v: Any, key: Key) -> None:
         raise ConfigError(f"{what} must be {key.expected}, got {_show(v)}")
     if key.ok is not None and not key.ok(v):
         raise ConfigError(f"{what} must be {key.expected}, got {v!r}")
+
+
+def flag(key: Key) -> Callable[[str], Any]:
+    """An argparse ``type`` that reads a command-line value as YAML and checks it with :func:`check_value`
+    (the run config's rule): ``--n-ood -5`` is "argument --n-ood: must be an integer >= 0, got '-5'"."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = io.yaml_load(text)
+        except yaml.YAMLError:
+            value = text
+        try:
+            check_value("", value, key)
+        except ConfigError:
+            raise argparse.ArgumentTypeError(f"must be {key.expected}, got {cap(text, 80)!r}") from None
+        return value
+
+    parse.__name__ = key.expected  # argparse names the type in its own messages
+    return parse
+
+
+def int_flag(lo: int, hi: int | None = None, nullable: bool = False) -> Callable[[str], Any]:
+    """:func:`flag` of an integer in ``[lo, hi]``."""
+    return flag(_int(None, lo, nullable=nullable, hi=hi))
 
 
 def _is(value: Any, types: tuple[type, ...]) -> bool:

@@ -49,7 +49,7 @@ import greg.data as gd
 import greg.models as gm
 from greg import io as gio
 from greg import robustness as rb
-from greg.config import ConfigError, check_kwargs
+from greg.config import SEED_MAX, ConfigError, check_kwargs, int_flag
 from greg.detectors import DETECTORS, Detector
 from greg.detectors import create as create_detector
 from greg.detectors.base import FeatureDetector, collect_features
@@ -234,11 +234,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output directory; '{detector}' in it is replaced by each detector's name (required "
                         "with several detectors)")
     p.add_argument("--root", default="data", help="data root (default: data)")
-    p.add_argument("--n-ood", type=int, default=10000, help="subsample each OOD set to at most N (0 = all)")
-    p.add_argument("--subsample-seed", type=int, default=0,
+    p.add_argument("--n-ood", type=int_flag(0), default=10000, help="subsample each OOD set to at most N (0 = all)")
+    p.add_argument("--subsample-seed", type=int_flag(0, SEED_MAX), default=0,
                    help="seed of the --n-ood subsample (the same seed picks the same images for every model)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per scoring batch (no effect on scores)")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (0 = main process)")
+    p.add_argument("--batch-size", type=int_flag(1), default=256, help="images per scoring batch (no effect on scores)")
+    p.add_argument("--num-workers", type=int_flag(0), default=0, help="data-loader worker processes (0 = main process)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--require-cuda", action="store_true",
                    help="fail (exit 1) instead of warning when CUDA is unavailable (workflow GPU jobs)")

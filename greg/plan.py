@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,10 +23,38 @@ from greg import config as run_config
 from greg import data, detectors, io, methods, models
 from greg.dg.algorithms import DG_ALGORITHMS
 from greg.dg.datasets import DG_DATASETS
-from greg.errors import ReportError
+from greg.errors import ReportError, cap
 from greg.latex import check_name
 from greg.paper_compare import load_paper_results
 from greg.tables import metric_column
+
+
+def check_workflow_config(config: dict, schema_path: str | Path, config_files: Iterable[str | Path] = ()) -> None:
+    """The workflow config against its schema (``workflow/schemas/config.schema.yaml``: names of datasets,
+    archs, runs and labels match its one safe pattern, paths carry no wildcard or separator characters) and
+    its seeds against the run config's seed rule (``greg.config.KEYS["seed"]``), each failure one line
+    (``ReportError``) naming the key. ``config_files`` (the files Snakemake read) must not switch on YTE
+    templating (``__use_yte__``): a config that does is code, refused unless ``GREG_ALLOW_YTE=1``."""
+    import jsonschema  # a Snakemake dependency; only the workflow calls this
+
+    for f in config_files:
+        try:
+            raw = io.yaml_load(Path(f).read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            continue  # Snakemake read it; its own errors are not ours to restate
+        if isinstance(raw, dict) and raw.get("__use_yte__") and os.environ.get("GREG_ALLOW_YTE") != "1":
+            raise ReportError(f"config file {f}: __use_yte__ runs the Python expressions in it (YTE "
+                              "templating); run only configs you trust, with GREG_ALLOW_YTE=1")
+    schema = io.yaml_load(Path(schema_path).read_text(encoding="utf-8"))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ReportError(f"config {where}: {cap(error.message, 300)}")
+    for i, seed in enumerate(config["seeds"]):
+        try:
+            run_config.check_value(f"config seeds[{i}]", seed, run_config.KEYS["seed"])
+        except run_config.ConfigError as e:
+            raise ReportError(str(e)) from None
 
 
 def run_dir(results: str, dataset: str, arch: str, run: str, seed: int) -> str:
@@ -143,7 +172,7 @@ def _assumptions_of(assumptions: dict, config: dict, run: str, original: dict) -
 def _resolve_row(name: str, r: dict, g_specs: list[dict], groups: list[dict], config: dict,
                  stand_in: _StandIns, unavailable: Callable[[dict], str | None], assumptions: dict) -> dict:
     run = r["run"]
-    variants = config.get("variants", {})
+    variants = config["variants"]
     if run != "pretrain" and run not in variants:
         raise ReportError(f"table {name}: row {r.get('label', run)!r}: run {run!r} is neither 'pretrain' "
                           f"nor a variant in the workflow config ({', '.join(sorted(variants))})")
@@ -399,10 +428,10 @@ def train_runtime_args(config: dict) -> list[str]:
 def dg_run_args(config: dict, dataset: str, algorithm: str) -> list[str]:
     """Arguments of ``greg dg run`` (without ``--out`` and ``--device``) for one (dataset, algorithm) of the
     ``dg`` config section (docs/DG.md); shell-quote them before use."""
-    dg = config.get("dg") or {}
-    args = ["--dataset", dataset, "--algorithm", algorithm, "--restarts", str(int(dg.get("restarts", 10))),
-            "--seed", str(int(dg.get("seed", 0))), "--hparams-seed", str(int(dg.get("hparams_seed", 0))),
-            "--data-root", str(config.get("data_root", "data"))]
+    dg = config["dg"]  # its defaults: the workflow schema's (set when the Snakefile validates the config)
+    args = ["--dataset", dataset, "--algorithm", algorithm, "--restarts", str(int(dg["restarts"])),
+            "--seed", str(int(dg["seed"])), "--hparams-seed", str(int(dg["hparams_seed"])),
+            "--data-root", str(config["data_root"])]
     if dg.get("steps") is not None:
         args += ["--steps", str(int(dg["steps"]))]
     for k, v in ((dg.get("set_by_algorithm") or {}).get(algorithm) or {}).items():

@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -362,6 +363,30 @@ def test_evaluate_refuses_wrong_output_count_id_as_ood_and_kwarg_typos(tmp_path,
     assert not (tmp_path / "ev" / "metrics.csv").exists()
 
 
+def test_detector_kwargs_and_flags_are_checked_before_anything_runs(tmp_path, capsys):
+    ck = tmp_path / "ce.pt"
+    gm.save_checkpoint(ck, gm.create("small_cnn", 10), arch="small_cnn", num_classes=10, meta={"method": "ce"})
+    for detector, kwargs, msg in [
+        ("react", '{"percentile": "abc"}', "detector 'react': argument 'percentile' must be float, got str ('abc')"),
+        ("energy", '{"temperature": -1}', "energy detector: temperature must be > 0, got -1"),
+        ("odin", '{"temperature": -1000}', "odin detector: temperature must be > 0, got -1000"),
+    ]:
+        rc, err = cli(["evaluate", "--checkpoint", ck, "--id", "tiny", "--detector", detector, "--out",
+                       tmp_path / "ev", "--device", "cpu", "--ood", "tiny_uniform", "--detector-kwargs", kwargs], capsys)
+        assert rc == 2 and msg in errline(err), err
+    # integer flags: the run config's integer rule, naming the flag (argparse: usage + one error line, exit 2)
+    for flag, value, msg in [("--n-ood", "-5", "argument --n-ood: must be an integer >= 0, got '-5'"),
+                             ("--subsample-seed", "-1", "argument --subsample-seed: must be an integer in [0, "),
+                             ("--subsample-seed", str(2**70), "argument --subsample-seed: must be an integer in"),
+                             ("--batch-size", "0", "argument --batch-size: must be an integer >= 1, got '0'")]:
+        with pytest.raises(SystemExit) as e:
+            greg_main(["evaluate", "--checkpoint", str(ck), "--id", "tiny", "--detector", "energy", "--out",
+                       str(tmp_path / "ev"), "--ood", "tiny_uniform", flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"greg evaluate: error: {msg}" in err, err
+    assert not (tmp_path / "ev").exists()
+
+
 def test_evaluate_argument_errors_leave_no_output_directory(tmp_path, capsys):
     ck = tmp_path / "ce.pt"
     gm.save_checkpoint(ck, gm.create("small_cnn", 10), arch="small_cnn", num_classes=10, meta={"method": "ce"})
@@ -530,3 +555,73 @@ def test_trainer_api_keeps_working_without_a_cli(tmp_path):
     cfg = config.load_config([run_yaml(tmp_path)])
     assert Trainer(cfg, tmp_path / "r", "cpu").run() == 0
     assert Trainer(cfg, tmp_path / "r", "cpu").run() == 0  # same config: done
+
+
+# ------------------------------------------------------------------------------ workflow config at parse time
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
+
+
+def _workflow_config() -> dict:
+    return gio.yaml_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda c: c["archs"].update({"small'; rm -rf ~; '": {"model": "small_cnn"}}), "config archs: "),
+    (lambda c: c["archs"].update({'a"b': {"model": "small_cnn"}}), "config archs: "),
+    (lambda c: c["variants"].update({"x%s": c["variants"]["greg"]}), "config variants: 'x%s' does not match"),
+    (lambda c: c["variants"].update({"{run}": c["variants"]["greg"]}), "config variants: "),
+    (lambda c: c["variants"].update({"a=b": c["variants"]["greg"]}), "config variants: "),
+    (lambda c: c["variants"].update({"..": c["variants"]["greg"]}), "config variants: "),
+    (lambda c: c["datasets"].update({"c,d": c["datasets"]["cifar10"]}), "config datasets: "),
+    (lambda c: c.update(results="results/{dataset}"), "config results: "),
+    (lambda c: c.update(results="out;rm"), "config results: "),
+    (lambda c: c.update(data_root="data%d"), "config data_root: "),
+    (lambda c: c["figures"]["fig3"]["runs"].update({"GReg=1": "greg"}), "config figures.fig3.runs: "),
+    (lambda c: c.update(seeds=[1.0e30]), "config seeds[0] must be an integer in [0, 4294967295], got float"),
+    (lambda c: c.update(seeds=[2**40]), "config seeds[0] must be an integer in [0, 4294967295], got 1099511627776"),
+])
+def test_workflow_names_and_paths_one_safe_pattern(edit, msg):
+    from greg import plan
+
+    cfg = _workflow_config()
+    plan.check_workflow_config(cfg, SCHEMA)  # the shipped config passes
+    edit(cfg)
+    with pytest.raises(tables.ReportError) as e:
+        plan.check_workflow_config(cfg, SCHEMA)
+    assert str(e.value).startswith(msg) and "\n" not in str(e.value), str(e.value)
+
+
+def test_workflow_config_with_yte_is_refused_unless_allowed(tmp_path, monkeypatch):
+    from greg import plan
+
+    f = tmp_path / "yte.yaml"
+    f.write_text("__use_yte__: true\nresults: ?'res' + 'ults'\n")
+    monkeypatch.delenv("GREG_ALLOW_YTE", raising=False)
+    with pytest.raises(tables.ReportError, match="yte.yaml: __use_yte__ runs the Python expressions"):
+        plan.check_workflow_config(_workflow_config(), SCHEMA, [f])
+    plan.check_workflow_config(_workflow_config(), SCHEMA, [ROOT / "config/config.yaml"])
+    monkeypatch.setenv("GREG_ALLOW_YTE", "1")
+    plan.check_workflow_config(_workflow_config(), SCHEMA, [f])
+    # greg's own configs never use it
+    assert not [p for p in ROOT.glob("config/**/*.yaml") if "__use_yte__" in p.read_text(encoding="utf-8")]
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda c: c["variants"]["energy"].setdefault("set", {}).update({"method.hparams.lambda_S": "0.1"}),
+     "hparam 'lambda_S' must be a finite number, got str ('0.1')"),
+    (lambda c: c["archs"]["small_cnn"].update(kwargs={"widths": "abc"}),
+     "model.kwargs: argument 'widths' must be Sequence[int], got str ('abc')"),
+    (lambda c: c["variants"]["oe"].setdefault("set", {}).update({"method.hparams.lambda_oe": -0.5}),
+     "lambda_oe must be >= 0, got -0.5"),
+])
+def test_dry_run_checks_every_run_config_leaf(edit, msg):
+    from greg import plan
+
+    cfg = gio.yaml_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
+    cfg["archs"]["small_cnn"] = {"model": "small_cnn"}
+    cells = [("cifar10", "small_cnn", r) for r in ("energy", "oe")]
+    plan.check_run_configs(cfg, cells)
+    edit(cfg)
+    with pytest.raises(tables.ReportError, match="config: run '(energy|oe)' of cifar10/small_cnn: .*" + re.escape(msg)):
+        plan.check_run_configs(cfg, cells)

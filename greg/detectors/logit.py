@@ -42,6 +42,8 @@ class Energy(Detector):
     """
 
     def __init__(self, temperature: float = 1.0):
+        if not temperature > 0:
+            raise ValueError(f"energy detector: temperature must be > 0, got {temperature!r}")
         self.temperature = float(temperature)
 
     def hparams(self) -> dict[str, Any]:

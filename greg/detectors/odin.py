@@ -33,6 +33,10 @@ class ODIN(Detector):
     def __init__(
         self, temperature: float = 1000.0, eps: float = 0.0014, std: Sequence[float] | float | None = None
     ):
+        if not temperature > 0:
+            raise ValueError(f"odin detector: temperature must be > 0, got {temperature!r}")
+        if not eps >= 0:
+            raise ValueError(f"odin detector: eps must be >= 0, got {eps!r}")
         self.temperature = float(temperature)
         self.eps = float(eps)
         self.std = None if std is None else [float(s) for s in (std if isinstance(std, Sequence) else [std])]

@@ -10,6 +10,17 @@ from snakemake.utils import validate
 
 from greg import plan as P
 
+# One line (exit 2) naming the key for a bad value, a name outside the safe pattern or a YTE config;
+# then Snakemake's validation fills in the schema's defaults.
+try:
+    P.check_workflow_config(
+        config,
+        os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"),
+        workflow.configfiles,
+    )
+except P.ReportError as e:
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(2)
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 RESULTS = config["results"]
