@@ -449,7 +449,8 @@ def _check_outputs(args: argparse.Namespace, model: nn.Module, ckpt_meta: Any, k
         what = f"K={k}" if extra == 0 else f"K+1={k + 1} (a (K+1)-class model)"
         raise InputError(
             f"{args.checkpoint}: model has {n_out} outputs but {args.id} has {k} classes: expected {what}"
-            + ("" if extra else "; a (K+1)-class model is evaluated with absent_class or msp_known")
+            + ("" if extra else "; a (K+1)-class model is evaluated with "
+               + " or ".join(n for n in DETECTORS.names() if DETECTORS.get(n).extra_outputs))
         )
 
 
