@@ -211,6 +211,28 @@ def test_base_state_dict_and_hooks():
         m.load_state_dict({"x": 1})
 
 
+def test_default_train_step_is_one_sgd_update_and_none_on_a_non_finite_total():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    # independent: the CE gradient of a linear model, (softmax - onehot)^T x / N
+    p = torch.softmax(x @ w0.T + b0, dim=1) - F.one_hot(y, 2).float()
+    want_w, want_b = w0 - 0.1 * p.T @ x / 4, b0 - 0.1 * p.mean(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    terms = methods.create("ce").train_step(model, {"x_id": x, "y_id": y}, opt)
+    assert torch.allclose(model.weight, want_w, atol=1e-6) and torch.allclose(model.bias, want_b, atol=1e-6)
+    assert float(terms["total"].detach()) == pytest.approx(float(F.cross_entropy(x @ w0.T + b0, y)), rel=1e-6)
+
+    class NaNLoss(Method):
+        def compute_loss(self, model, batch):
+            return {"total": model(batch["x_id"]).sum() * float("nan")}
+
+    w1 = model.weight.detach().clone()
+    terms = NaNLoss().train_step(model, {"x_id": x, "y_id": y}, opt)
+    assert math.isnan(float(terms["total"].detach())) and torch.equal(model.weight, w1)  # no update
+
+
 # --- GReg+ -----------------------------------------------------------------------------------------------
 
 
