@@ -154,12 +154,13 @@ def _resolve_groups(name: str, spec: dict, config: dict, stand_in: _StandIns) ->
     return groups
 
 
-def _assumptions_of(assumptions: dict, config: dict, run: str, original: dict) -> list[str]:
-    """Keys of the assumptions a cell's recipe rests on: those declared for its run on its paper dataset and
-    arch, and, for a run that fine-tunes the CE model there, the CE model's (the paper's names throughout, so
-    that an aliased run shows the marks of the cell it stands in for)."""
+def _assumptions_of(assumptions: dict, config: dict, run: str, detector: str, original: dict) -> list[str]:
+    """Keys of the assumptions a cell's recipe rests on: those declared for its run (and detector) on its paper
+    dataset and arch, and, for a run that fine-tunes the CE model there, the CE model's (the paper's names
+    throughout, so that an aliased run shows the marks of the cell it stands in for)."""
     def matching(r: str) -> set[str]:
         return {k for k, a in assumptions.items() if r in a["runs"]
+                and detector in a.get("detectors", [detector])
                 and original["dataset"] in a.get("datasets", [original["dataset"]])
                 and original["arch"] in a.get("archs", [original["arch"]])}
 
@@ -193,7 +194,7 @@ def _resolve_row(name: str, r: dict, g_specs: list[dict], groups: list[dict], co
                                            for s in config["seeds"]]
         # assumptions are declared on the paper's names (the smoke run's aliased cells show them too)
         original = {"dataset": r.get("dataset", g_spec["dataset"]), "arch": r.get("arch", g_spec.get("arch"))}
-        cell["assumptions"] = _assumptions_of(assumptions, config, run, original)
+        cell["assumptions"] = _assumptions_of(assumptions, config, run, detector, original)
         cells.append(cell)
     section = r.get("section")
     if "dataset" in r:
@@ -241,17 +242,18 @@ def resolve_table(name: str, spec: dict, config: dict,
 
 
 # the keys of an `assumptions` entry of a table-layout file and their types
-ASSUMPTION_KEYS = {"note": str, "runs": list, "datasets": list, "archs": list}
+ASSUMPTION_KEYS = {"note": str, "runs": list, "datasets": list, "archs": list, "detectors": list}
 
 
 def load_assumptions(path: str | Path) -> dict[str, dict]:
-    """The ``assumptions`` of a table-layout file: key -> ``{note, runs, datasets?, archs?}`` (a recipe that
-    neither the paper nor the released code gives; its cells carry a mark)."""
+    """The ``assumptions`` of a table-layout file: key -> ``{note, runs, datasets?, archs?, detectors?}`` (a
+    recipe that neither the paper nor the released code gives; its cells carry a mark)."""
     path = Path(path)
     entries = io.yaml_load(path.read_text(encoding="utf-8")) or {}
     out = (entries.get("assumptions") or {}) if isinstance(entries, dict) else {}
     if not isinstance(out, dict):
-        raise ReportError(f"{path}: assumptions: expected a mapping of key -> {{note, runs, datasets, archs}}")
+        raise ReportError(f"{path}: assumptions: expected a mapping of key -> "
+                          "{note, runs, datasets, archs, detectors}")
     for k, a in out.items():
         check_name(k, f"{path}: assumption key")
         if not isinstance(a, dict) or "note" not in a or "runs" not in a:
@@ -259,7 +261,7 @@ def load_assumptions(path: str | Path) -> dict[str, dict]:
         for key, value in a.items():
             if key not in ASSUMPTION_KEYS or not isinstance(value, ASSUMPTION_KEYS[key]):
                 raise ReportError(f"{path}: assumptions.{k}.{key}: allowed keys: note (text), runs, datasets, "
-                                  "archs (lists of names)")
+                                  "archs, detectors (lists of names)")
     return out
 
 

@@ -770,7 +770,8 @@ def test_assumption_marks_follow_the_declared_recipes():
     full, _ = _full_and_smoke()
     path = ROOT / "config/tables.yaml"
     layouts, assumptions = P.load_tables(path), P.load_assumptions(path)
-    assert set(assumptions) == {"ce_resnet_wrn", "imagenet_ce", "imagenet_oe_energy", "imagenet_adam_wd", "oe_grad"}
+    assert set(assumptions) == {"ce_resnet_wrn", "imagenet_ce", "imagenet_oe_energy", "imagenet_adam_wd", "oe_grad",
+                                "posthoc_arch_settings"}
     keys = lambda res: {(r["label"], g["label"]): c["assumptions"]
                         for r in res["rows"] for g, c in zip(res["groups"], r["cells"])}
     t1 = keys(P.resolve_table("table1", layouts["table1"], full, assumptions=assumptions))
@@ -787,6 +788,33 @@ def test_assumption_marks_follow_the_declared_recipes():
     t4 = P.resolve_table("table4", layouts["table4"], full, assumptions=assumptions)
     assert keys(t4)[("OE + Grad", "CIFAR-10")] == ["oe_grad"] and keys(t4)[("OE", "CIFAR-10")] == []
     assert list(t4["assumptions"]) == ["oe_grad"]  # only the notes a table needs
+
+
+def test_posthoc_settings_on_archs_their_code_does_not_run_are_marked_per_detector():
+    """DICE's and LINe's released settings exist for DenseNet-101 (CIFAR) and ResNet-50 (ImageNet) only: their
+    cells on ResNet-18, WRN-40-2 and DenseNet-121 carry `posthoc_arch_settings`, no other detector's cell does
+    (the entry's `detectors` filter), and the DenseNet-100 cells stay unmarked."""
+    full, _ = _full_and_smoke()
+    path = ROOT / "config/tables.yaml"
+    layouts, assumptions = P.load_tables(path), P.load_assumptions(path)
+    key = "posthoc_arch_settings"
+    for name in ("table1", "table2"):
+        res = P.resolve_table(name, layouts[name], full, assumptions=assumptions)
+        marked = {(r["label"], g["label"]) for r in res["rows"] for g, c in zip(res["groups"], r["cells"])
+                  if key in c["assumptions"]}
+        assert marked == {("Dice", "ResNet"), ("Dice", "WRN"), ("LiNe", "ResNet"), ("LiNe", "WRN")}, name
+        cells = {(r["label"], g["label"]): c["assumptions"] for r in res["rows"]
+                 for g, c in zip(res["groups"], r["cells"])}
+        assert cells[("LiNe", "WRN")] == cells[("Dice", "ResNet")] == ["ce_resnet_wrn", key]
+        assert cells[("ReAct", "ResNet")] == ["ce_resnet_wrn"] and cells[("LiNe", "DenseNet")] == []
+    t3 = P.resolve_table("table3", layouts["table3"], full, assumptions=assumptions)
+    cells = {r["label"]: r["cells"][0]["assumptions"] for r in t3["rows"]}
+    assert {lab for lab, a in cells.items() if key in a} == {"DICE", "LiNe"}
+    assert cells["LiNe"] == ["imagenet_ce", key] and cells["ReAct"] == ["imagenet_ce"]
+    for name in ("table8", "table9"):  # one block of rows per network
+        res = P.resolve_table(name, layouts[name], full, assumptions=assumptions)
+        marked = {(r["section"], r["label"]) for r in res["rows"] if key in r["cells"][0]["assumptions"]}
+        assert marked == {(n, d) for n in ("ResNet", "WRN") for d in ("DICE", "LiNe")}, name
 
 
 def test_smoke_tables_show_the_assumption_marks(tmp_path):
@@ -818,6 +846,13 @@ def test_smoke_tables_show_the_assumption_marks(tmp_path):
     assert r"$^{\dagger}$ Assumption: the CE model of ResNet-18 and WRN-40-2" in tex
     assert {(r["group"], r["assumptions"]) for r in rows if r["row"] == "MSP"} == {
         ("ResNet", "ce_resnet_wrn"), ("WRN", "ce_resnet_wrn"), ("DenseNet", "")}
+    # LiNe's ResNet and WRN cells rest on the CE model and on its settings used off their network
+    line = next(ln for ln in tex.splitlines() if ln.startswith("LiNe"))
+    assert line.startswith("LiNe &") and line.count(r"$^{\dagger,\ddagger}$") == 4 and line.count("$^{") == 4
+    assert r"$^{\ddagger}$ Assumption: DICE and LINe use their released per-dataset settings" in tex
+    assert {(r["group"], r["assumptions"]) for r in rows if r["row"] == "LiNe"} == {
+        ("ResNet", "ce_resnet_wrn;posthoc_arch_settings"), ("WRN", "ce_resnet_wrn;posthoc_arch_settings"),
+        ("DenseNet", "")}
 
 
 def test_assumptions_file_is_checked(tmp_path):
@@ -825,6 +860,8 @@ def test_assumptions_file_is_checked(tmp_path):
     for doc, match in (({"assumptions": [1]}, "expected a mapping"),
                        ({"assumptions": {"a": {"note": "n"}}}, "'note' and 'runs'"),
                        ({"assumptions": {"a": {"note": "n", "runs": ["x"], "arch": ["y"]}}}, r"assumptions\.a\.arch"),
+                       ({"assumptions": {"a": {"note": "n", "runs": ["x"], "detectors": "line"}}},
+                        r"assumptions\.a\.detectors: allowed keys: .*detectors \(lists"),
                        ({"assumptions": {"a b": {"note": "n", "runs": ["x"]}}}, "assumption key")):
         p.write_text(yaml.safe_dump(doc))
         with pytest.raises(T.ReportError, match=match):
