@@ -443,8 +443,8 @@ def dg_run_args(config: dict, dataset: str, algorithm: str) -> list[str]:
 
 def check_extra_names(config: dict) -> None:
     """Fail (``ReportError`` naming the config key) when ``pretrain.import``, ``figures.fig_sam.runs`` or the
-    ``dg`` section name a dataset, arch, run, DG dataset or DG algorithm that does not exist, or a figure's
-    run label could not pass as ``LABEL=PATH``."""
+    ``dg`` section name a dataset, arch, run, DG dataset or DG algorithm that does not exist (the figure
+    labels' rule is the schema's, :func:`check_workflow_config`)."""
     for dataset, by_arch in ((config.get("pretrain") or {}).get("import") or {}).items():
         for arch, path in (by_arch or {}).items():
             if path and (dataset not in config["datasets"] or arch not in config["archs"]):
@@ -454,12 +454,6 @@ def check_extra_names(config: dict) -> None:
                 raise ReportError(f"config pretrain.import.{dataset}.{arch}: {path!r} is not a released "
                                   f"checkpoint of the data catalog (known: {data.names('weights')})")
     variants = config.get("variants") or {}
-    for name, f in (config.get("figures") or {}).items():
-        for label in (f or {}).get("runs") or {}:
-            # `greg report fig3/fig4/fig-sam` take LABEL=PATH[,PATH...]: the label ends at the first '='
-            if not isinstance(label, str) or not label.strip() or any(c in label for c in "=,\n"):
-                raise ReportError(f"config figures.{name}.runs: label {label!r}: a non-empty text without "
-                                  "'=', ',' or a line break")
     fig = (config.get("figures") or {}).get("fig_sam") or {}
     for label, run in (fig.get("runs") or {}).items():
         if run != "pretrain" and run not in variants:

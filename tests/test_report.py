@@ -735,11 +735,14 @@ def test_fig3_run_config_that_is_not_a_mapping(tmp_path, capsys):
 
 
 def test_figure_labels_that_cannot_pass_as_label_path_are_refused():
-    cfg = {**_config(), "figures": {"fig3": {"runs": {"GReg": "greg"}}}}
-    P.check_extra_names(cfg)
-    for label in ("m=1", "a,b", "two\nlines", " "):
-        with pytest.raises(T.ReportError, match=r"figures\.fig3\.runs: label"):
-            P.check_extra_names({**cfg, "figures": {"fig3": {"runs": {label: "greg"}}}})
+    # `greg report fig3/fig4/fig-sam` take LABEL=PATH[,PATH...]: the workflow schema's label rule
+    schema = ROOT / "workflow/schemas/config.schema.yaml"
+    fig3 = {"dataset": "cifar10", "arch": "densenet100"}
+    cfg = {**_config(), "figures": {"fig3": {**fig3, "runs": {"GReg (ours)": "greg"}}}}
+    P.check_workflow_config(cfg, schema)
+    for label in ("m=1", "a,b", "two\nlines", " ", ""):
+        with pytest.raises(T.ReportError, match=r"^config figures\.fig3\.runs: "):
+            P.check_workflow_config({**cfg, "figures": {"fig3": {**fig3, "runs": {label: "greg"}}}}, schema)
 
 
 def test_fig4_says_on_the_figure_that_it_pools_the_seeds(tmp_path, monkeypatch):
