@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from greg.columns import METRIC_COLUMNS, TABLE_COLUMNS
+
 RECALL_LEVEL = 0.95
 
 
@@ -170,8 +172,6 @@ def accuracy(logits: Any, labels: Any) -> float:
     return float(np.mean(logits.argmax(axis=1) == labels))
 
 
-METRIC_COLUMNS = ["fpr95_idpos", "fpr95_oodpos", "auroc", "aupr_in", "aupr_out"]
-TABLE_COLUMNS = ["ood_set", "n_id", "n_ood", "id_acc", *METRIC_COLUMNS]
 
 
 def metrics_table(

@@ -33,6 +33,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from greg import latex
+from greg.columns import COUNT_COLUMNS, PERCENT_COLUMNS, TABLE_COLUMNS
 from greg.errors import ReportError
 
 # metric -> (metrics.csv column, None: the table's FPR95 convention; higher is better; LaTeX header)
@@ -47,11 +48,7 @@ FPR_CONVENTIONS = {
     "fpr95_idpos": "FPR95 with ID as the positive class at 95\\% of ID samples accepted (paper convention)",
     "fpr95_oodpos": "FPR95 with OOD as the positive class at 95\\% OOD recall (OpenOOD v1.5 / pytorch-ood)",
 }
-CSV_COLUMNS = ("ood_set", "n_id", "n_ood", "id_acc", "fpr95_idpos", "fpr95_oodpos", "auroc", "aupr_in",
-               "aupr_out")
-# metrics.csv columns that are percentages (and sample counts): a value outside the range is a broken file
-PERCENT_COLUMNS = ("id_acc", "fpr95_idpos", "fpr95_oodpos", "auroc", "aupr_in", "aupr_out")
-COUNT_COLUMNS = ("n_id", "n_ood")
+CSV_COLUMNS = tuple(TABLE_COLUMNS)
 BEST_RULES = {
     "mean": "Best mean in bold, runner-up underlined (none where all tie)",
     "separated": ("Bold: the best mean, only where its mean $\\pm$ std interval does not overlap the "
