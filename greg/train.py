@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="start over: discard --out's final.pt and state.pt (e.g. of another config) and retrain")
     p.epilog = (
-        f"{EXIT_STATUS_HELP} Every config key is documented in greg/config.py DEFAULTS (greg train "
-        "--print-config shows the resolved config)."
+        f"{EXIT_STATUS_HELP} Every config key is declared in greg/config.py KEYS: default, allowed values, "
+        "meaning (greg train --print-config shows the resolved config)."
     )
 
 

@@ -22,7 +22,7 @@ from greg import io as gio
 from greg.cli import main as greg_main
 from greg.data import catalog, downloader
 from greg.data.base import DATASETS, DatasetSpec, RawImages, Resource
-from greg.errors import EXIT_INPUT, EXIT_IO, InputError, cli_errors, error_text, exit_code
+from greg.errors import EXIT_INPUT, EXIT_IO, InputError, cap, cli_errors, did_you_mean, error_text, exit_code
 from greg.models import CheckpointError
 
 
@@ -95,6 +95,33 @@ def test_cli_errors_decorator_and_context_manager(capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- greg.io
+def test_one_did_you_mean_for_registries_config_keys_hparams_and_kwargs():
+    from greg import config, methods
+
+    assert did_you_mean("lamda_grad", ["lambda_grad", "lambda_S"]) == " (did you mean 'lambda_grad'?)"
+    assert did_you_mean("zzz", ["lambda_grad"]) == ""
+    # every "unknown ..." message carries the same suggestion text
+    with pytest.raises(KeyError, match=r"unknown method 'gregg' \(did you mean 'greg'\?\); known: "):
+        methods.METHODS.get("gregg")
+    with pytest.raises(config.ConfigError, match=r"unknown config key 'optim\.lrr' \(did you mean 'lr'\?\)"):
+        config.check({"optim": {"lrr": 1}}, partial=True)
+    with pytest.raises(ValueError, match=r"unknown hparam\(s\) 'lamda_grad' \(did you mean 'lambda_grad'\?\)"):
+        methods.create("greg", lamda_grad=1.0)
+
+
+def test_long_messages_are_capped(capsys):
+    assert cap("x" * 10, 20) == "x" * 10
+    assert cap("x" * 30, 20) == "x" * 20 + "... (30 characters in all)"
+
+    @cli_errors("greg x")
+    def fail() -> int:
+        raise InputError("v" * 10**6)
+
+    assert fail() == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert len(err) < 2100 and err.endswith("... (1,000,000 characters in all)\n"), err[-80:]
+
+
 def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "metrics.csv"
     target.write_text("old")
