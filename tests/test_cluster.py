@@ -1,11 +1,14 @@
-"""Cluster readiness of the workflow: config values never reach a shell unquoted,
-GPU rules declare their resources, the SLURM profile groups a model's jobs and refuses the placeholder
-account, job.py keeps every attempt's log and never retries exit 2/3, benchmarks.csv sums the benchmark
-files, the conda envs install greg from the checkout, and every config key is documented.
+"""Cluster readiness of the workflow: config values never reach a shell unquoted, GPU rules declare their
+resources, the workflow profile groups a model's jobs (within max_job_minutes) and leaves partitions to the
+site profile, a SLURM run without SLURM's commands or with the placeholder account stops with one line,
+finished models never rerun for a code edit (as a non-root user), job.py keeps every attempt's log and never
+retries exit 2/3, benchmarks.csv sums the benchmark files, the conda envs install greg from the checkout, the
+install lines and plugin floors are consistent, and every config key is documented.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,7 +43,7 @@ def snakemake(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-# ------------------------------------------------------------------------------------- shell injection
+# ------------------------------------------------------------------------------ shell injection
 
 
 @needs_snakemake
@@ -100,6 +103,79 @@ def test_paths_with_spaces_work_end_to_end_and_runtime_settings_never_replan_a_m
     assert re.search(r"^train\s+1$", r.stdout, re.MULTILINE) and re.search(r"^pretrain\s+1$", r.stdout, re.MULTILINE), r.stdout[-3000:]
 
 
+def _unprivileged() -> tuple[list[str], dict]:
+    """(command prefix, subprocess arguments) that run a command without root's power over file permissions,
+    where protected() does not protect (root may write a read-only file). As root (CI): the user `nobody` when
+    it can run this interpreter, else root with CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH / CAP_FOWNER removed
+    (setpriv; an interpreter under /root is not reachable for nobody), for which a read-only file is
+    read-only. Not root already: nothing to drop."""
+    if os.geteuid() != 0:
+        return [], {}
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    try:
+        ok = subprocess.run([sys.executable, "-c", "import snakemake"], capture_output=True, timeout=60,
+                            cwd="/", check=False, **user).returncode == 0
+    except PermissionError:
+        ok = False
+    if ok:
+        return [], user
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "as root, this test needs the user nobody able to run Python, or setpriv (util-linux)"
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"], {}
+
+
+@needs_snakemake
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_rule_code_edit_never_reruns_a_protected_model_as_a_non_root_user():
+    """A finished pretrain job (protected final.pt), then its rule's shell text is edited: with the workflow
+    profile's rerun-triggers nothing reruns. With Snakemake's default triggers (code, software-env too) the
+    same run fails with ProtectedOutputException before any job, for a non-root user: what stopped grids."""
+    import tempfile
+
+    prefix, user = _unprivileged()
+    wd = Path(tempfile.mkdtemp(prefix="greg-triggers-", dir="/tmp"))
+    try:
+        for entry in ROOT.iterdir():
+            if entry.name not in (".git", ".venv", ".snakemake", "data", "results", "workflow"):
+                (wd / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+        shutil.copytree(ROOT / "workflow", wd / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+        if user:
+            for p in [wd, *wd.rglob("*")]:
+                os.lchown(p, user["user"], user["group"])
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+               "HOME": str(wd), "XDG_CACHE_HOME": str(wd / ".cache")}
+        target = "results/smoke/tiny/small_cnn/pretrain/seed42/final.pt"
+
+        def run(*extra: str) -> subprocess.CompletedProcess:
+            cmd = [*prefix, str(SNAKEMAKE), "--configfile", "config/smoke.yaml", "--cores", "1", *extra, "--", target]
+            return subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=400,
+                                  check=False, **user)
+
+        r = run()
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        final = wd / target
+        assert final.stat().st_mode & 0o222 == 0  # protected()
+        probe = [*prefix, sys.executable, "-c", f"import os; print(os.access({str(final)!r}, os.W_OK))"]
+        assert subprocess.run(probe, capture_output=True, text=True, check=True, **user).stdout == "False\n"
+        before = final.stat().st_mtime_ns
+        rule = wd / "workflow/rules/pretrain.smk"
+        text = rule.read_text()
+        assert '" --device {config[device]:q}' in text
+        rule.write_text(text.replace('" --device {config[device]:q}', '" --device  {config[device]:q}'))
+
+        r = run()
+        assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+        r = run("--rerun-triggers", "mtime", "params", "input", "code", "software-env")
+        assert r.returncode != 0 and "ProtectedOutputException" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+        assert final.stat().st_mtime_ns == before
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+
+
 @needs_snakemake
 def test_typo_in_a_set_key_fails_the_dry_run_with_one_line():
     r = snakemake("-n", "--config", "train_set={train.epochz: 3}", "--", "table9")
@@ -108,7 +184,7 @@ def test_typo_in_a_set_key_fails_the_dry_run_with_one_line():
     assert "unknown config key 'train.epochz'" in errors[0] and "run 'pretrain'" in errors[0]
 
 
-# ---------------------------------------------------------------------- resources, groups, account (14.3-6)
+# ---------------------------------------------------------------------- resources, groups, account
 
 
 @needs_snakemake
@@ -126,22 +202,99 @@ def test_gpu_rules_declare_their_resources_without_a_profile():
     assert re.search(r"rule pretrain:\n(?:        .*\n)*?        resources: .*\bgpu=0\b", r.stdout), r.stdout[-2000:]
 
 
+SITE = "profiles/slurm-example"  # the example site profile (a user's own lives in ~/.config/snakemake/NAME)
+WORKFLOW_PROFILE = ROOT / "profiles/default/config.yaml"
+
+
+def group_blocks(out: str) -> dict[str, list[int]]:
+    """Group job name -> the runtimes of its jobs, from a dry run's output (a group's jobs are indented)."""
+    groups: dict[str, list[int]] = {}
+    current = None
+    for line in out.splitlines():
+        m = re.match(r"\[[^\]]+\] Group job (\S+) ", line)
+        if m:
+            current = groups.setdefault(m.group(1), [])
+        elif re.match(r"(\[|rule |Job stats)", line):
+            current = None
+        elif current is not None and (r := re.match(r"\s+resources: .*\bruntime=(\d+)", line)):
+            current.append(int(r.group(1)))
+    return groups
+
+
 @needs_snakemake
 def test_profile_plans_one_gpu_job_per_model():
-    """Every evaluation shares its model's group: SLURM jobs = models (pretrain + train), not evaluations."""
-    r = snakemake("--profile", "slurm", "-n", "all_tables")
+    """Every evaluation shares its model's group: SLURM jobs = models (pretrain + train), not evaluations; no
+    group runs longer than max_job_minutes (default 1440)."""
+    from greg import plan as P
+
+    r = snakemake("--profile", SITE, "-n", "all_tables")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "workflow specific profile profiles/default" in r.stderr
     stats = r.stdout.split("Job stats:", 1)[1]
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.MULTILINE)}
-    groups = set(re.findall(r"Group job (model_\S+) ", r.stdout))
+    assert counts["table"] + counts["paper_table"] == len(P.load_tables(ROOT / "config/tables.yaml"))
+    assert counts["all_tables"] == 1 and counts["reproduction"] == 1
+    assert counts["table_dg"] == 1 and counts["dg_run"] == 16
+    groups = group_blocks(r.stdout)
     assert counts["evaluate"] + counts["evaluate_posthoc"] > counts["pretrain"] + counts["train"]
     assert len(groups) == counts["pretrain"] + counts["train"], (len(groups), counts)
-    profile = yaml.safe_load((ROOT / "slurm/config.v9+.yaml").read_text())
-    assert "retries" not in profile  # only the rules that benefit declare retries
-    assert profile["set-resource-scopes"] == ["gpu=local"] and profile["resources"] == ["gpu=1"]
+    assert all(len(g) > 1 and sum(g) <= 1440 for g in groups.values()), groups
     # tables / figures / downloads never wait in a queue
     for rule in ("table", "fig3", "fig4", "table_dg", "download", "benchmarks"):
         assert re.search(rf"localrules:\n(?:    \w+,\n)*    {rule},", _rules_text()), rule
+
+
+def test_workflow_profile_leaves_where_jobs_run_to_the_site_profile():
+    """Snakemake replaces a `--profile` key by the workflow profile's (no merge inside a key): the workflow
+    profile must not carry default-resources / set-resources / set-threads (the site's partitions, account)."""
+    wf = yaml.safe_load(WORKFLOW_PROFILE.read_text())
+    assert wf["rerun-triggers"] == ["mtime", "params", "input"]
+    assert wf["set-resource-scopes"] == ["gpu=local"] and wf["resources"] == ["gpu=1"]
+    assert set(wf["group-components"]) == {"model_{dataset}_{arch}_{run}_seed{seed}=1000",
+                                          "model_{dataset}_{arch}_pretrain_seed{seed}=1000"}
+    site = yaml.safe_load((ROOT / SITE / "config.yaml").read_text())
+    assert site["executor"] == "slurm" and site["default-resources"]["slurm_account"] == "my_account"
+    assert not set(wf) & set(site), set(wf) & set(site)
+    assert not set(wf) & {"executor", "default-resources", "set-resources", "set-threads", "retries", "jobs"}
+    assert not (ROOT / "slurm").exists()  # ./slurm would shadow a user's ~/.config/snakemake/slurm
+
+
+@needs_snakemake
+def test_site_profile_partitions_survive_the_workflow_profile():
+    # --cores 8: a dry run caps threads at its local cores (docs/WORKFLOW.md); SLURM jobs get the rules' own
+    r = snakemake("--profile", SITE, "-n", "--cores", "8", "--forceall",
+                  "results/cifar10/resnet18/pretrain/seed2/final.pt", "results/dg/colored_digits/erm/summary.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    blocks = {m.group(1): m.group(0) for m in re.finditer(r"rule (\w+):\n(?:    .*\n)+", r.stdout)}
+    assert "slurm_partition=gpu" in blocks["pretrain"] and "slurm_account=my_account" in blocks["pretrain"]
+    dg = blocks["dg_run"]
+    assert "slurm_partition=cpu" in dg and "runtime=240" in dg and "mem_mb=8000" in dg, dg
+    assert "threads: 4" in dg and "benchmark: results/benchmarks/dg_run/colored_digits/erm.tsv" in dg, dg
+    assert "threads: 8" in blocks["pretrain"] and "--workers 8 " in r.stdout
+    r = snakemake("--profile", SITE, "-n", "--forceall", "results/cifar10/resnet18/pretrain/seed2/final.pt")
+    assert "--workers 1 " in r.stdout  # what the documentation warns about
+    doc = (ROOT / "docs/WORKFLOW.md").read_text()
+    assert "snakemake --profile greg-slurm -n --cores 64" in doc
+
+
+@needs_snakemake
+def test_group_runtimes_fit_max_job_minutes(tmp_path):
+    """A 12 h partition: training (720 min) plus evaluations would be 860; the evaluations become jobs of their
+    own. Below the training's 720 the training asks for the limit (its retry resumes from state.pt)."""
+    target = "results/cifar10/resnet18/pretrain/seed2/eval/{}/metrics.csv"
+    evals = [target.format(d) for d in ("msp", "energy")]
+    r = snakemake("--profile", SITE, "-n", "--forceall", *evals)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the CE model's post-hoc detectors: one evaluate_posthoc job of 7 x 20 min (lexicographic order: first)
+    assert group_blocks(r.stdout) == {"model_cifar10_resnet18_pretrain_seed2": [140, 720]}
+    r = snakemake("--profile", SITE, "-n", "--forceall", "--config", "max_job_minutes=720", "--", *evals)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert group_blocks(r.stdout) == {"model_cifar10_resnet18_pretrain_seed2": [720]}
+    assert re.search(r"^rule evaluate_posthoc:\n(?:    .*\n)*    resources: .*\bruntime=140\b", r.stdout, re.MULTILINE)
+    r = snakemake("--profile", SITE, "-n", "--forceall", "--config", "max_job_minutes=600", "--", *evals)
+    assert group_blocks(r.stdout) == {"model_cifar10_resnet18_pretrain_seed2": [600]}
+    r = snakemake("-n", "--config", "max_job_minutes=10", "--", evals[0])
+    assert r.returncode != 0 and "max_job_minutes" in r.stdout + r.stderr
 
 
 @needs_snakemake
@@ -157,7 +310,7 @@ def test_profile_merges_the_evaluations_of_a_trained_model_into_one_job(tmp_path
     time.sleep(0.05)
     (run / "final.pt").touch()  # newer than its inputs
     dets = ("msp", "odin", "energy", "react", "dice", "line", "mahalanobis", "rankfeat")
-    r = snakemake("--profile", "slurm", "-n", "--configfile", "config/smoke.yaml", "--config",
+    r = snakemake("--profile", SITE, "-n", "--configfile", "config/smoke.yaml", "--config",
                   f"results={results}", f"data_root={tmp_path / 'data'}", "--",
                   *(str(run / "eval" / d / "metrics.csv") for d in dets))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -171,28 +324,71 @@ def _rules_text() -> str:
     return "\n".join(p.read_text() for p in sorted((ROOT / "workflow/rules").glob("*.smk")))
 
 
+SLURM_COMMANDS = ("sbatch", "squeue", "srun", "sacct", "scontrol", "sinfo", "scancel", "sacctmgr")
+
+
+def _fake_slurm(tmp_path: Path, *commands: str) -> tuple[str, Path]:
+    """A PATH with this venv, every other command of PATH but SLURM's, and stand-ins for `commands` that only
+    record that they ran: no real SLURM is reachable, whatever this machine has installed."""
+    bin_dir, calls = tmp_path / "fake-bin", tmp_path / "slurm-calls"
+    bin_dir.mkdir()
+    for d in reversed(os.environ.get("PATH", "").split(os.pathsep)):
+        if os.path.isdir(d):
+            for entry in os.scandir(d):
+                if entry.name not in SLURM_COMMANDS and os.access(entry.path, os.X_OK):
+                    with contextlib.suppress(FileExistsError):
+                        (bin_dir / entry.name).symlink_to(entry.path)
+    for cmd in commands:
+        f = bin_dir / cmd
+        f.unlink(missing_ok=True)
+        f.write_text(f"#!/bin/sh\necho {cmd} >> '{calls}'\nexit 1\n")
+        f.chmod(0o755)
+    return f"{BIN}{os.pathsep}{bin_dir}", calls
+
+
+def _snakemake_with_path(path: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(SNAKEMAKE), *args], check=False, cwd=workdir(), env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 @needs_snakemake
-@pytest.mark.skipif(shutil.which("sbatch") is not None, reason="a real SLURM is here: would submit jobs")
 def test_placeholder_account_stops_a_real_slurm_run_with_one_line(tmp_path):
-    r = snakemake("--profile", "slurm", "--config", f"results={tmp_path}/r", "--",
-                  f"{tmp_path}/r/cifar10/resnet18/pretrain/seed2/final.pt")
-    assert r.returncode == 2
+    path, calls = _fake_slurm(tmp_path, "sbatch", "squeue")
+    target = f"{tmp_path}/r/cifar10/resnet18/pretrain/seed2/final.pt"
+    r = _snakemake_with_path(path, "--profile", SITE, "--config", f"results={tmp_path}/r", "--", target,
+                             timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "slurm_account" in ln]
     assert len(lines) == 1 and lines[0].startswith("ERROR: slurm_account is still the placeholder")
-    assert not (tmp_path / "r").exists()
+    # the command-line way names the profile's whole list (a lone slurm_account=NAME would drop the partition)
+    hint = re.search(r"--default-resources (.*?) \(the whole list", lines[0]).group(1).split()
+    assert sorted(hint) == ["mem_mb=8000", "runtime=60", "slurm_account=NAME", "slurm_partition=cpu"], lines[0]
+    assert not (tmp_path / "r").exists() and not calls.exists()
     # a dry run plans the grid with the placeholder (a fresh clone can look before editing)
-    r = snakemake("--profile", "slurm", "-n", "--config", f"results={tmp_path}/r", "--",
-                  f"{tmp_path}/r/cifar10/resnet18/pretrain/seed2/final.pt")
+    r = snakemake("--profile", SITE, "-n", "--config", f"results={tmp_path}/r", "--", target)
     assert r.returncode == 0 and "ERROR: slurm_account" not in r.stdout + r.stderr
 
 
-def test_readme_names_the_profile_file_that_snakemake_reads():
-    readme = (ROOT / "README.md").read_text()
-    assert "slurm/config.yaml" not in readme.replace("`slurm/config.yaml` is ignored", "")
-    assert "slurm/config.v9+.yaml" in readme
+@needs_snakemake
+@pytest.mark.timeout(200)
+def test_slurm_executor_without_sbatch_stops_at_once_with_one_line(tmp_path):
+    """No SLURM commands on PATH (a workstation, a login node without the module): one line, exit 1, no job
+    run, no lock left behind; before, the local jobs ran and the executor hung in its shutdown."""
+    path, _ = _fake_slurm(tmp_path)
+    results = tmp_path / "r"
+    start = time.monotonic()
+    r = _snakemake_with_path(path, "--profile", SITE, "--default-resources", "slurm_account=acct",
+                             "slurm_partition=cpu", "--config", f"results={results}", "--",
+                             f"{results}/cifar10/resnet18/pretrain/seed2/final.pt", timeout=150)
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("ERROR")]
+    assert lines == [lines[0]] and "needs sbatch and squeue on PATH" in lines[0], lines
+    assert time.monotonic() - start < 120 and not results.exists()
+    assert not list((workdir() / ".snakemake" / "locks").glob("*"))
 
 
-# ------------------------------------------------------------------------------------------- job.py
+# ------------------------------------------------------------------------------------ job.py
 
 
 def _script(tmp_path: Path, body: str) -> list[str]:
@@ -245,7 +441,7 @@ def test_job_retries_other_failures_and_forwards_usr1(tmp_path):
     assert not J.marker(log).exists()  # 143 (preempted) may be retried
 
 
-# ---------------------------------------------------------------------------------------- benchmarks
+# --------------------------------------------------------------------------------- benchmarks
 
 
 def test_benchmarks_sum_gpu_hours_per_rule(tmp_path):
@@ -271,18 +467,44 @@ def test_benchmarks_sum_gpu_hours_per_rule(tmp_path):
     assert B.main([str(root), "--out", str(out), "--gpus", "train"]) == 2
 
 
-# ------------------------------------------------------------------------------------------ conda
+# ----------------------------------------------------------------------------------- conda
 
 
 def test_conda_envs_do_not_pip_install_a_relative_path():
     for name in ("cpu", "gpu"):
         env = yaml.safe_load((ROOT / f"envs/{name}.yaml").read_text())
-        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+        pip = next((d["pip"] for d in env["dependencies"] if isinstance(d, dict)), [])
         assert not any(p.startswith(("-e", ".", "/")) or p.endswith("..") for p in pip), pip
-        assert "torch==2.14.1" in pip  # the version .ci/run tests
         conda = [d for d in env["dependencies"] if isinstance(d, str)]
         assert all("=" in d or d == "pip" for d in conda), conda  # pinned
         assert (ROOT / f"envs/{name}.post-deploy.sh").read_text() == (ROOT / "envs/cpu.post-deploy.sh").read_text()
+    cpu = yaml.safe_load((ROOT / "envs/cpu.yaml").read_text())["dependencies"]
+    assert "torch==2.14.1" in next(d["pip"] for d in cpu if isinstance(d, dict))  # the version .ci/run tests
+
+
+def test_one_cuda_stack_and_checked_plugin_floors():
+    """The GPU env holds PyTorch and faiss to one CUDA (conda-forge's cuda-version, also what
+    CONDA_OVERRIDE_CUDA must name on a GPU-less login node); the pip extras pair faiss-gpu-cu12 with torch
+    from PyTorch's CUDA 12 index; the SLURM plugin floors exclude the releases that hang inside a SLURM job
+    (< 2.7.0) and add --ntasks-per-gpu=1 to GPU jobs (< 2.7.1)."""
+    import tomllib
+
+    gpu = [d for d in yaml.safe_load((ROOT / "envs/gpu.yaml").read_text())["dependencies"] if isinstance(d, str)]
+    cuda = [d for d in gpu if d.startswith("cuda-version=")]
+    assert len(cuda) == 1 and "pytorch=2.14.1" in gpu and "faiss-gpu=1.15.1" in gpu, gpu
+    assert not any(d.startswith("pytorch-cuda") for d in gpu)  # the pytorch channel's selector, not conda-forge's
+    version = cuda[0].split("=")[1]
+    doc = (ROOT / "docs/WORKFLOW.md").read_text()
+    assert f"CONDA_OVERRIDE_CUDA={version}" in doc and f"CONDA_OVERRIDE_CUDA={version}" in (ROOT / "envs/gpu.yaml").read_text()
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert meta["gpu"] == ["faiss-gpu-cu12>=1.14"]
+    assert "snakemake-executor-plugin-slurm>=2.7.1,<3" in meta["workflow"]
+    assert "snakemake-executor-plugin-slurm-jobstep>=0.6.1,<1" in meta["workflow"]
+    readme = (ROOT / "README.md").read_text()
+    cpu_line = "pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu"
+    gpu_line = "pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu128"
+    assert cpu_line in readme and gpu_line in readme and 'pip install -e ".[workflow,gpu]"' in readme
+    assert gpu_line in doc and "580" in doc and "525.60.13" in doc
 
 
 def test_post_deploy_installs_greg_into_a_fresh_env(tmp_path):
@@ -304,7 +526,7 @@ def test_post_deploy_installs_greg_into_a_fresh_env(tmp_path):
     assert f"from {ROOT / 'greg' / '__init__.py'}" in r.stdout
 
 
-# --------------------------------------------------------------------------------- docs and catalog
+# ------------------------------------------------------------------------- docs and catalog
 
 
 def test_every_config_key_is_documented():
@@ -316,7 +538,7 @@ def test_every_config_key_is_documented():
     assert catalog["usage"]["software-stack-deployment"]["conda"] is True
 
 
-# ------------------------------------------------------------------------------------- trainer and CUDA
+# ------------------------------------------------------------------------ trainer and CUDA
 
 
 def test_rerun_after_a_kill_before_the_first_checkpoint_starts_over(tmp_path, monkeypatch):
@@ -364,7 +586,7 @@ def test_require_cuda_fails_and_slurm_without_cuda_warns(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-# ------------------------------------------------------------------------------------------ packaging
+# ---------------------------------------------------------------------------------- packaging
 
 
 def test_package_metadata_is_a_library_not_a_pin():

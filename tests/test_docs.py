@@ -37,7 +37,6 @@ SKIPPED = [
     (r"\bpip install\b|-m venv\b", "installs packages"),
     (r"^\$EDITOR\b", "opens an editor"),
     (r"-m pytest\b", "the test suite itself"),
-    (r"--profile slurm\b", "cluster-only (SLURM profile); tests/test_workflow.py dry-runs the paper config"),
     (r"^greg data download\b(?!.*\btiny)", "downloads real datasets"),
 ]
 REAL_DATA_NOTE = "needs the real datasets: arguments parsed only"

@@ -77,6 +77,7 @@ def test_full_config_dry_run_lists_the_expected_jobs():
     assert counts["paper_table"] == len(paper) == 10
     assert counts["table"] + counts["paper_table"] == len(P.load_tables(ROOT / "config/tables.yaml"))
     assert counts["fig3"] == 1 and counts["fig4"] == 1 and counts["all"] == 1
+    assert counts["reproduction"] == 1  # `all` covers every table, reproduction.md included
     assert counts["fig_sam"] == 1 and counts["table_dg"] == 1
     # Hessian alignment: (colored_digits, colored_mnist) x 8 algorithms, one download check per dataset
     assert counts["dg_run"] == 2 * 8 and counts["dg_download"] == 2
@@ -97,15 +98,24 @@ def test_full_config_dry_run_lists_the_expected_jobs():
         assert method in METHODS and f"/{method}/seed" in out
 
 
-def test_profile_dry_run_all_tables():
-    from greg import plan as P
+def test_demo_target_without_the_demo_config_refuses_with_one_line():
+    r = snakemake("-n", "demo")
+    errors = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("ERROR")]
+    assert r.returncode == 2 and len(errors) == 1 and "--configfile config/demo.yaml" in errors[0], r.stderr[-2000:]
+    assert "Job stats" not in r.stdout
 
-    r = snakemake("--profile", "slurm", "all_tables", "-n")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    counts = job_counts(r.stdout)
-    assert counts["table"] + counts["paper_table"] == len(P.load_tables(ROOT / "config/tables.yaml"))
-    assert counts["all_tables"] == 1 and counts["pretrain"] > 0
-    assert counts["table_dg"] == 1 and counts["dg_run"] == 16
+
+def test_dg_results_do_not_depend_on_where_the_data_is(tmp_path):
+    """The DG download stamp lives under the results (data_root is runtime-only): after moving the data, a
+    finished DG run is not planned again."""
+    results = tmp_path / "results"
+    (results / ".greg-ready").mkdir(parents=True)
+    (results / ".greg-ready" / "dg-colored_digits").touch()
+    summary = results / "dg/colored_digits/erm/summary.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text("{}")
+    r = snakemake("-n", "--config", f"results={results}", f"data_root={tmp_path / 'moved'}", "--", str(summary))
+    assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, r.stdout[-3000:]
 
 
 def test_dry_run_commands_of_the_new_targets():

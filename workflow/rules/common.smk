@@ -4,6 +4,7 @@
 import json
 import os
 import shlex
+import shutil
 import sys
 
 from snakemake.utils import validate
@@ -117,6 +118,28 @@ def rules_inputs_all_tables():
     return [f for name in names for f in table_outputs(name)]
 
 
+PAPER_RESULTS = os.path.join(workflow.basedir, "config", "paper_results.yaml")
+# the tables the paper prints (config/paper_results.yaml) get the comparison; extras (table_sam, the demo's) not
+PAPER_TABLES = [name for name in TABLES if name in P.paper_tables(PAPER_RESULTS)]
+
+
+def rules_inputs_reproduction():
+    """reproduction.md (the paper comparison of every paper table), when the config has paper tables."""
+    return [f"{RESULTS}/tables/reproduction.md"] if PAPER_TABLES else []
+
+
+def demo_inputs(wc):
+    """The demo's table and fig4; one line and exit 2 when the config is not the demo's (no table_demo)."""
+    if "table_demo" not in TABLES:
+        print(
+            "ERROR: target 'demo' needs the demo config: snakemake demo --configfile config/demo.yaml "
+            "--cores 2 (this config has no table_demo)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return table_outputs("table_demo") + (figure_outputs("fig4") if "fig4" in config["figures"] else [])
+
+
 def figure_outputs(name):
     return [f"{RESULTS}/figures/{name}.pdf", f"{RESULTS}/figures/{name}.png"]
 
@@ -224,6 +247,42 @@ GPU_RETRIES = 3
 # A model's training job and the evaluations of its checkpoint form one group (one SLURM job; evaluate.smk).
 MODEL_GROUP = "model_{dataset}_{arch}_{run}_seed{seed}"
 PRETRAIN_GROUP = "model_{dataset}_{arch}_pretrain_seed{seed}"
+# Runtimes (minutes) the rules ask SLURM for; none above max_job_minutes (the partition's time limit): a
+# training cut by the limit resumes from state.pt on its retry. EVAL_MINUTES: ~1 min measured per evaluation;
+# ODIN / fitting detectors take longer.
+MAX_JOB_MINUTES = config["max_job_minutes"]  # schema default: 1440
+
+
+def minutes(wanted):
+    return min(wanted, MAX_JOB_MINUTES)
+
+
+TRAIN_MINUTES = minutes(720)
+EVAL_MINUTES = minutes(20)
+
+
+def _evaluations_per_model():
+    # every evaluation any target can ask for, per run directory (an upper bound of a group's size)
+    files = rules_inputs_all_runs() + [f for t in RESOLVED.values() for f in P.table_inputs(t)]
+    if "fig4" in config["figures"]:
+        files += [f"{d}/metrics.csv" for dirs in fig4_dirs(None).values() for d in dirs]
+    evals = {}
+    for f in files:
+        run, _, det = os.path.dirname(f).rpartition("/eval/")
+        evals.setdefault(run, set()).add(det)
+    return evals
+
+
+def evaluation_group(wc):
+    """The model's group (training + evaluations: one SLURM job), or no group when that job could run longer
+    than max_job_minutes: the evaluations are then jobs of their own (the training keeps its group)."""
+    run = getattr(wc, "run", "pretrain")  # evaluate_posthoc: the CE model's
+    n = len(EVALUATIONS.get(run_dir(wc.dataset, wc.arch, run, wc.seed), ())) or 1
+    if TRAIN_MINUTES + n * EVAL_MINUTES > MAX_JOB_MINUTES:
+        return None
+    name = MODEL_GROUP.format(dataset=wc.dataset, arch=wc.arch, run=run, seed=wc.seed)
+    workflow.parent_groupids[name] = MODEL_GROUP  # the profile's group-components name the pattern
+    return name
 
 
 # Runtime-only arguments (greg.config.RUNTIME_KEYS, device, workers = the rule's threads) are not rule params
@@ -242,20 +301,36 @@ def benchmark_file(kind, *parts):
     return os.path.join(RESULTS, "benchmarks", kind, *parts) + ".tsv"
 
 
-def check_slurm_account():
-    """onstart: one line, no job submitted, when a SLURM run still uses the profile's placeholder account."""
+def check_slurm():
+    """onstart of a SLURM run (not a dry run): one line, nothing submitted, when SLURM's commands are not on
+    PATH (the executor would start the local jobs, then hang in its shutdown) or a job still has the example
+    profile's placeholder account."""
     plugin = workflow.executor_plugin
     if plugin is None or "slurm" not in getattr(plugin, "name", "") or "jobstep" in plugin.name:
         return
+    missing = [cmd for cmd in ("sbatch", "squeue") if shutil.which(cmd) is None]
+    if missing:
+        print(
+            f"ERROR: the SLURM executor needs {' and '.join(missing)} on PATH (not a SLURM login node?): run "
+            "Snakemake where SLURM's commands are, or locally without the SLURM profile (--cores N); "
+            "nothing was submitted",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     for j in workflow.dag.needrun_jobs():
         if j.is_local:
             continue
         account = str(j.resources.get("slurm_account", "") or "")
         if account.strip("'\"") == "my_account":
+            # --default-resources on the command line replaces the profile's whole list: name all of it
+            defaults = getattr(workflow.resource_settings.default_resources, "args", [])
+            keep = [a for a in defaults if not a.startswith(("slurm_account=", "tmpdir="))]
             print(
-                "ERROR: slurm_account is still the placeholder 'my_account': set your account in "
-                "slurm/config.v9+.yaml (default-resources), or pass --default-resources slurm_account=NAME "
-                "(slurm-no-account: true on clusters without accounting); nothing was submitted",
+                "ERROR: slurm_account is still the placeholder 'my_account': set your account under "
+                "default-resources in your profile (profiles/slurm-example/config.yaml shows where), or pass "
+                f"--default-resources {quote_args(['slurm_account=NAME', *keep])} (the whole list: it "
+                "replaces the profile's); slurm-no-account: true on clusters without accounting; nothing "
+                "was submitted",
                 file=sys.stderr,
             )
             sys.exit(2)
@@ -307,6 +382,9 @@ def fig4_args(wc):
         config["labels"].get(P.alias(config, "dataset", f["dataset"]), "ID"),
     ]
     return quote_args(args)
+
+
+EVALUATIONS = _evaluations_per_model()
 
 
 # Hessian-alignment DG runs (dg.smk)

@@ -14,10 +14,11 @@ rule evaluate:
     benchmark:
         benchmark_file("evaluate", "{dataset}", "{arch}", "{run}", "seed{seed}", "{detector}")
     # One SLURM job per model: training and every evaluation of its checkpoint share a group id, so they run
-    # one after another in one submission on one GPU (with the profile's `gpu=local` scope). When the model
-    # already exists, the profile's `group-components` still merges its evaluations into one job.
+    # one after another in one submission on one GPU (with the workflow profile's `gpu=local` scope). When the
+    # model already exists, the profile's `group-components` still merges its evaluations into one job. A
+    # model whose job would exceed max_job_minutes has ungrouped evaluations (evaluation_group).
     group:
-        MODEL_GROUP
+        evaluation_group
     wildcard_constraints:
         run="|".join(["pretrain"] + VARIANTS),
     params:
@@ -29,7 +30,7 @@ rule evaluate:
     threads: GPU_THREADS
     resources:
         gpu=GPUS,
-        runtime=20,  # ~1 min measured per evaluation; ODIN / fitting detectors take longer
+        runtime=EVAL_MINUTES,
         mem_mb=32000,
         attempt=attempt,
     retries: GPU_RETRIES
@@ -64,7 +65,7 @@ rule evaluate_posthoc:
     benchmark:
         benchmark_file("evaluate", "{dataset}", "{arch}", "pretrain", "seed{seed}", "posthoc")
     group:
-        MODEL_GROUP.replace("{run}", "pretrain")
+        evaluation_group
     params:
         ood=lambda wc: ",".join(config["datasets"][wc.dataset]["ood"]),
         out=lambda wc: f"{run_dir(wc.dataset, wc.arch, 'pretrain', wc.seed)}/eval/{{detector}}",
@@ -74,7 +75,7 @@ rule evaluate_posthoc:
     threads: GPU_THREADS
     resources:
         gpu=GPUS,
-        runtime=20 * max(len(POSTHOC), 1),  # as `evaluate`, per detector
+        runtime=minutes(EVAL_MINUTES * max(len(POSTHOC), 1)),  # as `evaluate`, per detector
         mem_mb=32000,
         attempt=attempt,
     retries: GPU_RETRIES

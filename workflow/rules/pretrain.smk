@@ -27,7 +27,7 @@ rule pretrain:
     threads: GPU_THREADS
     resources:
         gpu=GPUS,
-        runtime=720,
+        runtime=TRAIN_MINUTES,
         mem_mb=32000,
         attempt=attempt,
     retries: GPU_RETRIES

@@ -3,9 +3,6 @@
 # Every paper table also carries the paper's printed numbers (config/paper_results.yaml): `paper` / `delta` in
 # its CSV, `<table>_vs_paper.tex`, and `reproduction` summarizes them (docs/PAPER_TABLES.md).
 
-PAPER_RESULTS = os.path.join(workflow.basedir, "config", "paper_results.yaml")
-# the tables the paper prints (config/paper_results.yaml) get the comparison; extras (table_sam, the demo's) not
-PAPER_TABLES = [name for name in TABLES if name in P.paper_tables(PAPER_RESULTS)]
 OTHER_TABLES = [name for name in TABLES if name not in PAPER_TABLES]
 TABLE_TEMPLATE = os.path.join(workflow.basedir, "greg", "templates", "table.tex.j2")  # not the working dir
 
@@ -179,7 +176,7 @@ rule fig_sam:
     threads: GPU_THREADS
     resources:
         gpu=GPUS,
-        runtime=60,
+        runtime=minutes(60),
         mem_mb=32000,
         attempt=attempt,
     retries: GPU_RETRIES
@@ -202,7 +199,7 @@ localrules:
 rule all_tables:
     input:
         rules_inputs_all_tables(),
-        f"{RESULTS}/tables/reproduction.md",
+        rules_inputs_reproduction(),
 
 
 rule all_figures:

@@ -21,7 +21,7 @@ rule train:
     threads: GPU_THREADS
     resources:
         gpu=GPUS,
-        runtime=720,
+        runtime=TRAIN_MINUTES,
         mem_mb=32000,
         attempt=attempt,
     retries: GPU_RETRIES
