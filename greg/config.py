@@ -346,11 +346,18 @@ def _load_mapping(p: str | os.PathLike) -> dict:
     return data
 
 
-def load_presets(paths: list[str | os.PathLike]) -> dict:
-    """The preset files merged in order (later override earlier), without defaults or validation."""
+def load_presets(paths: list[str | os.PathLike], checked: bool = False) -> dict:
+    """The preset files merged in order (later override earlier), without defaults; with ``checked`` each
+    file's keys and values are checked first (:func:`check`, the error naming the file)."""
     cfg: dict = {}
     for p in paths:
-        cfg = merge(cfg, _load_mapping(p))
+        data = _load_mapping(p)
+        if checked:
+            try:
+                check(data, partial=True)
+            except ConfigError as e:
+                raise ConfigError(f"{p}: {e}") from None
+        cfg = merge(cfg, data)
     return cfg
 
 
@@ -389,14 +396,7 @@ _ABSENT = object()
 def load_config(paths: list[str | os.PathLike], sets: list[str] | None = None) -> dict:
     """The run config: each preset file checked (naming it) and merged onto :data:`DEFAULTS` in order,
     then the ``--set`` overrides, then :func:`validate`."""
-    cfg = copy.deepcopy(DEFAULTS)
-    for p in paths:
-        data = _load_mapping(p)
-        try:
-            check(data, partial=True)
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
-        cfg = merge(cfg, data)
+    cfg = merge(DEFAULTS, load_presets(paths, checked=True))
     if sets:
         override = parse_set(sets)
         check(override, partial=True)

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from greg import latex
-from greg.config import did_you_mean, parse_set
+from greg.config import parse_set
 from greg.device import DEVICE_HELP, resolve_device
-from greg.errors import EXIT_INPUT, EXIT_STATUS_HELP, InputError, cli_errors
+from greg.errors import EXIT_INPUT, EXIT_STATUS_HELP, InputError, cli_errors, did_you_mean
 from greg.io import atomic_write_json, atomic_write_text
 
 RESULT_FIELDS = ["restart", "seed", "train_acc", "val_acc", "test_acc", "seconds"]
