@@ -5,6 +5,7 @@ of the rehearsal through Snakemake at the paper's shapes."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from greg import models
 from greg import plan as P
 from greg.cli import main as greg_main
 from greg.data import catalog, fake
-from greg.data.base import names
+from greg.data.base import Resource, names
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
@@ -116,6 +117,16 @@ def test_folder_fakes_have_the_real_layouts_and_image_sizes(fakes):
                 assert Image.open(t.extractfile(jpgs[0])).size == s.file_size
     arr = np.load(serve / "300K_random_images.npy", mmap_mode="r")
     assert arr.dtype == np.uint8 and arr.shape == (fake.RANDOM300K, 32, 32, 3)
+
+
+def test_fakes_complete_follows_the_catalog(tmp_path, fakes, monkeypatch):
+    assert not fake.fakes_complete(fakes)  # written without ImageNet / DenseNet-121
+    fake._densenet121(fakes / fake.DATA)
+    assert fake.fakes_complete(fakes)
+    s = gd.spec("svhn")
+    changed = dataclasses.replace(s, resources=(*s.resources, Resource("http://x/extra.txt", "extra.txt")))
+    monkeypatch.setattr(fake, "spec", lambda n: changed if n == "svhn" else gd.spec(n))
+    assert not fake.fakes_complete(fakes)  # a catalog entry with a new file: written again
 
 
 def test_fakes_are_reproducible_and_never_the_catalogs_checksums(tmp_path, fakes):

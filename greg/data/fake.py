@@ -349,6 +349,22 @@ def faked_names() -> list[str]:
     return [n for n in names() if spec(n).resources]
 
 
+def fakes_complete(root: str | Path) -> bool:
+    """Whether ``root`` holds fakes of the current catalog: its checksum file names every downloadable file
+    and those files exist (a catalog entry added or changed since they were written makes this False)."""
+    out = Path(root) / SERVE
+    path = out / CHECKSUMS
+    if not path.is_file() or not (Path(root) / DATA / DENSENET121_FILE).is_file():
+        return False
+    listed = path.read_text(encoding="utf-8")
+    for name in faked_names():
+        s = spec(name)
+        for r in s.resources:
+            if f"  {s.directory}/{r.filename}\n" not in listed or not (out / r.filename).is_file():
+                return False
+    return True
+
+
 def write_fakes(root: str | Path, *, seed: int = 0, imagenet: bool = True, progress: bool = True) -> Path:
     """Write the fakes under ``root`` (module doc); returns the checksum file. Idempotent: rewrites all."""
     root = Path(root)

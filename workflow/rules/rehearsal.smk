@@ -28,10 +28,11 @@ if REHEARSAL:
 
 
 def rehearsal_onstart():
-    """Write the fakes (once) and start serving them; nothing without the `rehearsal` key."""
+    """Write the fakes (again only when the catalog has changed) and start serving them; nothing without the
+    `rehearsal` key."""
     if not REHEARSAL:
         return
-    if not os.path.isfile(os.environ[_dl.CHECKSUMS_ENV]):
+    if not _fake.fakes_complete(_FAKES):
         _fake.write_fakes(_FAKES)
     threading.Thread(target=REHEARSAL_SERVER.serve_forever, daemon=True).start()
     print(f"rehearsal: serving {os.path.join(_FAKES, _fake.SERVE)} at {os.environ[_dl.URL_BASE_ENV]}")
