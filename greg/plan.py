@@ -49,7 +49,10 @@ def check_workflow_config(config: dict, schema_path: str | Path, config_files: I
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise ReportError(f"config {where}: {cap(error.message, 300)}")
+        text = cap(error.message, 300)
+        if error.validator == "not":  # jsonschema would print the negated schema
+            text = f"{cap(repr(error.instance), 100)} is not {error.schema.get('description', 'allowed here')}"
+        raise ReportError(f"config {where}: {text}")
     for i, seed in enumerate(config["seeds"]):
         try:
             run_config.check_value(f"config seeds[{i}]", seed, run_config.KEYS["seed"])
