@@ -604,7 +604,8 @@ def test_workflow_config_with_yte_is_refused_unless_allowed(tmp_path, monkeypatc
     monkeypatch.setenv("GREG_ALLOW_YTE", "1")
     plan.check_workflow_config(_workflow_config(), SCHEMA, [f])
     # greg's own configs never use it
-    assert not [p for p in ROOT.glob("config/**/*.yaml") if "__use_yte__" in p.read_text(encoding="utf-8")]
+    own = [*ROOT.glob("config/**/*.yaml"), *ROOT.glob("profiles/**/*.yaml")]
+    assert own and not [p for p in own if "__use_yte__" in p.read_text(encoding="utf-8")]
 
 
 @pytest.mark.parametrize("edit,msg", [
