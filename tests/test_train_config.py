@@ -75,6 +75,17 @@ def test_multistep_multiplier_by_epoch():
     assert [lr_multiplier(e * 3, 18, 3, s2) for e in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
 
 
+def test_each_key_is_declared_once_and_its_default_passes_its_own_check():
+    flat = config.flatten(config.DEFAULTS)
+    assert set(flat) == set(config.KEYS)
+    assert all(flat[k] == config.KEYS[k].default for k in flat)
+    config.validate(config.DEFAULTS)
+    # a method's name is its registry key (set by the registry, not repeated in the class)
+    from greg import methods
+
+    assert all(methods.METHODS.get(n).name == n for n in methods.METHODS.names())
+
+
 def test_optimizer_names_come_from_the_registry():
     # A name the trainer cannot build is refused at load (it used to fall through to Adam).
     with pytest.raises(ConfigError, match=r"'optim\.name' must be one of adam, sgd, got 'rmsprop'"):
