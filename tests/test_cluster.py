@@ -271,28 +271,24 @@ def test_site_profile_partitions_survive_the_workflow_profile():
     assert "slurm_partition=cpu" in dg and "runtime=240" in dg and "mem_mb=8000" in dg, dg
     assert "threads: 4" in dg and "benchmark: results/benchmarks/dg_run/colored_digits/erm.tsv" in dg, dg
     assert "threads: 8" in blocks["pretrain"] and "--workers 8 " in r.stdout
-    r = snakemake("--profile", SITE, "-n", "--forceall", "results/cifar10/resnet18/pretrain/seed2/final.pt")
-    assert "--workers 1 " in r.stdout  # what the documentation warns about
     doc = (ROOT / "docs/WORKFLOW.md").read_text()
     assert "snakemake --profile greg-slurm -n --cores 64" in doc
 
 
 @needs_snakemake
 def test_group_runtimes_fit_max_job_minutes(tmp_path):
-    """A 12 h partition: training (720 min) plus evaluations would be 860; the evaluations become jobs of their
-    own. Below the training's 720 the training asks for the limit (its retry resumes from state.pt)."""
+    """A partition limit of 10 h: training (720 min) plus evaluations would not fit; the training asks for the
+    limit (its retry resumes from state.pt) and the evaluations become jobs of their own."""
     target = "results/cifar10/resnet18/pretrain/seed2/eval/{}/metrics.csv"
     evals = [target.format(d) for d in ("msp", "energy")]
     r = snakemake("--profile", SITE, "-n", "--forceall", *evals)
     assert r.returncode == 0, r.stderr[-3000:]
     # the CE model's post-hoc detectors: one evaluate_posthoc job of 7 x 20 min (lexicographic order: first)
     assert group_blocks(r.stdout) == {"model_cifar10_resnet18_pretrain_seed2": [140, 720]}
-    r = snakemake("--profile", SITE, "-n", "--forceall", "--config", "max_job_minutes=720", "--", *evals)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert group_blocks(r.stdout) == {"model_cifar10_resnet18_pretrain_seed2": [720]}
-    assert re.search(r"^rule evaluate_posthoc:\n(?:    .*\n)*    resources: .*\bruntime=140\b", r.stdout, re.MULTILINE)
     r = snakemake("--profile", SITE, "-n", "--forceall", "--config", "max_job_minutes=600", "--", *evals)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert group_blocks(r.stdout) == {"model_cifar10_resnet18_pretrain_seed2": [600]}
+    assert re.search(r"^rule evaluate_posthoc:\n(?:    .*\n)*    resources: .*\bruntime=140\b", r.stdout, re.MULTILINE)
     r = snakemake("-n", "--config", "max_job_minutes=10", "--", evals[0])
     assert r.returncode != 0 and "max_job_minutes" in r.stdout + r.stderr
 
