@@ -441,9 +441,23 @@ def test_disk_full_during_state_save_names_state_pt_exit_1_previous_kept(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------- 13.10 greg dg
+@pytest.mark.parametrize("flag,value,expect", [
+    # 0 restarts or steps would "complete" with NaN statistics; seeds: the run config's seed rule
+    ("--restarts", "0", "argument --restarts: must be an integer >= 1, got '0'"),
+    ("--steps", "-5", "argument --steps: must be an integer >= 1, got '-5'"),
+    ("--seed", str(2**70), "argument --seed: must be an integer in [0, 4294967295]"),
+    ("--hparams-seed", "-1", "argument --hparams-seed: must be an integer in [0, 4294967295], got '-1'"),
+])
+def test_dg_run_integer_flags_share_the_run_config_rule(flag, value, expect, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        greg_main(["dg", "run", "--dataset", "colored_digits", "--algorithm", "erm", "--out", str(tmp_path / "dg"),
+                   "--device", "cpu", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"greg dg run: error: {expect}" in err, err
+    assert not (tmp_path / "dg").exists()
+
+
 @pytest.mark.parametrize("argv,expect", [
-    (["--restarts", "0"], "--restarts 0: must be >= 1"),
-    (["--steps", "-5"], "--steps -5: must be >= 1"),
     (["--set", "lr=abc"], "--set lr='abc': expected a finite float"),
     (["--set", "lrr=0.1"], "did you mean 'lr'?"),
     (["--set", "lr=[1"], "VALUE is not valid YAML"),

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from greg import latex
-from greg.config import parse_set
+from greg.config import SEED_MAX, int_flag, parse_set
 from greg.device import DEVICE_HELP, resolve_device
 from greg.errors import EXIT_INPUT, EXIT_STATUS_HELP, InputError, cli_errors, did_you_mean
 from greg.io import atomic_write_json, atomic_write_text
@@ -61,14 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--dataset", required=True, help=DATASET_HELP)
     r.add_argument("--algorithm", required=True, help=f"one of: {', '.join(ORDER)}")
-    r.add_argument("--restarts", type=int, default=10,
+    r.add_argument("--restarts", type=int_flag(1), default=10,
                    help="independent restarts (seeds --seed, --seed + 1, ...); the table averages them")
     r.add_argument("--out", required=True, type=Path,
                    help="run directory (config.json, results.csv one row per restart, summary.json)")
-    r.add_argument("--steps", type=int, default=None, help="default: the dataset's protocol (501)")
+    r.add_argument("--steps", type=int_flag(1), default=None, help="default: the dataset's protocol (501)")
     r.add_argument("--device", default="auto", help=DEVICE_HELP)
-    r.add_argument("--seed", type=int, default=0, help="restart r uses seed + r (data, init, draws)")
-    r.add_argument("--hparams-seed", type=int, default=0, help="0 = defaults, k > 0 = random draw k")
+    r.add_argument("--seed", type=int_flag(0, SEED_MAX), default=0, help="restart r uses seed + r (data, init, draws)")
+    r.add_argument("--hparams-seed", type=int_flag(0, SEED_MAX), default=0, help="0 = defaults, k > 0 = random draw k")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an hparam")
     r.add_argument("--data-root", default="data", help="where MNIST is downloaded (colored_mnist)")
     r.add_argument("--progress", action="store_true", help="tqdm bar per restart")
@@ -187,11 +187,6 @@ def run_command(args: argparse.Namespace) -> int:
         datasets.DG_DATASETS.get(args.dataset)
     except KeyError as e:
         raise InputError(e.args[0]) from None
-    # 0 restarts or steps would "complete" with NaN statistics
-    if args.restarts < 1:
-        raise InputError(f"--restarts {args.restarts}: must be >= 1")
-    if args.steps is not None and args.steps < 1:
-        raise InputError(f"--steps {args.steps}: must be >= 1")
     hparams = _parse_set(
         args.set, hparams_registry.get_hparams(args.algorithm, args.dataset, args.hparams_seed)
     )
