@@ -243,7 +243,7 @@ def check_value(what: str, v: Any, key: Key) -> None:
     if v is None or not _is(v, key.types) or (isinstance(v, float) and not math.isfinite(v)):
         raise ConfigError(f"{what} must be {key.expected}, got {_show(v)}")
     if key.ok is not None and not key.ok(v):
-        raise ConfigError(f"{what} must be {key.expected}, got {v!r}")
+        raise ConfigError(f"{what} must be {key.expected}, got {cap(repr(v), 80)}")
 
 
 def flag(key: Key) -> Callable[[str], Any]:
@@ -279,9 +279,7 @@ def _is(value: Any, types: tuple[type, ...]) -> bool:
 
 
 def _show(v: Any) -> str:
-    text = repr(v)
-    text = text if len(text) <= 80 else text[:77] + "..."
-    return "null" if v is None else f"{type(v).__name__} ({text})"
+    return "null" if v is None else f"{type(v).__name__} ({cap(repr(v), 80)})"
 
 
 def deep_merge(base: dict, override: dict) -> dict:
