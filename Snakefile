@@ -2,7 +2,7 @@
 # methods -> evaluation on every OOD set -> tables (LaTeX + CSV) and figures. See docs/WORKFLOW.md.
 #
 #   snakemake --profile greg-slurm all_tables         # the paper's tables on SLURM (profiles/slurm-example)
-#   snakemake demo --configfile config/demo.yaml -c2  # the CPU demo: a table that shows the method (15 min)
+#   snakemake demo --configfile config/demo.yaml -c2  # the CPU demo: a table and figures (README "The CPU demo")
 #   snakemake all --configfile config/smoke.yaml -c2  # the same DAG on the tiny benchmark, CPU, minutes
 #   snakemake rehearsal --configfile config/rehearsal.yaml -c2  # the paper's grid at real shapes on fake data
 #   snakemake --profile greg-slurm repro_quick        # one GPU: Table 1/2 DenseNet post-hoc rows + GReg, 1 seed

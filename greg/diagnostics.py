@@ -29,8 +29,8 @@ from greg.device import eval_mode
 DIAGNOSTICS = ("head_grad_norm", "max_logit", "energy", "msp")
 
 
-def score_input_grad_norm(model: nn.Module, x: torch.Tensor, score: str = "energy") -> float:
-    """Mean over rows of ``||d S(x_i) / d x_i||_2`` in eval mode (paper Fig. 3 diagnostic).
+def score_input_grad_rows(model: nn.Module, x: torch.Tensor, score: str = "energy") -> torch.Tensor:
+    """``||d S(x_i) / d x_i||_2`` per row of ``x``, in eval mode (what GReg's gradient term penalizes).
 
     Eval mode makes the rows independent, so one backward of ``sum_i S(x_i)`` gives every per-row gradient.
     Only the input gradient is computed: no parameter ``.grad`` is touched. The model's modes are restored.
@@ -41,8 +41,13 @@ def score_input_grad_norm(model: nn.Module, x: torch.Tensor, score: str = "energ
         s = score_fn(model(xl))
         (g,) = torch.autograd.grad(s.sum(), xl, allow_unused=True)
     if g is None:
-        return 0.0
-    return torch.linalg.vector_norm(g.flatten(1), ord=2, dim=1).mean().item()
+        return torch.zeros(x.shape[0], device=x.device)
+    return torch.linalg.vector_norm(g.flatten(1), ord=2, dim=1).detach()
+
+
+def score_input_grad_norm(model: nn.Module, x: torch.Tensor, score: str = "energy") -> float:
+    """Mean over rows of :func:`score_input_grad_rows` (paper Fig. 3 diagnostic)."""
+    return score_input_grad_rows(model, x, score).mean().item()
 
 
 def score_grad_norms(model: nn.Module, batch: Mapping[str, torch.Tensor], score: str) -> dict[str, float]:
@@ -191,6 +196,101 @@ def collect_checkpoint(
             ds = data.subsample(ds, max_samples, seed)
         loaders[name] = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     return {name: collect(model, ld, device, progress=name, **kwargs) for name, ld in loaders.items()}
+
+
+def score_input_grad_norms(
+    model: nn.Module, loader: Iterable, device: torch.device | str, score: str = "energy"
+) -> np.ndarray:
+    """:func:`score_input_grad_rows` of every sample of ``loader`` (batches ``x`` or ``(x, y, ...)``)."""
+    out = [
+        score_input_grad_rows(model, (b[0] if isinstance(b, (tuple, list)) else b).to(device), score)
+        .double().cpu().numpy()
+        for b in loader
+    ]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def grad_norms_checkpoint(
+    checkpoint: str | os.PathLike,
+    sets: Mapping[str, tuple[str, str]],
+    id_dataset: str,
+    root: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    *,
+    score: str = "energy",
+    batch_size: int = 256,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean of :func:`score_input_grad_norms` per set for one checkpoint: ``sets`` maps a label to a
+    ``(dataset, split)``, each normalized for ``id_dataset`` and subsampled to ``max_samples`` with
+    ``greg.data.subsample(seed)`` (the evaluation protocol)."""
+    from torch.utils.data import DataLoader
+
+    model, _ = models.load_checkpoint(checkpoint, device)
+    out = {}
+    for label, (name, split) in sets.items():
+        ds = data.load(name, split, root, id_dataset=id_dataset)
+        if max_samples is not None:
+            ds = data.subsample(ds, max_samples, seed)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+        out[label] = float(score_input_grad_norms(model, loader, device, score).mean())
+    return out
+
+
+GRAD_NORM_COLUMNS = ("model", "set", "role", "n_seeds", "mean", "std")
+_ROLE_TICK = {"id": "ID test", "aux": "auxiliary", "ood": "OOD"}
+
+
+def grad_norm_rows(per_model: Mapping[str, list[Mapping[str, float]]], roles: Mapping[str, str]) -> list[dict]:
+    """``{model: [per-checkpoint {set: mean norm}, ...]}`` -> rows of :data:`GRAD_NORM_COLUMNS`: mean and
+    sample std (ddof 1; 0 for one checkpoint) over the model's checkpoints (seeds), per set; ``roles`` maps
+    each set to ``id`` / ``aux`` / ``ood``."""
+    rows = []
+    for model, runs in per_model.items():
+        for name in runs[0]:
+            v = np.array([r[name] for r in runs], dtype=np.float64)
+            std = float(v.std(ddof=1)) if v.size > 1 else 0.0
+            rows.append({"model": model, "set": name, "role": roles[name], "n_seeds": int(v.size),
+                         "mean": float(v.mean()), "std": std})
+    return rows
+
+
+def format_grad_norm_csv(rows: list[Mapping]) -> str:
+    """:func:`grad_norm_rows` as CSV text (``\\n`` line ends, 4 decimals: a rerun gives the same bytes)."""
+    import csv
+    import io as _io
+
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(GRAD_NORM_COLUMNS)
+    w.writerows([r["model"], r["set"], r["role"], r["n_seeds"], f"{r['mean']:.4f}", f"{r['std']:.4f}"]
+                for r in rows)
+    return buf.getvalue()
+
+
+def plot_grad_norms(rows: list[Mapping], path: str | os.PathLike, score: str = "energy") -> list[Path]:
+    """Grouped bars: one group per set, one bar per model, height the mean over seeds, whisker one std."""
+    from matplotlib.figure import Figure
+
+    models_ = list(dict.fromkeys(r["model"] for r in rows))
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    by = {(r["model"], r["set"]): r for r in rows}
+    n_seeds = "/".join(map(str, sorted({int(r["n_seeds"]) for r in rows})))
+    width = 0.8 / len(models_)
+    fig = Figure(figsize=(1.1 * len(sets) + 2.0, 3.4), layout="constrained")
+    ax = fig.subplots()
+    for i, m in enumerate(models_):
+        xs = [j + (i - (len(models_) - 1) / 2) * width for j in range(len(sets))]
+        ax.bar(xs, [by[m, s]["mean"] for s in sets], width, yerr=[by[m, s]["std"] for s in sets], capsize=2,
+               label=m)
+    ticks = [f"{s}\n({_ROLE_TICK[by[models_[0], s]['role']]})" for s in sets]
+    ax.set_xticks(range(len(sets)), ticks, fontsize="small")
+    ax.set_ylabel(rf"mean $\|\nabla_x S(x)\|_2$, $S$ = {score}")
+    ax.set_title(f"input-gradient norm of the {score} score per set (mean ± std over {n_seeds} seeds)",
+                 fontsize="medium")
+    ax.legend(fontsize="small")
+    return _save_figure(fig, Path(path))
 
 
 def save_npz(path: str | os.PathLike, diagnostics: Mapping[str, Mapping[str, np.ndarray]]) -> None:

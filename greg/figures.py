@@ -125,7 +125,8 @@ def plot_fig3(runs: dict[str, list[str]], out: str | Path, keys: tuple[str, str]
 
 def run_margins(files: list[str]) -> str:
     """The energy-loss margins of a run, from the ``config.yaml`` the trainer writes beside ``metrics.jsonl``
-    (``m_in``/``m_out`` of ``method.hparams``), as ``m_in=-25, m_out=-7``; "" when there is none."""
+    (``m_in``/``m_out`` of ``method.hparams``), as ``m_in=-25, m_out=-7``; with ``margins: auto`` that they are
+    fitted (each run and seed has its own); "" when there is none."""
     cfg = Path(files[0]).with_name("config.yaml") if files else None
     if cfg is None or not cfg.is_file():
         return ""
@@ -136,6 +137,8 @@ def run_margins(files: list[str]) -> str:
         raise ReportError(f"{cfg}: expected a run config (a mapping with method.hparams), got "
                           f"{type(doc).__name__ if not isinstance(doc, dict) else 'another shape'}")
     hp = hp or {}
+    if hp.get("margins") == "auto":  # fitted per run at step 0: m_in / m_out in the config are not used
+        return "margins fitted to the start model"
     if hp.get("m_in") is None or hp.get("m_out") is None:
         return ""
     return rf"$m_{{in}}$={hp['m_in']:g}, $m_{{out}}$={hp['m_out']:g}"

@@ -1,6 +1,6 @@
 """``greg report``: aggregate ``greg evaluate`` metrics over seeds into LaTeX/CSV tables, and draw figures.
 
-Five sub-commands, each called by one Snakemake rule (workflow/rules/report.smk):
+Six sub-commands, each called by one Snakemake rule (workflow/rules/report.smk):
 
 - ``greg report table --spec SPEC.json --tex OUT.tex --csv OUT.csv``: one paper table. The spec is a
   *resolved* table (every cell lists its ``metrics.csv`` files, one per seed, or says why it is n/a); the
@@ -17,6 +17,9 @@ Five sub-commands, each called by one Snakemake rule (workflow/rules/report.smk)
 - ``greg report fig-sam --model LABEL=final.pt ... --id D --ood A,B --out fig_sam.pdf [--npz OUT.npz]``: the
   SAM appendix's diagnostics (``greg.diagnostics``): per model (rows; the first is "before fine-tuning"),
   per-sample head-gradient norm, max logit and energy distributions, ID vs each OOD set.
+- ``greg report grad-norm --model LABEL=final.pt[,final.pt...] ... --id D [--aux A] --ood X,Y --csv OUT.csv
+  --out fig.pdf``: mean input-gradient norm of the energy score per set and model, mean ± std over seeds
+  (what GReg's gradient term penalizes; the CPU demo's mechanism figure).
 
 The work is done by ``greg.tables`` (aggregation over seeds, LaTeX/CSV), ``greg.paper_compare``,
 ``greg.reproduction`` and ``greg.figures``; this module is the command line only. A ``--template`` is
@@ -108,6 +111,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fs.add_argument("--labels-json", default="{}", help="JSON object: set name -> display name")
     fs.add_argument("--out", required=True, help="output PDF (a PNG of the same stem is written too)")
     fs.add_argument("--npz", default=None, help="also write every per-sample array to this .npz")
+    gn = sub.add_parser("grad-norm", help="mean input-gradient norm of a score per set (ID, auxiliary, each "
+                                          "OOD set), per model over seeds: bars + CSV (greg.diagnostics)")
+    gn.add_argument("--model", action="append", required=True, metavar="LABEL=CHECKPOINT[,CHECKPOINT...]",
+                    help="a bar colour: its label and the final.pt of each seed")
+    gn.add_argument("--id", required=True, help="ID dataset: its test split, and the normalization of every set")
+    gn.add_argument("--aux", default=None, help="auxiliary outlier set (its train split)")
+    gn.add_argument("--ood", required=True, help="comma-separated OOD sets (test splits)")
+    gn.add_argument("--score", default="energy", help="score whose input gradient is measured (greg.scores)")
+    gn.add_argument("--root", default="data", help="data root (default: data)")
+    gn.add_argument("--device", default="auto", help=DEVICE_HELP)
+    gn.add_argument("--max-samples", type=int, default=2000, help="subsample of each set (0 = all)")
+    gn.add_argument("--labels-json", default="{}", help="JSON object: set name -> display name")
+    gn.add_argument("--csv", required=True, help="CSV output: model, set, role (id/aux/ood), n_seeds, mean, std")
+    gn.add_argument("--out", required=True, help="output PDF (a PNG of the same stem is written too)")
 
 
 def _fig_sam(args: argparse.Namespace) -> list[Path]:
@@ -148,6 +165,28 @@ def _json_object(text: str, flag: str) -> dict:
     return json_object(text, flag, ReportError)
 
 
+def _grad_norm(args: argparse.Namespace) -> list[Path]:
+    from greg import diagnostics  # on use: it imports torch
+    from greg.device import resolve_device
+
+    labels = _json_object(args.labels_json, "--labels-json")
+    sets = {args.id: (args.id, "test", "id")}
+    if args.aux:
+        sets[args.aux] = (args.aux, "train", "aux")
+    sets.update({o: (o, "test", "ood") for o in args.ood.split(",") if o})
+    roles = {labels.get(k, k): role for k, (_, _, role) in sets.items()}
+    sets = {labels.get(k, k): (name, split) for k, (name, split, _) in sets.items()}
+    device = str(resolve_device(args.device))
+    per_model = {
+        label: [diagnostics.grad_norms_checkpoint(c, sets, args.id, args.root, device, score=args.score,
+                                                  max_samples=args.max_samples or None) for c in ckpts]
+        for label, ckpts in _label_files(args.model, "--model").items()
+    }
+    rows = diagnostics.grad_norm_rows(per_model, roles)
+    io.atomic_write_text(args.csv, diagnostics.format_grad_norm_csv(rows))
+    return [Path(args.csv), *diagnostics.plot_grad_norms(rows, args.out, args.score)]
+
+
 def run(args: argparse.Namespace) -> int:
     # one line per error; exit 2 for bad input (ReportError, a missing input file), 1 for I/O
     with cli_errors("greg report") as ce:
@@ -182,5 +221,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote {p}", file=sys.stderr)
         elif args.report_command == "fig-sam":
             for p in _fig_sam(args):
+                print(f"wrote {p}", file=sys.stderr)
+        elif args.report_command == "grad-norm":
+            for p in _grad_norm(args):
                 print(f"wrote {p}", file=sys.stderr)
     return ce.code

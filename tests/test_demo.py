@@ -88,14 +88,17 @@ def _mean_auroc(csv_path) -> dict[str, float]:
         return {r["ood_set"]: float(r["auroc"]) for r in csv.DictReader(f)}
 
 
-@pytest.mark.timeout(300)
-def test_reduced_demo_shows_the_sanity_facts(tmp_path, monkeypatch):
-    """config/demo.yaml's recipe, one seed and fewer steps (CE 150, fine-tuning 20): the facts that do not
-    depend on luck. Post-hoc energy is NOT asserted above chance on three OOD sets: on tiny_m it is only on
-    faces and photos (docs/DATASETS.md); MSP is, on the three natural-image sets."""
+@pytest.mark.timeout(900)  # about 1 min on 2 idle cores; 5+ min on a loaded machine
+def test_reduced_demo_shows_the_sanity_facts_and_the_mechanism(tmp_path, monkeypatch):
+    """config/demo.yaml's recipe, one seed and fewer steps (CE 150, fine-tuning 60): the facts that do not
+    depend on luck. MSP of the CE model beats chance on the three natural-image OOD sets (post-hoc energy
+    does not on textures, docs/DATASETS.md). The mechanism: Energy loss and GReg fine-tune the same CE model
+    on the same batches and differ only by the gradient term, so GReg's input-gradient norm of the energy
+    score is the smaller one on the ID test set and the auxiliary set, the two it penalizes. No AUROC ordering
+    of the fine-tuned models is asserted: the demo does not show one beyond its seeds' spread."""
     import csv
 
-    from greg import cli
+    from greg import cli, diagnostics
     from greg import plan as P
 
     cfg = _demo_config(str(tmp_path / "r"))
@@ -113,22 +116,19 @@ def test_reduced_demo_shows_the_sanity_facts(tmp_path, monkeypatch):
         greg("train", *args)
         return out
 
-    def evaluate(run_out: str, detector: str) -> dict[str, float]:
-        out = f"{run_out}/eval/{detector}"
-        args = ["--checkpoint", f"{run_out}/final.pt", "--id", "tiny_m", "--ood", ood, "--detector", detector]
-        args += ["--out", out, "--device", "cpu"]
-        greg("evaluate", *args)
-        return _mean_auroc(f"{out}/metrics.csv")
-
     ce = train("pretrain", 150)
-    msp = evaluate(ce, "msp")
-    energy_ce = evaluate(ce, "energy")
-    with open(f"{ce}/eval/msp/metrics.csv", newline="") as f:
+    out = f"{ce}/eval/msp"
+    greg("evaluate", "--checkpoint", f"{ce}/final.pt", "--id", "tiny_m", "--ood", ood, "--detector", "msp",
+         "--out", out, "--device", "cpu")
+    msp = _mean_auroc(f"{out}/metrics.csv")
+    with open(f"{out}/metrics.csv", newline="") as f:
         id_acc = float(next(csv.DictReader(f))["id_acc"])  # the same on every row
     assert id_acc > 80.0, f"CE ID accuracy {id_acc} %"
     for name in ("tiny_textures", "tiny_faces", "tiny_photos"):
         assert msp[name] > 50.0, (name, msp)
-    for run in ("energy", "greg"):
-        tuned = evaluate(train(run, 20), "energy")
-        # fine-tuning with auxiliary outliers lifts the mean energy AUROC far above the CE model's
-        assert tuned["mean"] > energy_ce["mean"] + 10.0, (run, tuned, energy_ce)
+
+    sets = {"id": ("tiny_m", "test"), "aux": ("tiny_aux", "train")}
+    norms = {run: diagnostics.grad_norms_checkpoint(f"{train(run, 60)}/final.pt", sets, "tiny_m", "data")
+             for run in ("energy", "greg")}
+    for name in sets:
+        assert norms["greg"][name] < 0.9 * norms["energy"][name], (name, norms)

@@ -129,7 +129,8 @@ def rules_inputs_reproduction():
 
 
 def demo_inputs(wc):
-    """The demo's table and fig4; one line and exit 2 when the config is not the demo's (no table_demo)."""
+    """The demo's table, fig3, fig4 and grad_norm (figure + CSV); one line and exit 2 when the config is not
+    the demo's (no table_demo)."""
     if "table_demo" not in TABLES:
         print(
             "ERROR: target 'demo' needs the demo config: snakemake demo --configfile config/demo.yaml "
@@ -137,7 +138,10 @@ def demo_inputs(wc):
             file=sys.stderr,
         )
         sys.exit(2)
-    return table_outputs("table_demo") + (figure_outputs("fig4") if "fig4" in config["figures"] else [])
+    figs = [f for fig in ("fig3", "fig4", "grad_norm") if fig in config["figures"] for f in figure_outputs(fig)]
+    return table_outputs("table_demo") + figs + (
+        [f"{RESULTS}/tables/grad_norm.csv"] if "grad_norm" in config["figures"] else []
+    )
 
 
 def figure_outputs(name):
@@ -385,6 +389,33 @@ def fig4_args(wc):
 
 
 EVALUATIONS = _evaluations_per_model()
+
+
+# the demo's grad_norm figure (demo.smk)
+def grad_norm_ckpts():
+    """label -> final.pt of every seed, for each implemented run of the grad_norm figure."""
+    return {
+        label: [f"{run_dir(d, ar, run, s)}/final.pt" for s in SEEDS]
+        for label, d, ar, run in figure_runs("grad_norm")
+    }
+
+
+def grad_norm_sets():
+    """(ID dataset, auxiliary set, OOD sets) of the grad_norm figure."""
+    dataset = P.alias(config, "dataset", config["figures"]["grad_norm"]["dataset"])
+    return dataset, config["datasets"][dataset]["aux"], P.ood_sets(config, dataset)
+
+
+def grad_norm_args(wc):
+    f = config["figures"]["grad_norm"]
+    dataset, aux, ood = grad_norm_sets()
+    args = []
+    for label, ckpts in grad_norm_ckpts().items():
+        args += ["--model", f"{label}={','.join(ckpts)}"]
+    labels = {s: config["labels"].get(s, s) for s in [dataset, aux, *ood]}
+    args += ["--id", dataset, "--aux", aux, "--ood", ",".join(ood), "--score", f["score"]]
+    args += ["--max-samples", str(f["max_samples"]), "--labels-json", json.dumps(labels, sort_keys=True)]
+    return quote_args(args)
 
 
 # Hessian-alignment DG runs (dg.smk)
