@@ -22,6 +22,7 @@ import yaml
 from greg import config as run_config
 from greg import data, detectors, io, methods, models
 from greg.dg.algorithms import DG_ALGORITHMS
+from greg.dg.cli import ORDER as DG_ORDER
 from greg.dg.datasets import DG_DATASETS
 from greg.errors import ReportError, cap
 from greg.latex import check_name
@@ -428,6 +429,11 @@ def train_runtime_args(config: dict) -> list[str]:
         if k in run_config.RUNTIME_KEYS and k != "data.root":
             args += ["--set", f"{k}={yaml_value(v)}"]
     return args
+
+
+def dg_algorithms(config: dict) -> list[str]:
+    """The ``dg`` section's algorithms; unset: every registered one, in ``greg dg table``'s row order."""
+    return list(config["dg"].get("algorithms") or DG_ORDER)
 
 
 def dg_run_args(config: dict, dataset: str, algorithm: str) -> list[str]:

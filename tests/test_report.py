@@ -382,6 +382,15 @@ def test_run_needs_aux_and_sam_train_args():
     assert P.run_method(cfg, "sam_only_norm", "tiny") == "sam_only_norm"
 
 
+def test_dg_algorithms_default_to_every_registered_one_in_table_order():
+    from greg.dg.algorithms import DG_ALGORITHMS
+    from greg.dg.cli import ORDER
+
+    assert P.dg_algorithms({"dg": {"datasets": ["colored_digits"]}}) == ORDER
+    assert sorted(ORDER) == DG_ALGORITHMS.names()
+    assert P.dg_algorithms({"dg": {"algorithms": ["hgp", "erm"]}}) == ["hgp", "erm"]
+
+
 def test_dg_run_args():
     cfg = {"data_root": "dat", "dg": {"datasets": ["colored_digits"], "algorithms": ["erm", "hgp"], "restarts": 3,
                                       "steps": 20, "seed": 5, "hparams_seed": 0,

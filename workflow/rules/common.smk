@@ -427,7 +427,7 @@ def dg_dir(dataset, algorithm):
 
 
 def dg_summaries():
-    return [f"{dg_dir(d, a)}/summary.json" for d in DG["datasets"] for a in DG["algorithms"]]
+    return [f"{dg_dir(d, a)}/summary.json" for d in DG["datasets"] for a in P.dg_algorithms(config)]
 
 
 def dg_caption():
