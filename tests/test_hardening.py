@@ -66,7 +66,7 @@ def train(tmp_path: Path, out: Path, capsys, *extra: str, **over) -> tuple[int, 
     return cli(["train", "--config", run_yaml(tmp_path, **over), "--out", out, *extra], capsys)
 
 
-# ------------------------------------------------------------------------- 13.2 temp files of others kept
+# ------------------------------------------------------------------------- temp files of others kept
 def test_train_removes_only_its_own_temp_files_of_dead_writers(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -102,7 +102,7 @@ def test_stale_temp_files_pattern_and_other_hosts(tmp_path):
         assert t.name.startswith(".state.pt.greg-tmp-") and t not in gio.stale_temp_files(tmp_path, locked=True)
 
 
-# ------------------------------------------------------------------------------- 13.3 one run per --out
+# ------------------------------------------------------------------------------- one run per --out
 @pytest.fixture
 def lock_holder(tmp_path):
     """Another process holding the flock of a directory (raw fcntl: the lock file is the interface)."""
@@ -160,7 +160,7 @@ def test_dir_lock_is_exclusive_and_released(tmp_path):
         pass
 
 
-# ------------------------------------------------------------------------------------ 13.4 run identity
+# ------------------------------------------------------------------------------------ run identity
 def test_existing_final_pt_is_reused_only_for_the_same_scientific_config(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(tmp_path, out, capsys)[0] == 0
@@ -203,7 +203,7 @@ def test_resume_follows_the_same_rule(tmp_path, capsys):
     assert rc == 2 and "state.pt" in errline(err) and "model.kwargs.widths" in err, err
 
 
-# --------------------------------------------------------------------------------- 13.5 run config leaves
+# --------------------------------------------------------------------------------- run config leaves
 BAD_SETS = {
     "train=null": "'train' must be a mapping, got null",
     "train.checkpoint_every=0": "'train.checkpoint_every' must be an integer >= 1",
@@ -285,7 +285,7 @@ def test_unknown_kmeans_kwargs_and_duplicate_yaml_keys(tmp_path, capsys):
     assert gio.yaml_load("a: &x {b: 1}\nc:\n  <<: *x\n  b: 2\n") == {"a": {"b": 1}, "c": {"b": 2}}
 
 
-# ---------------------------------------------------------------------------------- 13.6 checkpoint types
+# ---------------------------------------------------------------------------------- checkpoint types
 def _payload():
     m = gm.create("small_cnn", 10)
     return {"format": gm.checkpoints.FORMAT, "arch": "small_cnn", "num_classes": 10, "model_kwargs": {},
@@ -329,7 +329,7 @@ def test_resume_state_types_are_checked(mutate, expect, tmp_path, capsys):
     assert rc == 2 and str(out / "state.pt") in line and expect in line, err
 
 
-# ------------------------------------------------------------------------------------- 13.7 evaluate
+# ------------------------------------------------------------------------------------- evaluate
 def _eval(tmp_path, capsys, ck, *extra):
     return cli(["evaluate", "--checkpoint", ck, "--id", "tiny", "--detector", "energy", "--out",
                 tmp_path / "ev", "--device", "cpu", *extra], capsys)
@@ -401,7 +401,7 @@ def test_evaluate_argument_errors_leave_no_output_directory(tmp_path, capsys):
     assert not (tmp_path / "ev").exists()  # neither the directory nor its .greg.lock was created
 
 
-# -------------------------------------------------------------------------------- 13.9 full disk in a save
+# -------------------------------------------------------------------------------- full disk in a save
 def test_disk_full_during_state_save_names_state_pt_exit_1_previous_kept(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     saves = []
@@ -440,7 +440,7 @@ def test_disk_full_during_state_save_names_state_pt_exit_1_previous_kept(tmp_pat
     assert not (out / "final.pt").exists() and not [p for p in out.iterdir() if ".greg-tmp-" in p.name]
 
 
-# ------------------------------------------------------------------------------------------- 13.10 greg dg
+# ------------------------------------------------------------------------------------------- greg dg
 @pytest.mark.parametrize("flag,value,expect", [
     # 0 restarts or steps would "complete" with NaN statistics; seeds: the run config's seed rule
     ("--restarts", "0", "argument --restarts: must be an integer >= 1, got '0'"),
@@ -516,7 +516,7 @@ def test_dg_table_is_independent_of_input_order_and_flags_nan(tmp_path, capsys):
     assert "\\textbf{62.0}" in tex  # bold ignores the NaN row
 
 
-# ------------------------------------------------------------------------------------------- 13.11 report
+# ------------------------------------------------------------------------------------------- report
 def _resolved(files):
     return {"name": "t", "fpr": "fpr95_idpos", "metrics": ["auroc"], "digits": 1,
             "groups": [{"label": "g", "columns": [{"ood": "mean", "label": "mean"}]}],
