@@ -369,3 +369,25 @@ def test_rehearsal_ci_slice(tmp_path):
     assert all(x["exit"] == 0 and x["peak_rss_mb"] > 100 for x in recs)
     md = (res / "repro_quick" / "tables" / "reproduction.md").read_text()
     assert "table1" in md
+
+
+def test_fake_train_sets_hold_a_full_batch_of_every_paper_run():
+    """Every run of the paper config draws full ID batches from the fakes (DOS on ImageNet: 64)."""
+    import itertools
+
+    from greg import config as run_config
+    from greg.io import yaml_load
+
+    cfg = yaml_load((ROOT / "config" / "config.yaml").read_text())
+    n_train = {"cifar10": 5 * fake.CIFAR_TRAIN_PER_BATCH, "cifar100": 5 * fake.CIFAR_TRAIN_PER_BATCH,
+               "imagenet10": 10 * fake.IMAGENET_ID_TRAIN}
+    seen = set()
+    for g in cfg["grid"]:
+        for d, a, r in itertools.product(g["datasets"], g["archs"], ["pretrain", *g["runs"]]):
+            args = P.train_args(cfg, d, a, r, 0)
+            files = [v for k, v in itertools.pairwise(args) if k == "--config"]
+            sets = [v for k, v in itertools.pairwise(args) if k == "--set"]
+            bs = run_config.load_config(files, sets)["data"]["batch_size"]
+            seen.add((d, bs))
+            assert bs <= n_train[d], (d, a, r, bs)
+    assert ("imagenet10", 64) in seen  # the largest ImageNet batch is covered

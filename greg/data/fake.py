@@ -46,9 +46,9 @@ CIFAR_TRAIN_PER_BATCH = 64  # 5 batches = 320 train images (CIFAR-100: one `trai
 CIFAR_TEST = 100
 RANDOM300K = 1920  # 320 * 6: 300000 / 50000 = 6 aux images per ID image
 OOD_IMAGES = 60
-IMAGENET_ID_TRAIN = 4  # per class: 40 ID images
+IMAGENET_ID_TRAIN = 8  # per class: 80 ID images, at least the largest ImageNet batch (DOS: 64)
 IMAGENET_ID_VAL = 5  # per class: 50 (real: 50 per class)
-IMAGENET_AUX_TRAIN = 2  # per class: 1980 (pool / n_id = 49.5; real 600000 / 13000 = 46.2)
+IMAGENET_AUX_TRAIN = 4  # per class: 3960 (pool / n_id = 49.5; real 600000 / 13000 = 46.2)
 
 # The 47 DTD categories (dtd-r1.0.1, images/<category>/<category>_<n>.jpg).
 DTD_CLASSES = ["banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked", "crosshatched", "crystalline", "dotted", "fibrous", "flecked", "freckled", "frilly", "gauzy", "grid", "grooved", "honeycombed", "interlaced", "knitted", "lacelike", "lined", "marbled", "matted", "meshed", "paisley", "perforated", "pitted", "pleated", "polka-dotted", "porous", "potholed", "scaly", "smeared", "spiralled", "sprinkled", "stained", "stratified", "striped", "studded", "swirly", "veined", "waffled", "woven", "wrinkled", "zigzagged"]
