@@ -380,7 +380,12 @@ def dir_lock(directory: str | os.PathLike, what: str = "the directory") -> Itera
             os.pwrite(fd, _holder().encode(), 0)
         yield path
     finally:
-        os.close(fd)  # closing the only descriptor releases the flock
+        # Unlock before closing: forked children (DataLoader workers) share the open file description and keep
+        # the flock after our close, for the seconds they take to notice our exit -- long enough for a rerun
+        # (a resumed preemption) to find the directory "in use".
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _holder() -> str:

@@ -396,3 +396,22 @@ def test_fake_train_sets_hold_a_full_batch_of_every_paper_run():
             seen.add((d, bs))
             assert bs <= n_train[d], (d, a, r, bs)
     assert ("imagenet10", 64) in seen  # the largest ImageNet batch is covered
+
+
+# ------------------------------------------------------------------------------------------------ found by it
+def test_dir_lock_is_released_while_a_forked_child_still_holds_the_descriptor(tmp_path):
+    """A preempted training's rerun found its run directory "in use" by the process that had just exited: its
+    DataLoader workers (forked) shared the lock's file description and held the flock until they noticed.
+    The lock is now released on exit from the block, whoever else still holds the descriptor."""
+    from greg import io as gio
+
+    with gio.dir_lock(tmp_path / "run"):
+        pid = os.fork()
+        if pid == 0:  # a worker that outlives the block for a while
+            time.sleep(3)
+            os._exit(0)
+    try:
+        with gio.dir_lock(tmp_path / "run"):  # LockedError before the fix
+            pass
+    finally:
+        os.waitpid(pid, 0)
