@@ -327,6 +327,23 @@ def _check_run_dir(directory: Path, what: str) -> None:
                               "new or empty directory")
 
 
+#: Descriptors of the flocks this process holds (:func:`dir_lock`): a forked child closes its copies at once,
+#: so DataLoader workers never keep a run directory locked after its holder died (a SIGKILL, or a SIGTERM
+#: outside the training loop); otherwise an immediate retry finds it "in use" for the seconds they take to
+#: notice, and exits 2.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in list(_HELD_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the child's reference only: the parent's flock stays
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 @contextlib.contextmanager
 def dir_lock(directory: str | os.PathLike, what: str = "the directory") -> Iterator[Path]:
     """Hold an exclusive ``flock`` on ``directory/.greg.lock`` (created if needed, never deleted) for the
@@ -378,11 +395,12 @@ def dir_lock(directory: str | os.PathLike, what: str = "the directory") -> Itera
         with contextlib.suppress(OSError):  # a full or read-only disk: the lock holds, the holder is unnamed
             os.ftruncate(fd, 0)
             os.pwrite(fd, _holder().encode(), 0)
+        _HELD_LOCK_FDS.add(fd)
         yield path
     finally:
-        # Unlock before closing: forked children (DataLoader workers) share the open file description and keep
-        # the flock after our close, for the seconds they take to notice our exit -- long enough for a rerun
-        # (a resumed preemption) to find the directory "in use".
+        _HELD_LOCK_FDS.discard(fd)
+        # Unlock before closing: a child forked without the at-fork hook (os.fork by a C library) may still
+        # share the open file description, and would keep the flock after our close.
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -415,3 +415,25 @@ def test_dir_lock_is_released_while_a_forked_child_still_holds_the_descriptor(tm
             pass
     finally:
         os.waitpid(pid, 0)
+
+
+HOLDER_KILLED = """
+import os, sys, time
+from greg import io as gio
+with gio.dir_lock(sys.argv[1]):
+    if os.fork() == 0:  # a DataLoader-like worker that outlives its parent for a while
+        time.sleep(4)
+        os._exit(0)
+    os._exit(1)  # killed: no cleanup runs
+"""
+
+
+def test_dir_lock_dies_with_its_holder_although_a_forked_child_lives_on(tmp_path):
+    """The holder killed (OOM killer, SIGTERM outside the training loop) while its forked workers live on:
+    the directory must be free at once, or an immediate retry exits 2 ('in use')."""
+    from greg import io as gio
+
+    r = subprocess.run([sys.executable, "-c", HOLDER_KILLED, str(tmp_path / "run")], check=False, timeout=60)
+    assert r.returncode == 1
+    with gio.dir_lock(tmp_path / "run"):  # LockedError before the fix (the child held the flock)
+        pass
