@@ -138,9 +138,13 @@ def demo_inputs(wc):
             file=sys.stderr,
         )
         sys.exit(2)
-    figs = [f for fig in ("fig3", "fig4", "grad_norm") if fig in config["figures"] for f in figure_outputs(fig)]
-    return table_outputs("table_demo") + figs + (
-        [f"{RESULTS}/tables/grad_norm.csv"] if "grad_norm" in config["figures"] else []
+    figs = [
+        f for fig in ("fig3", "fig4", "grad_norm") if fig in config["figures"] for f in figure_outputs(fig)
+    ]
+    return (
+        table_outputs("table_demo")
+        + figs
+        + ([f"{RESULTS}/tables/grad_norm.csv"] if "grad_norm" in config["figures"] else [])
     )
 
 
