@@ -51,7 +51,7 @@ SALT_MODEL_INIT = 0  # torch's global RNG before the model is built
 SALT_ID_STREAM = 1  # order and augmentation of the ID training images (greg.stream.StreamSampler)
 SALT_AUX_STREAM = 2  # ... of the auxiliary images
 SALT_METHOD = 3  # a method's own generator (its ``seed`` hparam when unset)
-SALT_MARGINS = 4  # the sample the ``margins: auto`` fit draws
+SALT_METHOD_SETUP = 4  # the draws of ``Method.setup`` before step 0 (e.g. the ``margins: auto`` fit)
 
 # init.kind values: how init.checkpoint is read.
 INIT_KINDS = {

@@ -25,7 +25,7 @@ from greg import data, io, models
 from greg.config import (
     SALT_AUX_STREAM,
     SALT_ID_STREAM,
-    SALT_MARGINS,
+    SALT_METHOD_SETUP,
     SALT_MODEL_INIT,
     ConfigError,
     make_method,
@@ -33,12 +33,10 @@ from greg.config import (
 )
 from greg.device import eval_mode, resolve_device
 from greg.diagnostics import score_grad_norms
+from greg.errors import EXIT_PREEMPTED
 from greg.optim.registry import lr_multiplier, make_optimizer
 from greg.rundir import RunDir
 from greg.stream import StreamSampler, aux_pool_size, loader, ratio_candidates
-
-EXIT_NONFINITE = 3
-EXIT_PREEMPTED = 143
 
 
 class NonFiniteError(RuntimeError):
@@ -173,7 +171,7 @@ class Trainer:
         try:
             note = self.method.setup(
                 self.model, eval_view(self.id_train), None if self.aux is None else eval_view(self.aux),
-                self.device, mix(self.cfg["seed"], SALT_MARGINS), from_scratch=not self.cfg["init"]["checkpoint"],
+                self.device, mix(self.cfg["seed"], SALT_METHOD_SETUP), from_scratch=not self.cfg["init"]["checkpoint"],
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from nets import FeatNet, IdentityNet
 
 from greg import config, methods, trainer
+from greg.errors import EXIT_PREEMPTED
 from greg.io import safe_torch_load
 from greg.methods.dos import absent_class_loss
 from greg.methods.openmix import openmix_soft_targets, sample_beta, soft_cross_entropy
@@ -511,7 +512,7 @@ def test_poem_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
         return orig(model, batch)
 
     monkeypatch.setattr(t.method, "compute_loss", compute_loss)
-    assert t.run() == trainer.EXIT_PREEMPTED
+    assert t.run() == EXIT_PREEMPTED
     assert trainer.Trainer(_run_cfg(tmp_path, "poem", hp, max_steps=5), out, "cpu").run() == 0
     a, b = safe_torch_load(ref / "final.pt")["state_dict"], safe_torch_load(out / "final.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from greg import config, data, io, methods, models
+from greg.errors import EXIT_PREEMPTED
 from greg.methods import margins
 from greg.methods.energy import energy_loss
-from greg.trainer import EXIT_PREEMPTED, Trainer
+from greg.trainer import Trainer
 from tests.nets import IdentityNet
 
 

@@ -31,8 +31,8 @@ import yaml
 
 import greg.models as gm
 from greg import io as gio
-from greg import trainer
 from greg.cli import main as greg_main
+from greg.errors import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -186,10 +186,10 @@ def test_random_preemptions_end_with_identical_weights_and_log(reference, inject
     # steps advance between faults: each entry is (fault, expected return code)
     a, b, c = sorted(rng.sample(range(1, STEPS - 1), 3))
     plan = [
-        ({"kind": "step", "at": a, "signal": "TERM"}, trainer.EXIT_PREEMPTED),  # SLURM preemption/timeout
+        ({"kind": "step", "at": a, "signal": "TERM"}, EXIT_PREEMPTED),  # SLURM preemption/timeout
         ({"kind": "write", "name": "state.pt", "at": 1}, -signal.SIGKILL),  # killed inside a checkpoint write
         ({"kind": "step", "at": b, "signal": "KILL"}, -signal.SIGKILL),  # node failure / OOM killer
-        ({"kind": "step", "at": c, "signal": "TERM"}, trainer.EXIT_PREEMPTED),
+        ({"kind": "step", "at": c, "signal": "TERM"}, EXIT_PREEMPTED),
     ]
     last_state = 0
     for fault, rc in plan:
@@ -237,7 +237,7 @@ def test_external_sigterm_at_random_step_exits_143_then_resumes(reference, injec
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == trainer.EXIT_PREEMPTED, err[-2000:]
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
     step = check_run_dir(out)
     assert step == target + 1 and log_steps(out) == list(range(step))  # the step it was in, then checkpoint
     r = greg_proc(inject, train_argv(cfg, out))

@@ -16,8 +16,9 @@ from scipy import ndimage
 from torch import nn
 
 from greg import config, diagnostics, io, methods, pseudo_ood
+from greg.errors import EXIT_PREEMPTED
 from greg.optim.sam import SAM, frozen_norm_stats, norm_parameters
-from greg.trainer import EXIT_PREEMPTED, Trainer
+from greg.trainer import Trainer
 
 
 class Net(nn.Module):

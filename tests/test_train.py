@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from greg import config, io, train, trainer
-from greg.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, Trainer
+from greg.errors import EXIT_NUMERIC, EXIT_PREEMPTED
+from greg.trainer import Trainer
 
 BASE = {
     "seed": 5,
@@ -155,7 +156,7 @@ def test_cli_nonfinite_exit_code_and_config_errors(tmp_path, capsys):
     huge.write_text(
         config.config_text(_cfg(tmp_path, method="ce", **{"optim.lr": 1e30, "optim.momentum": 0.0}))
     )
-    assert train.run(train_args(huge, tmp_path / "y")) == EXIT_NONFINITE
+    assert train.run(train_args(huge, tmp_path / "y")) == EXIT_NUMERIC
     err = capsys.readouterr().err
     assert "non-finite" in err or "loss is nan" in err
 
