@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
@@ -334,7 +335,7 @@ CI = os.environ.get("GREG_REHEARSAL_TESTS") == "1"
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 @pytest.mark.skipif(not CI, reason="the rehearsal's CI slice runs in .ci/run (GREG_REHEARSAL_TESTS=1)")
 def test_rehearsal_ci_slice(tmp_path):
     """Fakes written, served and downloaded by the workflow's download jobs; one DenseNet-100 CIFAR-10 GReg+
@@ -358,12 +359,18 @@ def test_rehearsal_ci_slice(tmp_path):
     )
     t0 = time.monotonic()
     # one job at a time (job_threads 2: a DenseNet-100 GReg+ step takes ~14 GB), torch on both cores
-    r = subprocess.run(
+    proc = subprocess.Popen(
         [str(SNAKEMAKE), *targets, "--configfile", "config/rehearsal.yaml", str(slice_cfg), "--cores", "2"],
         cwd=workdir(), env={**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ.get('PATH', '')}",
                             "OMP_NUM_THREADS": "2"},
-        capture_output=True, text=True, check=False, timeout=880,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=1700)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and its jobs: no orphan keeps the cores
+        out, err = proc.communicate()
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     wall = time.monotonic() - t0
     assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-6000:])
     print(f"rehearsal CI slice: {wall:.0f} s")
