@@ -295,6 +295,29 @@ def quick_table(resolved: dict, cells: Iterable[tuple[str, str, str]]) -> dict |
     return {**resolved, "groups": [resolved["groups"][i] for i in groups], "rows": rows}
 
 
+def planned_gpu_hours(jobs: Iterable[tuple[str, Any]]) -> str | None:
+    """One line for Snakemake's ``onstart``: the GPU jobs of ``jobs`` ((rule name, resources mapping) pairs)
+    and the GPU-hours they reserve (each job's ``runtime`` limit in minutes x its ``gpu``); ``None`` without
+    GPU jobs. A job whose resources cannot be read (a profile's odd override) is counted apart: this line
+    must never stop a run."""
+    kinds: dict[str, int] = {}
+    hours, unread = 0.0, 0
+    for rule, res in jobs:
+        try:
+            gpus = int(res.get("gpu", 0) or 0)
+            if gpus > 0:
+                hours += float(res.get("runtime", 0) or 0) / 60 * gpus
+                kinds[rule] = kinds.get(rule, 0) + 1
+        except (TypeError, ValueError, AttributeError):
+            unread += 1
+    if not kinds:
+        return None
+    listed = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    return (f"planned: {sum(kinds.values())} GPU jobs ({listed}), at most {hours:.1f} GPU-hours reserved (each "
+            f"job's runtime limit; docs/WORKFLOW.md has the expected cost)"
+            + (f"; {unread} jobs' resources unreadable" if unread else ""))
+
+
 def load_tables(path: str | Path) -> dict[str, dict]:
     """The table entries of a layout file (``config/tables.yaml``): keys starting with ``_`` hold YAML
     anchors and ``assumptions`` the marked recipes (:func:`load_assumptions`). Table names must be

@@ -318,6 +318,17 @@ def test_quick_table_keeps_only_the_named_cells():
     assert oe[0]["files"] == ["c10/r18/oe"] and oe[1]["na"] == "not in repro_quick" and oe[1]["files"] == []
 
 
+def test_planned_gpu_hours_sums_runtime_limits_of_gpu_jobs():
+    jobs = [("train", {"gpu": 1, "runtime": 720}), ("evaluate_posthoc", {"gpu": 1, "runtime": 140}),
+            ("evaluate", {"gpu": 1, "runtime": 20}), ("download", {"gpu": 0}), ("table", {}),
+            ("train", {"gpu": "x", "runtime": 720})]
+    line = P.planned_gpu_hours(jobs)
+    # (720 + 140 + 20) / 60 = 14.67
+    assert line.startswith("planned: 3 GPU jobs (1 evaluate, 1 evaluate_posthoc, 1 train), at most 14.7 GPU-hours")
+    assert line.endswith("; 1 jobs' resources unreadable")
+    assert P.planned_gpu_hours([("download", {"gpu": 0})]) is None
+
+
 def test_repro_quick_dry_run_on_the_paper_config(tmp_path):
     """The paper config plans repro_quick: the released checkpoints imported (no CE training), the post-hoc
     detectors on CIFAR-10 and CIFAR-100, one GReg fine-tuning; one seed."""

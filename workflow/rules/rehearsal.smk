@@ -97,19 +97,10 @@ rule repro_quick:
 
 
 def planned_gpu_hours():
-    """onstart: the GPU jobs about to run and the GPU-hours they reserve (each rule's `runtime` limit x its
-    GPUs), printed before anything is submitted."""
-    jobs = [j for j in workflow.dag.needrun_jobs() if int(j.resources.get("gpu", 0) or 0) > 0]
-    if not jobs:
-        return
-    hours = sum(float(j.resources.get("runtime", 0) or 0) / 60 * int(j.resources.get("gpu", 0)) for j in jobs)
-    kinds = {}
-    for j in jobs:
-        kinds[j.rule.name] = kinds.get(j.rule.name, 0) + 1
-    print(
-        f"planned: {len(jobs)} GPU jobs ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}), at most "
-        f"{hours:.1f} GPU-hours reserved (each job's runtime limit; docs/WORKFLOW.md has the expected cost)"
-    )
+    """onstart: the GPU jobs about to run and the GPU-hours they reserve, before anything is submitted."""
+    line = P.planned_gpu_hours((j.rule.name, j.resources) for j in workflow.dag.needrun_jobs())
+    if line:
+        print(line)
 
 
 # --- the rehearsal's targets
