@@ -422,6 +422,45 @@ def grad_norm_args(wc):
     return quote_args(args)
 
 
+# The rehearsal (rehearsal.smk): its fakes, their server and the environment the download and GPU jobs inherit.
+import threading
+
+from greg.data import downloader as _dl
+
+# workflow/scripts/job.py's REHEARSAL_ENV: GPU jobs run under rehearse.py when it is set
+REHEARSAL_ENV = "GREG_REHEARSAL_DIR"
+REHEARSAL = config["rehearsal"]
+REHEARSAL_DIR = RESULTS  # resources.csv and the per-job records (resources/) beside the runs
+REHEARSAL_SERVER = None
+
+if REHEARSAL:
+    from greg.data import fake as _fake
+
+    _FAKES = REHEARSAL["fakes"]
+    REHEARSAL_SERVER = _fake.server(os.path.join(_FAKES, _fake.SERVE))
+    os.environ[_dl.URL_BASE_ENV] = _fake.url_of(REHEARSAL_SERVER)
+    os.environ[_dl.CHECKSUMS_ENV] = os.path.join(_FAKES, _fake.SERVE, _fake.CHECKSUMS)
+    os.environ[REHEARSAL_ENV] = os.path.abspath(f"{REHEARSAL_DIR}/resources")
+
+
+def rehearsal_onstart():
+    """Write the fakes (again only when the catalog has changed) and start serving them; nothing without the
+    `rehearsal` key."""
+    if not REHEARSAL:
+        return
+    if not _fake.fakes_complete(_FAKES):
+        _fake.write_fakes(_FAKES)
+    threading.Thread(target=REHEARSAL_SERVER.serve_forever, daemon=True).start()
+    print(f"rehearsal: serving {os.path.join(_FAKES, _fake.SERVE)} at {os.environ[_dl.URL_BASE_ENV]}")
+
+
+def planned_gpu_hours():
+    """onstart: the GPU jobs about to run and the GPU-hours they reserve, before anything is submitted."""
+    line = P.planned_gpu_hours((j.rule.name, j.resources) for j in workflow.dag.needrun_jobs())
+    if line:
+        print(line)
+
+
 # Hessian-alignment DG runs (dg.smk)
 DG = config["dg"]
 

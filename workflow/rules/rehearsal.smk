@@ -9,34 +9,7 @@
 # workflow/scripts/rehearse.py (peak RSS, seconds per step, one preemption + resume per training).
 # Without the key (every other config) nothing here runs but the definitions of the targets.
 
-import threading
-
-from greg.data import downloader as _dl
-
-REHEARSAL = config["rehearsal"]
-REHEARSAL_DIR = RESULTS  # resources.csv and the per-job records (resources/) beside the runs
-REHEARSAL_SERVER = None
-
-if REHEARSAL:
-    from greg.data import fake as _fake
-
-    _FAKES = REHEARSAL["fakes"]
-    REHEARSAL_SERVER = _fake.server(os.path.join(_FAKES, _fake.SERVE))
-    os.environ[_dl.URL_BASE_ENV] = _fake.url_of(REHEARSAL_SERVER)
-    os.environ[_dl.CHECKSUMS_ENV] = os.path.join(_FAKES, _fake.SERVE, _fake.CHECKSUMS)
-    os.environ["GREG_REHEARSAL_DIR"] = os.path.abspath(f"{REHEARSAL_DIR}/resources")
-
-
-def rehearsal_onstart():
-    """Write the fakes (again only when the catalog has changed) and start serving them; nothing without the
-    `rehearsal` key."""
-    if not REHEARSAL:
-        return
-    if not _fake.fakes_complete(_FAKES):
-        _fake.write_fakes(_FAKES)
-    threading.Thread(target=REHEARSAL_SERVER.serve_forever, daemon=True).start()
-    print(f"rehearsal: serving {os.path.join(_FAKES, _fake.SERVE)} at {os.environ[_dl.URL_BASE_ENV]}")
-
+# The fakes, their server and the onstart hook are in common.smk (functions there, rules here).
 
 # --- repro_quick: the config's `repro_quick` cells, first seed; the paper tables cut to them
 QUICK_SEED = SEEDS[0]
@@ -96,13 +69,6 @@ rule repro_quick:
         " > {log:q} 2>&1"
 
 
-def planned_gpu_hours():
-    """onstart: the GPU jobs about to run and the GPU-hours they reserve, before anything is submitted."""
-    line = P.planned_gpu_hours((j.rule.name, j.resources) for j in workflow.dag.needrun_jobs())
-    if line:
-        print(line)
-
-
 # --- the rehearsal's targets
 rule rehearsal_resources:
     """One row per rehearsed job: peak RSS, wall seconds, seconds per optimizer step at the real batch size."""
@@ -113,11 +79,15 @@ rule rehearsal_resources:
         f"{QUICK_DIR}/tables/reproduction.md",
     output:
         f"{REHEARSAL_DIR}/resources.csv",
+    log:
+        f"{RESULTS}/logs/rehearsal/resources.log",
     params:
         script=os.path.join(workflow.basedir, "workflow", "scripts", "rehearse.py"),
-        jobs=f"{REHEARSAL_DIR}/resources",
+        jobs=lambda wc, output: os.path.join(os.path.dirname(output[0]), "resources"),
+    conda:
+        ENV_CPU
     shell:
-        "python {params.script:q} --jobs {params.jobs:q} --summarize {output:q}"
+        "python {params.script:q} --jobs {params.jobs:q} --summarize {output:q} > {log:q} 2>&1"
 
 
 rule rehearsal:
