@@ -62,6 +62,7 @@ def _label_files(items: list[str], what: str) -> dict[str, list[str]]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``greg report`` subcommands and flags; long because it is a flat declaration (one call per flag)."""
     sub = p.add_subparsers(dest="report_command", metavar="WHAT")
     sub.required = True
     t = sub.add_parser("table", help="aggregate metrics.csv files over seeds into OUT.tex and OUT.csv")

@@ -371,3 +371,28 @@ def test_dg_table_escapes_names_and_caption():
     tex = render_table(runs, caption="Acc. (%) of x_y \\input{/etc/hostname}")[0]
     assert r"my\_set\% & new\_alg\&\# &" in tex and r"\input" not in tex
     assert r"\caption{Acc. (\%) of x\_y \textbackslash{}input\{/etc/hostname\}}" in tex
+
+
+def test_run_defaults_are_the_workflow_schemas():
+    """``greg dg run`` takes its defaults from RUN_DEFAULTS, and the workflow schema's ``dg:`` and
+    ``data_root`` defaults equal them: a changed default on either side fails here."""
+    import argparse
+    from pathlib import Path
+
+    import yaml
+
+    from greg.dg.cli import RUN_DEFAULTS, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = vars(parser.parse_args(["run", "--dataset", "d", "--algorithm", "a", "--out", "o"]))
+    assert {k: args[k] for k in RUN_DEFAULTS} == RUN_DEFAULTS
+    assert vars(parser.parse_args(["download", "--dataset", "d"]))["data_root"] == RUN_DEFAULTS["data_root"]
+    schema = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text(encoding="utf-8")
+    )
+    dg = schema["properties"]["dg"]["properties"]
+    assert {k: dg[k]["default"] for k in ("restarts", "seed", "hparams_seed", "steps")} == {
+        k: RUN_DEFAULTS[k] for k in ("restarts", "seed", "hparams_seed", "steps")
+    }
+    assert schema["properties"]["data_root"]["default"] == RUN_DEFAULTS["data_root"]

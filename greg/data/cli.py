@@ -25,6 +25,7 @@ EXIT_HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``greg data`` subcommands and flags; long because it is a flat declaration (one call per flag)."""
     parser.epilog = EXIT_HELP
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True

@@ -41,6 +41,7 @@ import tarfile
 import time
 import zipfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
@@ -325,40 +326,13 @@ def verify_file(
     ``override``: an alternative digest the file may have instead (its use is printed as a warning)."""
     want = expected_checksum(s, resource, root)
     if override is not None:
-        published = f"{want[0]}:{want[1]}" if want else None
-        ok, got = _match(path, [override.checksum] + ([published] if published else []))
-        if ok is None:
-            algo = override.checksum.split(":")[0]
-            also = f" nor {want[0]} {want[1]} ({want[2]})" if want else ""
-            raise ChecksumError(
-                f"checksum mismatch for {resource.filename} ({path}): neither {override.checksum} "
-                f"({override.origin}){also} matches; got {algo} {got[algo]}"
-            )
-        if ok != published:
-            _warn(
-                f"{s.name}: {resource.filename} accepted with {ok} from {override.origin}, NOT the "
-                f"{want[2] if want else 'recorded'} checksum {published or '(none)'}"
-            )
-        return ok
+        return _verify_with_override(path, s, resource, want, override)
     if want is None:
-        digest = file_digest(path, "sha256")
         if not record:
             raise ChecksumError(
                 f"{resource.filename}: no published checksum and no entry in {lock_path(root)}"
             )
-        lock = read_lock(root)
-        lock["files"][_lock_key(s, resource)] = {
-            "sha256": digest,
-            "size": path.stat().st_size,
-            "url": resource.url,
-            "recorded": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        }
-        atomic_write_json(lock_path(root), lock)
-        print(
-            f"{resource.filename}: no published checksum; recorded sha256 {digest} in {lock_path(root)} "
-            f"(later downloads are verified against it)"
-        )
-        return f"sha256:{digest}"
+        return _record_in_lock(path, s, resource, root)
     algo, expected, origin = want
     actual = file_digest(path, algo)
     if actual != expected:
@@ -373,6 +347,47 @@ def verify_file(
             f"got {algo} {actual}{escape}"
         )
     return f"{algo}:{actual}"
+
+
+def _verify_with_override(
+    path: Path, s: DatasetSpec, resource: Resource, want: tuple[str, str, str] | None, override: Override
+) -> str:
+    """``path`` must have ``override``'s digest or the expected one ``want``; a match on the override
+    alone is printed as a warning."""
+    published = f"{want[0]}:{want[1]}" if want else None
+    ok, got = _match(path, [override.checksum] + ([published] if published else []))
+    if ok is None:
+        algo = override.checksum.split(":")[0]
+        also = f" nor {want[0]} {want[1]} ({want[2]})" if want else ""
+        raise ChecksumError(
+            f"checksum mismatch for {resource.filename} ({path}): neither {override.checksum} "
+            f"({override.origin}){also} matches; got {algo} {got[algo]}"
+        )
+    if ok != published:
+        _warn(
+            f"{s.name}: {resource.filename} accepted with {ok} from {override.origin}, NOT the "
+            f"{want[2] if want else 'recorded'} checksum {published or '(none)'}"
+        )
+    return ok
+
+
+def _record_in_lock(path: Path, s: DatasetSpec, resource: Resource, root: Path) -> str:
+    """Record the sha256 of ``path`` in the checksum lock file (a resource with no published digest);
+    later downloads are verified against it."""
+    digest = file_digest(path, "sha256")
+    lock = read_lock(root)
+    lock["files"][_lock_key(s, resource)] = {
+        "sha256": digest,
+        "size": path.stat().st_size,
+        "url": resource.url,
+        "recorded": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(lock_path(root), lock)
+    print(
+        f"{resource.filename}: no published checksum; recorded sha256 {digest} in {lock_path(root)} "
+        f"(later downloads are verified against it)"
+    )
+    return f"sha256:{digest}"
 
 
 # ------------------------------------------------------------------------------------------------- fetch
@@ -403,89 +418,145 @@ def fetch(
     seconds (:data:`READ_TIMEOUT`), or if fewer than ``min_rate`` bytes/s (:data:`MIN_RATE`) arrive over any
     ``timeout``-second window; the ``.part`` is kept for a later resume. An HTML page where a data file is
     expected is refused (``.part`` not written). Returns the ``.part`` path."""
-    timeout = READ_TIMEOUT if timeout is None else float(timeout)
-    min_rate = MIN_RATE if min_rate is None else float(min_rate)
-    part = dest.with_name(dest.name + ".part")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    refuse_symlink(part)
-    pos = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "greg-data/0.1"}
-    if pos:
-        headers["Range"] = f"bytes={pos}-"
-    try:
-        resp = urlopen(Request(url, headers=headers), timeout=timeout)
-    except HTTPError as e:
-        if e.code == 416 and pos:  # nothing left past our partial file: it is complete (checksum decides)
-            return part
-        raise DownloadError(f"downloading {dest.name} from {url} failed: HTTP {e.code} {e.reason}") from e
-    except (URLError, OSError) as e:
-        raise DownloadError(f"downloading {dest.name} from {url} failed: {e}") from e
-    html_ok = dest.name.lower().endswith((".html", ".htm"))
+    t = _Transfer(
+        url,
+        dest,
+        dest.with_name(dest.name + ".part"),
+        READ_TIMEOUT if timeout is None else float(timeout),
+        MIN_RATE if min_rate is None else float(min_rate),
+    )
+    t.part.parent.mkdir(parents=True, exist_ok=True)
+    refuse_symlink(t.part)
+    pos = t.part.stat().st_size if t.part.exists() else 0
+    resp = _request(t, pos)
+    if resp is None:  # nothing left past our partial file: it is complete (checksum decides)
+        return t.part
     with resp:
         length = resp.headers.get("Content-Length")
         ctype = (resp.headers.get("Content-Type") or "").lower()
-        if ctype.startswith("text/html") and not html_ok:
+        if ctype.startswith("text/html") and not t.html_ok:
             raise _html_error(dest, url, resp.read1(4096) if hasattr(resp, "read1") else b"")
         if pos and resp.status == 206:
             flags, total = os.O_APPEND, (pos + int(length)) if length is not None else None
         else:  # no resume support (200): start over
             flags, pos, total = os.O_TRUNC, 0, int(length) if length is not None else None
-        got = pos
-        first = pos == 0
-        kept = f"the partial file {part} is kept and the next run resumes it"
-        # read1: return what has arrived (read(n) would wait for n bytes, so the rate rule could never act)
-        read = resp.read1 if hasattr(resp, "read1") else resp.read
-        fd = None
-        with tqdm(
-            total=total, initial=pos, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-        ) as bar:
-            try:
-                window_start, window_bytes = time.monotonic(), 0
-                while True:
-                    try:
-                        chunk = read(CHUNK)
-                    except TimeoutError as e:
-                        raise DownloadError(
-                            f"download of {dest.name} from {url} stalled: no data for {timeout:g} s "
-                            f"(--read-timeout) after {got} of {total if total is not None else '?'} bytes; {kept}"
-                        ) from e
-                    except (http.client.IncompleteRead, OSError) as e:
-                        raise DownloadError(
-                            f"download of {dest.name} from {url} was cut off after {got} of {total} bytes "
-                            f"({e}); {kept}"
-                        ) from e
-                    if first and chunk:
-                        if _looks_like_html(chunk) and not html_ok:
-                            raise _html_error(dest, url, chunk)
-                        first = False
-                    if fd is None:  # opened only once the content is known not to be a web page
-                        fd = open_nofollow(part, os.O_WRONLY | os.O_CREAT | flags)
-                    if not chunk:
-                        break
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    got += len(chunk)
-                    window_bytes += len(chunk)
-                    bar.update(len(chunk))
-                    now = time.monotonic()
-                    if now - window_start >= timeout:
-                        rate = window_bytes / (now - window_start)
-                        if rate < min_rate:
-                            raise DownloadError(
-                                f"download of {dest.name} from {url} is too slow: {rate:.0f} bytes/s over the "
-                                f"last {now - window_start:.0f} s, below the minimum {min_rate:g} bytes/s "
-                                f"(--min-rate) after {got} bytes; {kept}"
-                            )
-                        window_start, window_bytes = now, 0
-            finally:
-                if fd is not None:
-                    os.close(fd)
+        got = _stream(t, resp, flags, pos, total, progress)
     if total is not None and got != total:
         raise DownloadError(
-            f"download of {dest.name} from {url} is truncated: received {got} of {total} bytes; {kept}"
+            f"download of {dest.name} from {url} is truncated: received {got} of {total} bytes; {t.kept}"
         )
-    return part
+    return t.part
+
+
+@dataclass(frozen=True)
+class _Transfer:
+    """One :func:`fetch`: what its messages name and the limits it runs under."""
+
+    url: str
+    dest: Path
+    part: Path
+    timeout: float
+    min_rate: float
+
+    @property
+    def html_ok(self) -> bool:
+        return self.dest.name.lower().endswith((".html", ".htm"))
+
+    @property
+    def kept(self) -> str:
+        return f"the partial file {self.part} is kept and the next run resumes it"
+
+
+def _request(t: _Transfer, pos: int) -> http.client.HTTPResponse | None:
+    """The open response for ``t.url`` (from byte ``pos`` with a Range request when ``pos`` > 0), or
+    ``None`` when the server answers a resume with 416 (range not satisfiable)."""
+    headers = {"User-Agent": "greg-data/0.1"}
+    if pos:
+        headers["Range"] = f"bytes={pos}-"
+    try:
+        return urlopen(Request(t.url, headers=headers), timeout=t.timeout)
+    except HTTPError as e:
+        if e.code == 416 and pos:
+            return None
+        raise DownloadError(f"downloading {t.dest.name} from {t.url} failed: HTTP {e.code} {e.reason}") from e
+    except (URLError, OSError) as e:
+        raise DownloadError(f"downloading {t.dest.name} from {t.url} failed: {e}") from e
+
+
+def _stream(
+    t: _Transfer, resp: http.client.HTTPResponse, flags: int, pos: int, total: int | None, progress: bool
+) -> int:
+    """Write the body of ``resp`` to ``t.part`` (``flags``: append or truncate; ``pos`` bytes already
+    there), under the read-timeout and min-rate rules; returns the bytes the part file then holds."""
+    got = pos
+    first = pos == 0
+    # read1: return what has arrived (read(n) would wait for n bytes, so the rate rule could never act)
+    read = resp.read1 if hasattr(resp, "read1") else resp.read
+    fd = None
+    with tqdm(
+        total=total, initial=pos, unit="B", unit_scale=True, desc=t.dest.name, disable=not progress
+    ) as bar:
+        try:
+            rate = _MinRate(t)
+            while True:
+                chunk = _read_chunk(t, read, got, total)
+                if first and chunk:
+                    if _looks_like_html(chunk) and not t.html_ok:
+                        raise _html_error(t.dest, t.url, chunk)
+                    first = False
+                if fd is None:  # opened only once the content is known not to be a web page
+                    fd = open_nofollow(t.part, os.O_WRONLY | os.O_CREAT | flags)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                got += len(chunk)
+                bar.update(len(chunk))
+                rate.update(len(chunk), got)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return got
+
+
+def _read_chunk(t: _Transfer, read, got: int, total: int | None) -> bytes:
+    """The next chunk of the body; a stall (nothing for ``t.timeout`` s) or a cut connection raises
+    :class:`DownloadError` (the part file is kept)."""
+    try:
+        return read(CHUNK)
+    except TimeoutError as e:
+        raise DownloadError(
+            f"download of {t.dest.name} from {t.url} stalled: no data for {t.timeout:g} s "
+            f"(--read-timeout) after {got} of {total if total is not None else '?'} bytes; {t.kept}"
+        ) from e
+    except (http.client.IncompleteRead, OSError) as e:
+        raise DownloadError(
+            f"download of {t.dest.name} from {t.url} was cut off after {got} of {total} bytes ({e}); {t.kept}"
+        ) from e
+
+
+class _MinRate:
+    """The ``--min-rate`` rule: each window of ``t.timeout`` seconds must average ``t.min_rate`` bytes/s
+    (a server that sends one byte every few seconds never times out otherwise)."""
+
+    def __init__(self, t: _Transfer):
+        self.t = t
+        self.start, self.bytes = time.monotonic(), 0
+
+    def update(self, n: int, got: int) -> None:
+        """Count ``n`` more bytes (``got`` in all); raise :class:`DownloadError` at a window's end when too slow."""
+        self.bytes += n
+        now = time.monotonic()
+        if now - self.start >= self.t.timeout:
+            rate = self.bytes / (now - self.start)
+            if rate < self.t.min_rate:
+                raise DownloadError(
+                    f"download of {self.t.dest.name} from {self.t.url} is too slow: {rate:.0f} bytes/s over the "
+                    f"last {now - self.start:.0f} s, below the minimum {self.t.min_rate:g} bytes/s "
+                    f"(--min-rate) after {got} bytes; {self.t.kept}"
+                )
+            self.start, self.bytes = now, 0
 
 
 # ------------------------------------------------------------------------------------------------ extract
@@ -738,9 +809,10 @@ def _download_locked(
     read_timeout: float | None,
     min_rate: float | None,
 ) -> None:
+    """Steps 2-4 of the module doc, under the directory's download lock: obtain and verify each resource,
+    extract archives, check layout, extracted digests and image count, write ``.complete`` last."""
     d = root / s.directory
-    marker = d / MARKER
-    refuse_symlink(marker)
+    refuse_symlink(d / MARKER)
     verified: dict[str, str] = {}
     extracted: set[str] = set()
     used: dict[str, dict] = {}
@@ -750,36 +822,63 @@ def _download_locked(
         part = dest.with_name(dest.name + ".part")
         refuse_symlink(part)
         if dest.exists():  # a verified earlier download, or a file placed by hand: check it all the same
-            try:
-                verified[res.filename] = verify_file(dest, s, res, root, override=alt)
-            except ChecksumError:
-                os.replace(dest, dest.with_name(dest.name + ".corrupt"))
-                raise
+            verified[res.filename] = _verify_or_set_aside(dest, dest, s, res, root, alt)
         else:
-            src = mirror_file(s, res, mirror)
-            if src is not None:
-                print(f"{s.name}: copying {src} (mirror)")
-                _copy_nofollow(src, part)
-            else:
-                url = resolve_url(res, url_base)
-                if mirror or os.environ.get(MIRROR_ENV):
-                    print(f"{s.name}: {res.filename} is not in the mirror; falling back to the URL")
-                print(f"{s.name}: downloading {url}")
-                try:
-                    part = fetch(url, dest, progress=progress, timeout=read_timeout, min_rate=min_rate)
-                except DownloadError as e:
-                    raise DownloadError(f"{e}; {_offline_hint(s, res, dest)}") from e
-            try:
-                verified[res.filename] = verify_file(part, s, res, root, override=alt)
-            except ChecksumError:
-                os.replace(part, dest.with_name(dest.name + ".corrupt"))
-                raise
+            part = _obtain(s, res, dest, part, url_base, mirror, progress, read_timeout, min_rate)
+            verified[res.filename] = _verify_or_set_aside(part, dest, s, res, root, alt)
             os.replace(part, dest)
         if alt is not None and verified[res.filename] != res.checksum:
             used[res.filename] = alt.record(res.checksum)
         if res.is_archive:
             print(f"{s.name}: extracting {dest.name}")
             extracted.update(extract(dest, d))
+    used.update(_check_extracted(s, root, overrides))
+    _write_marker(s, root, verified, extracted, used, progress)
+
+
+def _obtain(
+    s: DatasetSpec,
+    res: Resource,
+    dest: Path,
+    part: Path,
+    url_base: str | None,
+    mirror: str | Path | None,
+    progress: bool,
+    read_timeout: float | None,
+    min_rate: float | None,
+) -> Path:
+    """The unverified content of ``res`` in a ``.part`` file: copied from the mirror when it holds the file,
+    else fetched from its URL (a failure names the offline ways out)."""
+    src = mirror_file(s, res, mirror)
+    if src is not None:
+        print(f"{s.name}: copying {src} (mirror)")
+        _copy_nofollow(src, part)
+        return part
+    url = resolve_url(res, url_base)
+    if mirror or os.environ.get(MIRROR_ENV):
+        print(f"{s.name}: {res.filename} is not in the mirror; falling back to the URL")
+    print(f"{s.name}: downloading {url}")
+    try:
+        return fetch(url, dest, progress=progress, timeout=read_timeout, min_rate=min_rate)
+    except DownloadError as e:
+        raise DownloadError(f"{e}; {_offline_hint(s, res, dest)}") from e
+
+
+def _verify_or_set_aside(
+    path: Path, dest: Path, s: DatasetSpec, res: Resource, root: Path, alt: Override | None
+) -> str:
+    """:func:`verify_file` on ``path``; on a mismatch it is renamed to ``<dest>.corrupt`` first."""
+    try:
+        return verify_file(path, s, res, root, override=alt)
+    except ChecksumError:
+        os.replace(path, dest.with_name(dest.name + ".corrupt"))
+        raise
+
+
+def _check_extracted(s: DatasetSpec, root: Path, overrides: dict[str, Override]) -> dict[str, dict]:
+    """Check the expected layout and the extracted files' digests; returns the alternative digests used
+    instead of published ones (each printed as a warning), for ``.complete``."""
+    d = root / s.directory
     missing = missing_layout(s, root)
     if missing:
         raise RuntimeError(
@@ -787,12 +886,27 @@ def _download_locked(
         )
     file_alts = {rel: o for rel, o in overrides.items() if rel in s.file_checksums}
     check_file_checksums(s, root, overrides=file_alts)
+    used = {}
     for rel, o in file_alts.items():
         if _match(d / rel, [s.file_checksums[rel]])[0] is None:
             _warn(
                 f"{s.name}: {rel} accepted with {o.checksum} from {o.origin}, NOT the published {s.file_checksums[rel]}"
             )
             used[rel] = o.record(s.file_checksums[rel])
+    return used
+
+
+def _write_marker(
+    s: DatasetSpec,
+    root: Path,
+    verified: dict[str, str],
+    extracted: set[str],
+    used: dict[str, dict],
+    progress: bool,
+) -> None:
+    """Count the images against the catalog, then write ``.complete`` (the verified digests, the overrides
+    used, the sha256 of every extracted file)."""
+    d = root / s.directory
     record: dict = {"dataset": s.name, "files": verified}
     if s.archive_images is not None:
         n = _count_images(s, d)
@@ -811,7 +925,7 @@ def _download_locked(
         files = tqdm(sorted(extracted), desc=f"{s.name}: hashing extracted files", disable=not progress)
         record["extracted"] = {f: f"sha256:{file_digest(d / f, 'sha256')}" for f in files}
     record["completed"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    atomic_write_json(marker, record)
+    atomic_write_json(d / MARKER, record)
     print(f"{s.name}: ready in {d}")
 
 

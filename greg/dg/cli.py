@@ -50,6 +50,9 @@ DISPLAY = {
 ORDER = list(DISPLAY)
 # Names as registered in greg.dg.datasets (not imported here: it pulls torch into `greg dg --help`).
 DATASET_HELP = "DG dataset: colored_digits, colored_digits_ls (no download), colored_mnist, colored_mnist_ls"
+#: Defaults of ``greg dg run``; the workflow schema's ``dg:`` defaults and its ``data_root`` default must equal
+#: them (a test reads the schema), so a workflow run and a run by hand agree.
+RUN_DEFAULTS: dict[str, Any] = {"restarts": 10, "seed": 0, "hparams_seed": 0, "steps": None, "data_root": "data"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,16 +64,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--dataset", required=True, help=DATASET_HELP)
     r.add_argument("--algorithm", required=True, help=f"one of: {', '.join(ORDER)}")
-    r.add_argument("--restarts", type=int_flag(1), default=10,
+    r.add_argument("--restarts", type=int_flag(1), default=RUN_DEFAULTS["restarts"],
                    help="independent restarts (seeds --seed, --seed + 1, ...); the table averages them")
     r.add_argument("--out", required=True, type=Path,
                    help="run directory (config.json, results.csv one row per restart, summary.json)")
-    r.add_argument("--steps", type=int_flag(1), default=None, help="default: the dataset's protocol (501)")
+    r.add_argument("--steps", type=int_flag(1), default=RUN_DEFAULTS["steps"], help="default: the dataset's protocol (501)")
     r.add_argument("--device", default="auto", help=DEVICE_HELP)
-    r.add_argument("--seed", type=int_flag(0, SEED_MAX), default=0, help="restart r uses seed + r (data, init, draws)")
-    r.add_argument("--hparams-seed", type=int_flag(0, SEED_MAX), default=0, help="0 = defaults, k > 0 = random draw k")
+    r.add_argument("--seed", type=int_flag(0, SEED_MAX), default=RUN_DEFAULTS["seed"], help="restart r uses seed + r (data, init, draws)")
+    r.add_argument("--hparams-seed", type=int_flag(0, SEED_MAX), default=RUN_DEFAULTS["hparams_seed"], help="0 = defaults, k > 0 = random draw k")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an hparam")
-    r.add_argument("--data-root", default="data", help="where MNIST is downloaded (colored_mnist)")
+    r.add_argument("--data-root", default=RUN_DEFAULTS["data_root"], help="where MNIST is downloaded (colored_mnist)")
     r.add_argument("--progress", action="store_true", help="tqdm bar per restart")
     t = sub.add_parser("table", help="LaTeX + CSV table of several runs", epilog=EXIT_STATUS_HELP)
     t.add_argument("--inputs", nargs="+", required=True, type=Path, help="run directories of greg dg run")
@@ -82,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         epilog=EXIT_STATUS_HELP,
     )
     d.add_argument("--dataset", required=True, help=DATASET_HELP)
-    d.add_argument("--data-root", default="data", help="where MNIST is downloaded (colored_mnist)")
+    d.add_argument("--data-root", default=RUN_DEFAULTS["data_root"], help="where MNIST is downloaded (colored_mnist)")
 
 
 @cli_errors("greg dg")
@@ -178,46 +181,15 @@ def summarize(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, A
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from greg.dg import datasets, hparams_registry
-    from greg.dg.algorithms import DG_ALGORITHMS
+    """Write ``config.json``, train the restarts not yet in ``results.csv`` (rewritten after each), then
+    ``summary.json``."""
+    from greg.dg import datasets
     from greg.dg.train import train_restart
 
-    try:  # fail early with the list of known names
-        DG_ALGORITHMS.get(args.algorithm)
-        datasets.DG_DATASETS.get(args.dataset)
-    except KeyError as e:
-        raise InputError(e.args[0]) from None
-    hparams = _parse_set(
-        args.set, hparams_registry.get_hparams(args.algorithm, args.dataset, args.hparams_seed)
-    )
-    steps = args.steps if args.steps is not None else datasets.DEFAULT_STEPS.get(args.dataset, 501)
-    config = {
-        "dataset": args.dataset,
-        "algorithm": args.algorithm,
-        "hparams": hparams,
-        "hparams_seed": args.hparams_seed,
-        "steps": steps,
-        "seed": args.seed,
-        "restarts": args.restarts,
-    }
+    config = _run_config(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "config.json"
-    if cfg_path.is_file():
-        old = _json_object(cfg_path)
-        same = {k: v for k, v in old.items() if k != "restarts"} == {
-            k: v for k, v in config.items() if k != "restarts"
-        }
-        if not same:
-            # a SystemExit, as before (tests/test_dg.py expects one), with the same line and code as InputError
-            print(
-                f"greg dg: {cfg_path}: existing run has a different config; use another --out.\n"
-                f"  existing: {old}\n  new:      {config}",
-                file=sys.stderr,
-            )
-            raise SystemExit(EXIT_INPUT)
-    atomic_write_json(cfg_path, config)
-
+    _write_config(out / "config.json", config)
     device = str(resolve_device(args.device))
     rows = [r for r in read_results(out / "results.csv") if r["restart"] < args.restarts]
     done = {r["restart"] for r in rows}
@@ -226,7 +198,9 @@ def run_command(args: argparse.Namespace) -> int:
             continue
         seed = args.seed + restart
         envs = datasets.load(args.dataset, seed, args.data_root)
-        row = train_restart(args.algorithm, envs, hparams, steps, seed, device=device, progress=args.progress)
+        row = train_restart(
+            args.algorithm, envs, config["hparams"], config["steps"], seed, device=device, progress=args.progress
+        )
         row.update({"restart": restart, "seed": seed})
         rows.append(row)
         write_results(out / "results.csv", rows)
@@ -243,6 +217,50 @@ def run_command(args: argparse.Namespace) -> int:
         f"± {summary['test_acc']['std']:.2f} over {len(rows)} restarts -> {out}"
     )
     return 0
+
+
+def _run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's ``config.json`` from the arguments: names checked (one line with the known ones), hparams
+    (defaults or draw ``--hparams-seed``, then ``--set``), steps (``--steps`` or the dataset's protocol)."""
+    from greg.dg import datasets, hparams_registry
+    from greg.dg.algorithms import DG_ALGORITHMS
+
+    try:  # fail early with the list of known names
+        DG_ALGORITHMS.get(args.algorithm)
+        datasets.DG_DATASETS.get(args.dataset)
+    except KeyError as e:
+        raise InputError(e.args[0]) from None
+    hparams = _parse_set(
+        args.set, hparams_registry.get_hparams(args.algorithm, args.dataset, args.hparams_seed)
+    )
+    steps = args.steps if args.steps is not None else datasets.DEFAULT_STEPS.get(args.dataset, 501)
+    return {
+        "dataset": args.dataset,
+        "algorithm": args.algorithm,
+        "hparams": hparams,
+        "hparams_seed": args.hparams_seed,
+        "steps": steps,
+        "seed": args.seed,
+        "restarts": args.restarts,
+    }
+
+
+def _write_config(cfg_path: Path, config: dict[str, Any]) -> None:
+    """Write ``config.json``; an existing one that differs in more than ``restarts`` is refused (exit 2)."""
+    if cfg_path.is_file():
+        old = _json_object(cfg_path)
+        same = {k: v for k, v in old.items() if k != "restarts"} == {
+            k: v for k, v in config.items() if k != "restarts"
+        }
+        if not same:
+            # a SystemExit, as before (tests/test_dg.py expects one), with the same line and code as InputError
+            print(
+                f"greg dg: {cfg_path}: existing run has a different config; use another --out.\n"
+                f"  existing: {old}\n  new:      {config}",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_INPUT)
+    atomic_write_json(cfg_path, config)
 
 
 # ---------------------------------------------------------------------------------------------- table

@@ -48,7 +48,10 @@ def seed_hash(*args: Any) -> int:
 
 
 def _hparams(algorithm: str, dataset: str, random_seed: int) -> dict[str, tuple[Any, Any]]:
-    """Return ``{name: (default, random draw)}``."""
+    """Return ``{name: (default, random draw)}``.
+
+    Long because it is a table (DomainBed's ``hparams_registry._hparams`` layout: one ``define`` per hparam and
+    algorithm/dataset branch), kept in one place so each hparam's default and draw read side by side."""
     hparams: dict[str, tuple[Any, Any]] = {}
 
     def define(name: str, default: Any, random_fn: Callable[[np.random.RandomState], Any]) -> None:
