@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from greg.errors import ReportError
+from greg.tables import csv_rows
 
 # |ours - paper| (percentage points) within which a cell counts as reproduced. FPR95 is far noisier than
 # AUROC at the paper's scale (a few hundred OOD images around the 95 % threshold move it by points; the paper's
@@ -40,25 +41,18 @@ def read_table_csv(path: str | Path) -> list[dict]:
     """The rows of a table CSV, checked: every :data:`NEEDED` column present and each number a number
     (a ReportError names the file and the line)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"table CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in NEEDED if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ReportError(f"{path}: missing column(s) {', '.join(missing)}; a table CSV of `greg report "
-                              f"table --paper` has {', '.join(NEEDED)}")
-        rows = []
-        for row in reader:
-            lineno = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                raise ReportError(f"{path}, line {lineno}: {len(reader.fieldnames or [])} fields expected")
-            _number(path, lineno, "mean", row["mean"], ("n/a",))
-            _number(path, lineno, "paper", row["paper"], ("",))
-            _number(path, lineno, "delta", row["delta"], ("",))
-            if row["paper"] and row["mean"] != "n/a" and not row["delta"]:
-                raise ReportError(f"{path}, line {lineno}: a mean and a paper value but no delta")
-            rows.append(row)
+    rows = []
+    expected = f"a table CSV of `greg report table --paper` has {', '.join(NEEDED)}"
+    for lineno, row in csv_rows(path, NEEDED, "table CSV", expected):
+        if None in row or any(v is None for v in row.values()):
+            n_fields = sum(k is not None for k in row)  # the header's: a row's keys are the header's (+ None)
+            raise ReportError(f"{path}, line {lineno}: {n_fields} fields expected")
+        _number(path, lineno, "mean", row["mean"], ("n/a",))
+        _number(path, lineno, "paper", row["paper"], ("",))
+        _number(path, lineno, "delta", row["delta"], ("",))
+        if row["paper"] and row["mean"] != "n/a" and not row["delta"]:
+            raise ReportError(f"{path}, line {lineno}: a mean and a paper value but no delta")
+        rows.append(row)
     return rows
 
 

@@ -26,7 +26,7 @@ import csv
 import io as _io
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -84,26 +84,33 @@ def _cell_value(path: Path, lineno: int, column: str, text: str) -> float:
     return v
 
 
+def csv_rows(path: Path, needed: Iterable[str], what: str, expected: str) -> Iterator[tuple[int, dict]]:
+    """``(line number, row)`` of the CSV ``path`` (a ``csv.DictReader`` row); ``FileNotFoundError``
+    ("<what> not found") when it is absent, :class:`ReportError` naming the missing ``needed`` columns and
+    ``expected`` (what such a file has) when its header lacks one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in needed if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ReportError(f"{path}: missing column(s) {', '.join(missing)}; {expected}")
+        for row in reader:
+            yield reader.line_num, row
+
+
 def read_metrics_csv(path: str | Path) -> dict[str, dict[str, float]]:
     """``metrics.csv`` of ``greg evaluate`` -> ``{ood_set: {column: value}}`` (``mean`` included). A second
     row of one OOD set, a cell that is not a number or a percentage outside 0-100 is refused, naming the line
     (NaN passes: the table shows that cell as n/a)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metrics file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ReportError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(CSV_COLUMNS)}")
-        out: dict[str, dict[str, float]] = {}
-        for row in reader:
-            lineno = reader.line_num
-            name = row["ood_set"]
-            if name in out:
-                raise ReportError(f"{path}, line {lineno}: a second row for OOD set {name!r} (one row each)")
-            out[name] = {k: _cell_value(path, lineno, k, v) for k, v in row.items()
-                         if k not in ("ood_set", None) and v not in ("", None)}
+    out: dict[str, dict[str, float]] = {}
+    for lineno, row in csv_rows(path, CSV_COLUMNS, "metrics file", f"expected {', '.join(CSV_COLUMNS)}"):
+        name = row["ood_set"]
+        if name in out:
+            raise ReportError(f"{path}, line {lineno}: a second row for OOD set {name!r} (one row each)")
+        out[name] = {k: _cell_value(path, lineno, k, v) for k, v in row.items()
+                     if k not in ("ood_set", None) and v not in ("", None)}
     if "mean" not in out:
         raise ReportError(f"{path}: no 'mean' row")
     return out

@@ -6,6 +6,7 @@ subclasses only define ``feature_map`` (last block output, including any final B
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -44,3 +45,18 @@ class FeatureModel(nn.Module):
             if key.startswith(old):
                 return new + key[len(old) :]
         return key
+
+
+def init_like_original(model: nn.Module) -> None:
+    """The initialization of the original WRN (hendrycks/outlier-exposure ``models/wrn.py``) and DenseNet3
+    (the ODIN / Energy-OOD ``densenet.py``), module by module in ``model.modules()`` order: conv weights
+    N(0, sqrt(2 / fan_out)), BatchNorm weight 1 and bias 0, linear bias 0 (its weight keeps PyTorch's default)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+        elif isinstance(m, nn.Linear):
+            m.bias.data.zero_()

@@ -9,14 +9,12 @@ classifier, ``head`` (there: ``fc``), so its checkpoints load through the ``fc.`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from greg.models._registry import MODELS
-from greg.models.base import FeatureModel
+from greg.models.base import FeatureModel, init_like_original
 
 
 class WRNBasicBlock(nn.Module):
@@ -83,16 +81,7 @@ class WideResNet(FeatureModel):
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.relu = nn.ReLU(inplace=True)
         self.head = nn.Linear(ch[3], num_classes)
-        # the original's initialization
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.bias.data.zero_()
+        init_like_original(self)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
