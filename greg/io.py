@@ -56,6 +56,12 @@ def _nofollow_opener(name: str, flags: int) -> int:
     return _open_nofollow(Path(name), flags)
 
 
+def open_nofollow(path: str | os.PathLike, mode: str = "r", **kwargs: Any) -> IO:
+    """``open`` that refuses a symlink at ``path`` (one line naming it) instead of following it: for files
+    written in place, such as a run's appended log."""
+    return open(path, mode, opener=_nofollow_opener, **kwargs)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path`` for libraries that want a file name; rename on success."""

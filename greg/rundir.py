@@ -10,12 +10,14 @@ works here.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -23,12 +25,14 @@ import yaml
 
 from greg import io, models
 from greg.config import ConfigError, config_diff, config_hash, config_text
+from greg.errors import cap
 
 # state.pt: key -> type; "rng" -> the keys set_rng_state reads.
 _STATE_TYPES = {"step": int, "model": dict, "optimizer": dict, "method": dict, "rng": dict, "config": str}
 # python_pos is random's gauss_next (a float or None), despite its name
 _RNG_KEYS = {"torch": torch.Tensor, "python": list, "python_pos": (float, int, type(None)), "numpy": list,
              "numpy_pos": int}
+_MT_N = 624  # words of MT19937's key: numpy's position runs 0..624
 
 
 def rng_state() -> dict:
@@ -53,11 +57,78 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _bad_state(path: Path, what: str) -> models.CheckpointError:
+    return models.CheckpointError(cap(f"{path} is not a greg resume state: {what}; delete it (the run restarts "
+                                      "from step 0) or rerun with --force", 600))
+
+
+def check_rng(state: dict, path: Path) -> None:
+    """Each RNG state set on a fresh generator first: a short or garbled one is refused before any is used."""
+    tries = (
+        ("rng.torch", lambda: torch.Generator().set_state(state["torch"])),
+        ("rng.python", lambda: random.Random().setstate((3, tuple(state["python"]), state["python_pos"]))),
+        ("rng.numpy", lambda: np.random.RandomState().set_state(
+            ("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))),
+    )
+    for name, attempt in tries:
+        try:
+            attempt()
+        except (ValueError, TypeError, IndexError, RuntimeError, OverflowError) as e:
+            raise _bad_state(path, f"{name} is not a valid generator state ({e})") from None
+    if not 0 <= state["numpy_pos"] <= _MT_N:  # numpy takes any position, then reads past its key
+        raise _bad_state(path, f"rng.numpy_pos is {state['numpy_pos']}, expected 0..{_MT_N}")
+
+
+def check_model_state(sd: object, model: torch.nn.Module, path: Path) -> None:
+    """The saved weights have exactly the model's keys and shapes (strict loading would dump them all)."""
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise _bad_state(path, "model state must map names to tensors")
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if own == got:
+        return
+    missing = [k for k in own if k not in got]
+    unexpected = [k for k in got if k not in own]
+    shapes = [f"{k} {got[k]} vs {own[k]}" for k in own if k in got and got[k] != own[k]]
+    parts = [f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+             for what, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if v]
+    raise _bad_state(path, f"model state does not match the model: {'; '.join(parts)}")
+
+
+def check_optimizer_state(sd: object, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """The saved optimizer state has this optimizer's groups, parameter counts and per-parameter shapes."""
+    if not isinstance(sd, dict) or "param_groups" not in sd or "state" not in sd:
+        missing = "param_groups" if isinstance(sd, dict) and "param_groups" not in sd else "state"
+        raise _bad_state(path, f"optimizer state has no {missing!r}")
+    own = optimizer.state_dict()["param_groups"]
+    groups, per_param = sd["param_groups"], sd["state"]
+
+    def mismatch(what: str) -> models.CheckpointError:
+        return _bad_state(path, f"optimizer state does not match the optimizer ({what})")
+
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise mismatch("param_groups must be a list of groups with params")
+    counts, want = [len(g["params"]) for g in groups], [len(g["params"]) for g in own]
+    if counts != want:
+        raise mismatch(f"parameters per group {counts[:5]}, expected {want[:5]}")
+    if not isinstance(per_param, dict):
+        raise mismatch("state must be a dict")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {i: params[n] for n, i in enumerate(i for g in groups for i in g["params"])}
+    for i, entry in per_param.items():
+        if i not in index or not isinstance(entry, dict):
+            raise mismatch(f"state of unknown parameter {str(i)[:20]}")
+        for key, v in entry.items():  # buffers (momentum, moments) have the parameter's shape; counters are scalars
+            if isinstance(v, torch.Tensor) and v.numel() != 1 and v.shape != index[i].shape:
+                raise mismatch(f"{str(key)[:20]} of parameter {i} has shape {tuple(v.shape)}, expected "
+                               f"{tuple(index[i].shape)}")
+
+
 def check_state(state: object, path: Path) -> None:
     """A resume state of the expected shape, or one ``CheckpointError`` naming the file and the key."""
     def bad(what: str) -> models.CheckpointError:
-        return models.CheckpointError(f"{path} is not a greg resume state: {what}; delete it (the run restarts "
-                                      "from step 0) or rerun with --force")
+        return _bad_state(path, what)
 
     if not isinstance(state, dict):
         raise bad(f"expected a dict, found {type(state).__name__}")
@@ -71,6 +142,7 @@ def check_state(state: object, path: Path) -> None:
                 raise bad(f"{where}{key} is a {type(d[key]).__name__}, expected {want}")
     if state["step"] < 0:
         raise bad(f"step is {state['step']}")
+    check_rng(state["rng"], path)
 
 
 class RunDir:
@@ -168,16 +240,23 @@ class RunDir:
         )
 
     def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Any,
-                   device: torch.device) -> int | None:
+                   device: torch.device, total_steps: int) -> int | None:
         """Restore model, optimizer, method and RNGs from state.pt; the step to resume from, or None when
-        there is no state (a fresh start)."""
+        there is no state (a fresh start). Every part is checked against this run before any is used."""
         if not self.state_path.exists():
             return None
         state = io.safe_torch_load(self.state_path, map_location=device)
         check_state(state, self.state_path)
         self.check_same_run(self.state_path, state["config"], "was written by")
+        if state["step"] > total_steps:  # not "done": a state of another length or a tampered one
+            raise _bad_state(self.state_path, f"step {state['step']} is beyond this run's {total_steps} steps")
+        check_model_state(state["model"], model, self.state_path)
+        check_optimizer_state(state["optimizer"], optimizer, self.state_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise _bad_state(self.state_path, f"optimizer state does not match the optimizer ({e})") from None
         try:
             method.load_state_dict(state["method"])
         except ValueError as e:
@@ -202,23 +281,60 @@ class RunDir:
         """A fresh start: no log lines of an earlier attempt (one killed before its first checkpoint)."""
         self.log_path.unlink(missing_ok=True)  # idempotent: a missing log is the goal, not an error
 
+    def open_log(self) -> IO[str]:
+        """The log, opened for appending without following a symlink."""
+        return io.open_nofollow(self.log_path, "a", encoding="utf-8")
+
+    def _read_log(self) -> str:
+        if not os.path.lexists(self.log_path):
+            return ""
+        with io.open_nofollow(self.log_path, "r", encoding="utf-8", errors="replace") as f:
+            return f.read()
+
     def trim_log(self, step: int) -> None:
-        """Drop log lines of steps at or after ``step`` (the resumed checkpoint's) and a torn last line."""
-        if not self.log_path.exists():
+        """Drop log lines of steps at or after ``step`` (the resumed checkpoint's) and a torn last line (a
+        write cut by a kill: no newline); any other line that is not a JSON object with a numeric step is
+        refused, naming the file and line."""
+        text = self._read_log()
+        if not text:
             return
+        lines = text.split("\n")
+        torn = lines.pop()  # "" when the file ends with a newline
         keep = []
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for n, line in enumerate(lines, 1):
+            rec = self._log_record(line, n)
             if rec.get("step", 0) < step:
                 keep.append(line)
+        if torn:
+            with contextlib.suppress(models.CheckpointError):
+                if self._log_record(torn, len(lines) + 1).get("step", 0) < step:
+                    keep.append(torn)  # complete but for its newline
         io.atomic_write_text(self.log_path, "".join(k + "\n" for k in keep))
 
+    def _log_record(self, line: str, n: int) -> dict:
+        def bad(what: str) -> models.CheckpointError:
+            return models.CheckpointError(f"{self.log_path} line {n}: {what}; fix or delete the line, or rerun "
+                                          "with --force to start over")
+
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise bad(f"not valid JSON ({getattr(e, 'msg', 'too deeply nested')})") from None
+        if not isinstance(rec, dict):
+            raise bad(f"expected a JSON object, found {type(rec).__name__}")
+        step = rec.get("step", 0)
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            raise bad(f"'step' must be a number, found {type(step).__name__}")
+        return rec
+
     def last_logged_loss(self) -> float | None:
-        """The last logged total loss (a resume that had no step left to run)."""
-        if not self.log_path.exists():
+        """The last logged total loss (a resume that had no step left to run); None if it is not a number."""
+        lines = self._read_log().splitlines()
+        if not lines:
             return None
-        lines = self.log_path.read_text(encoding="utf-8").splitlines()
-        return json.loads(lines[-1]).get("total") if lines else None
+        with contextlib.suppress(ValueError, RecursionError):
+            rec = json.loads(lines[-1])
+            total = rec.get("total") if isinstance(rec, dict) else None
+            if isinstance(total, (int, float)) and not isinstance(total, bool):
+                return float(total)
+        return None

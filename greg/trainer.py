@@ -81,6 +81,12 @@ class Trainer:
         spec = data.spec(c_data["id"])
         self.num_classes = spec.num_classes + self.method.extra_classes
 
+        size = models.model_bytes(cfg["model"]["name"], self.num_classes, cfg["model"]["kwargs"])
+        if size > models.MAX_MODEL_BYTES:  # counted on the meta device: refused before any allocation
+            raise ConfigError(
+                f"config key 'model.kwargs' describes a {cfg['model']['name']} of {size / 1e9:,.1f} GB of weights "
+                f"(at most {models.MAX_MODEL_BYTES / 1e9:,.0f} GB): check its sizes"
+            )
         torch.manual_seed(mix(cfg["seed"], SALT_MODEL_INIT))
         self.model = models.create(cfg["model"]["name"], self.num_classes, **cfg["model"]["kwargs"])
         if cfg["init"]["checkpoint"]:
@@ -138,6 +144,7 @@ class Trainer:
         if kind == "run" or (kind == "auto" and is_run):
             if not is_run:
                 raise ConfigError(f"init.checkpoint {path} is not a greg run checkpoint (final.pt)")
+            models.check_described_model(models.read_checkpoint(path), path)
             k = raw["num_classes"]
             if raw["arch"] != self.cfg["model"]["name"] or k not in (
                 self.num_classes,
@@ -160,7 +167,7 @@ class Trainer:
         self.rundir.save_state(self.step, self.model, self.optimizer, self.method)
 
     def load_state(self) -> bool:
-        step = self.rundir.load_state(self.model, self.optimizer, self.method, self.device)
+        step = self.rundir.load_state(self.model, self.optimizer, self.method, self.device, self.total_steps)
         if step is None:
             return False
         self.step = step
@@ -217,7 +224,7 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             with (
-                open(self.rundir.log_path, "a", encoding="utf-8") as log,
+                self.rundir.open_log() as log,
                 tqdm(
                     total=self.total_steps,
                     initial=self.step,

@@ -354,7 +354,8 @@ def test_dg_summary_or_config_that_is_not_an_object_is_one_line(tmp_path, capsys
     assert main(["dg", "table", "--inputs", str(run), "--out", str(tmp_path / "t.tex")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{run / 'summary.json'}:" in err, err
-    # an existing config.json of a run directory: refused before any training
+    # an existing config.json of a greg run directory (its lock file is greg's mark): refused before any training
+    (run / ".greg.lock").write_text("")
     (run / "config.json").write_text(text)
     rc = main(["dg", "run", "--dataset", "colored_digits", "--algorithm", "erm", "--out", str(run), "--steps", "1",
                "--restarts", "1", "--device", "cpu"])

@@ -329,6 +329,92 @@ def test_resume_state_types_are_checked(mutate, expect, tmp_path, capsys):
     assert rc == 2 and str(out / "state.pt") in line and expect in line, err
 
 
+
+def _short_groups(opt):
+    return {**opt, "param_groups": [{**opt["param_groups"][0], "params": opt["param_groups"][0]["params"][:1]}]}
+
+
+def _bad_buffer(opt):
+    i = opt["param_groups"][0]["params"][0]
+    return {**opt, "state": {**opt["state"], i: {"momentum_buffer": torch.zeros(3)}}}
+
+
+@pytest.mark.parametrize("mutate,expect", [
+    (lambda s: {**s, "rng": {**s["rng"], "python": s["rng"]["python"][:10]}}, "rng.python"),
+    (lambda s: {**s, "rng": {**s["rng"], "numpy": s["rng"]["numpy"][:3]}}, "rng.numpy"),
+    (lambda s: {**s, "rng": {**s["rng"], "numpy_pos": 5000}}, "rng.numpy"),
+    (lambda s: {**s, "rng": {**s["rng"], "torch": s["rng"]["torch"][:10]}}, "rng.torch"),
+    (lambda s: {**s, "optimizer": {"state": {}}}, "optimizer state has no 'param_groups'"),
+    (lambda s: {**s, "optimizer": _short_groups(s["optimizer"])}, "optimizer state does not match"),
+    (lambda s: {**s, "optimizer": _bad_buffer(s["optimizer"])}, "optimizer state does not match"),
+    (lambda s: {**s, "model": {k: v for k, v in s["model"].items() if k != "head.weight"}},
+     "model state does not match"),
+    (lambda s: {**s, "model": {**s["model"], "head.weight": torch.zeros(3, 3)}}, "model state does not match"),
+    (lambda s: {**s, "step": 1000}, "step 1000 is beyond this run's 2 steps"),
+])
+def test_a_resume_state_that_does_not_fit_is_refused_before_use(mutate, expect, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tmp_path, out, capsys, "--device", "cpu")[0] == 0
+    (out / "final.pt").unlink()
+    log = (out / "metrics.jsonl").read_bytes()
+    state = gio.safe_torch_load(out / "state.pt")
+    torch.save(mutate(state), out / "state.pt")
+    before = (out / "state.pt").read_bytes()
+    rc, err = train(tmp_path, out, capsys, "--device", "cpu")
+    line = errline(err)
+    assert rc == 2 and str(out / "state.pt") in line and expect in line and len(line) < 600, err
+    # nothing trained on, nothing taken as done
+    assert (out / "state.pt").read_bytes() == before and not (out / "final.pt").exists()
+    assert (out / "metrics.jsonl").read_bytes() == log
+
+
+@pytest.mark.parametrize("lines,expect", [
+    (['[1, 2]'], "line 2: expected a JSON object, found list"),
+    (['not json'], "line 2: not valid JSON"),
+    (['{"step": "x"}'], "line 2: 'step' must be a number"),
+])
+def test_a_metrics_log_with_a_bad_line_is_refused_on_resume(lines, expect, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tmp_path, out, capsys, "--device", "cpu")[0] == 0
+    (out / "final.pt").unlink()
+    first = (out / "metrics.jsonl").read_text().splitlines()[0]
+    (out / "metrics.jsonl").write_text("\n".join([first, *lines, first]) + "\n")
+    rc, err = train(tmp_path, out, capsys, "--device", "cpu")
+    line = errline(err)
+    assert rc == 2 and f"{out / 'metrics.jsonl'} line 2" in line and expect in line, err
+    assert not (out / "final.pt").exists()
+
+
+def test_a_torn_last_log_line_is_still_dropped_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tmp_path, out, capsys, "--device", "cpu", **{"train.max_steps": 3})[0] == 0
+    full = (out / "metrics.jsonl").read_text()
+    (out / "final.pt").unlink()
+    (out / "metrics.jsonl").write_text(full + '{"step": 7, "tot')  # killed mid-write
+    rc, err = train(tmp_path, out, capsys, "--device", "cpu", **{"train.max_steps": 3})
+    assert rc == 0 and "resuming" in err, err
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_symlinked_metrics_log_is_never_written_through(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tmp_path, out, capsys, "--device", "cpu")[0] == 0
+    (out / "final.pt").unlink()
+    victim = tmp_path / "notes.txt"
+    victim.write_text((out / "metrics.jsonl").read_text())
+    before = victim.read_text()
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").symlink_to(victim)
+    rc, err = train(tmp_path, out, capsys, "--device", "cpu")
+    line = errline(err)
+    assert rc == 2 and "is a symbolic link" in line and str(out / "metrics.jsonl") in line, err
+    assert victim.read_text() == before and not (out / "final.pt").exists()
+    # the append itself opens without following a link
+    with pytest.raises(gio.NotARunDirError, match="symbolic link"):
+        gio.open_nofollow(out / "metrics.jsonl", "a")
+    assert victim.read_text() == before
+
+
 # ------------------------------------------------------------------------------------- evaluate
 def _eval(tmp_path, capsys, ck, *extra):
     return cli(["evaluate", "--checkpoint", ck, "--id", "tiny", "--detector", "energy", "--out",
@@ -640,3 +726,31 @@ def test_dry_run_checks_every_run_config_leaf(edit, msg):
     edit(cfg)
     with pytest.raises(tables.ReportError, match="config: run '(energy|oe)' of cifar10/small_cnn: .*" + re.escape(msg)):
         plan.check_run_configs(cfg, cells)
+
+
+# --------------------------------------------------------------------------- model size before building
+# two 3x3 convs of 10**6 -> 10**6 channels: 2 * 9e12 float32 weights = 72,000 GB (the rest is < 1 GB)
+HUGE = {"widths": [10**6, 10**6, 10**6]}
+
+
+def test_a_checkpoint_describing_a_huge_model_is_refused_before_building(tmp_path, capsys):
+    ck = tmp_path / "final.pt"
+    torch.save({**_payload(), "model_kwargs": HUGE}, ck)
+    with pytest.raises(gm.CheckpointError, match="describe a model of 72,000.[0-9] GB but the file.s state_dict holds 0.1 MB"):
+        gm.load_checkpoint(ck)
+    rc, err = cli(["evaluate", "--checkpoint", ck, "--id", "tiny", "--ood", "tiny_uniform", "--detector",
+                   "energy", "--out", tmp_path / "ev", "--device", "cpu", "--root", tmp_path / "data"], capsys)
+    line = errline(err)
+    assert rc == 2 and str(ck) in line and "describe a model of" in line and "model_kwargs" in line, err
+    # as init.checkpoint of greg train (the run's own model is small): refused in one line naming the file
+    rc, err = train(tmp_path, tmp_path / "run", capsys, "--device", "cpu", **{"init.checkpoint": str(ck)})
+    line = errline(err)
+    assert rc == 2 and str(ck) in line and "describe a model of" in line, err
+    assert not (tmp_path / "run" / "state.pt").exists()
+
+
+def test_a_run_config_describing_a_huge_model_is_refused_before_building(tmp_path, capsys):
+    rc, err = train(tmp_path, tmp_path / "run", capsys, "--device", "cpu", **{"model.kwargs": HUGE})
+    line = errline(err)
+    assert rc == 2 and "model.kwargs" in line and "GB" in line, err
+    assert not (tmp_path / "run" / "state.pt").exists()

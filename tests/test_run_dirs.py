@@ -102,6 +102,7 @@ def test_a_temp_file_turned_into_a_symlink_is_never_published(tmp_path):
     ["report", "fig3", "--run", "a=m.jsonl", "--out", ""],
     ["report", "reproduction", "t.csv", "--md", "", "--csv", "r.csv"],
     ["dg", "table", "--inputs", "x", "--out", ""],
+    ["dg", "run", "--dataset", "colored_digits", "--algorithm", "erm", "--out", ""],
 ])
 def test_an_empty_output_flag_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, argv):
     monkeypatch.chdir(tmp_path)
@@ -133,6 +134,30 @@ def test_a_non_empty_directory_greg_did_not_make_is_refused(tmp_path, capsys):
     assert rc == 0 and (out / "final.pt").is_file() and (out / gio.LOCK_NAME).is_file(), err
     rc, err = train(tmp_path, out, capsys)
     assert rc == 0 and "already complete" in err, err
+
+
+def test_dg_run_refuses_a_non_empty_directory_greg_did_not_make(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.csv").write_text("mine\n")
+    rc, err = cli(["dg", "run", "--dataset", "colored_digits", "--algorithm", "erm", "--out", out, "--steps", "1",
+                   "--restarts", "1", "--device", "cpu"], capsys)
+    line = one_line(err)
+    assert rc == 2 and f"{out} is not empty and was not made by greg" in line, err
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv"] and (out / "results.csv").read_text() == "mine\n"
+    # a directory of an earlier greg dg run (no lock file then) whose config.json is this run's: resumed
+    argv = ["dg", "run", "--dataset", "colored_digits", "--algorithm", "erm", "--steps", "1", "--restarts", "1",
+            "--device", "cpu", "--out"]
+    assert cli([*argv, tmp_path / "run"], capsys)[0] == 0
+    (tmp_path / "run" / gio.LOCK_NAME).unlink()
+    results = (tmp_path / "run" / "results.csv").read_text()
+    rc, err = cli([*argv, tmp_path / "run"], capsys)
+    assert rc == 0 and (tmp_path / "run" / "results.csv").read_text() == results, err
+    assert (tmp_path / "run" / gio.LOCK_NAME).is_file()
+    # a user's config.json of something else is no such mark
+    (out / "config.json").write_text('{"dataset": "colored_digits"}')
+    rc, err = cli([*argv, out], capsys)
+    assert rc == 2 and "not made by greg" in one_line(err) and not (out / gio.LOCK_NAME).exists(), err
 
 
 # ------------------------------------------------------------------------------------------ no flock

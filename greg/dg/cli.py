@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from greg import latex
 from greg.config import SEED_MAX, int_flag, parse_set
 from greg.device import DEVICE_HELP, resolve_device
 from greg.errors import EXIT_INPUT, EXIT_STATUS_HELP, InputError, cli_errors, did_you_mean
-from greg.io import atomic_write_json, atomic_write_text
+from greg.io import LOCK_NAME, atomic_write_json, atomic_write_text, dir_lock, open_nofollow
 
 RESULT_FIELDS = ["restart", "seed", "train_acc", "val_acc", "test_acc", "seconds"]
 METRICS = ["train_acc", "val_acc", "test_acc"]
@@ -182,13 +183,39 @@ def summarize(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, A
 
 def run_command(args: argparse.Namespace) -> int:
     """Write ``config.json``, train the restarts not yet in ``results.csv`` (rewritten after each), then
-    ``summary.json``."""
+    ``summary.json``; the whole run holds the directory's lock."""
+    config = _run_config(args)
+    # greg's lock marks the directory as its own: a non-empty one it did not make is refused (its files kept)
+    _adopt_earlier_run(args.out, config)
+    with dir_lock(args.out, "--out"):
+        return _run_locked(args, config)
+
+
+def _same_run(old: dict[str, Any], config: dict[str, Any]) -> bool:
+    # more restarts extend a run; any other key makes it another run
+    return {k: v for k, v in old.items() if k != "restarts"} == {k: v for k, v in config.items() if k != "restarts"}
+
+
+def _adopt_earlier_run(out: Path, config: dict[str, Any]) -> None:
+    """A run directory of a greg version that wrote no lock file is recognised by its ``config.json`` holding
+    this very run's config, and marked as greg's so that it resumes; anything else is left to the lock's check."""
+    cfg_path = out / "config.json"
+    if not out.is_dir() or os.path.lexists(out / LOCK_NAME) or cfg_path.is_symlink() or not cfg_path.is_file():
+        return
+    try:
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return
+    if isinstance(old, dict) and _same_run(old, config):
+        with open_nofollow(out / LOCK_NAME, "a"):
+            pass
+
+
+def _run_locked(args: argparse.Namespace, config: dict[str, Any]) -> int:
     from greg.dg import datasets
     from greg.dg.train import train_restart
 
-    config = _run_config(args)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     _write_config(out / "config.json", config)
     device = str(resolve_device(args.device))
     rows = [r for r in read_results(out / "results.csv") if r["restart"] < args.restarts]
@@ -249,10 +276,7 @@ def _write_config(cfg_path: Path, config: dict[str, Any]) -> None:
     """Write ``config.json``; an existing one that differs in more than ``restarts`` is refused (exit 2)."""
     if cfg_path.is_file():
         old = _json_object(cfg_path)
-        same = {k: v for k, v in old.items() if k != "restarts"} == {
-            k: v for k, v in config.items() if k != "restarts"
-        }
-        if not same:
+        if not _same_run(old, config):
             # a SystemExit, as before (tests/test_dg.py expects one), with the same line and code as InputError
             print(
                 f"greg dg: {cfg_path}: existing run has a different config; use another --out.\n"

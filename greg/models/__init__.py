@@ -9,11 +9,14 @@ from greg.models._registry import MODELS
 from greg.models.base import FeatureModel
 from greg.models.checkpoints import (
     FORMAT,
+    MAX_MODEL_BYTES,
     CheckpointError,
+    check_described_model,
     create,
     load_checkpoint,
     load_pretrained,
     map_pretrained_keys,
+    model_bytes,
     read_checkpoint,
     save_checkpoint,
 )
@@ -31,6 +34,7 @@ def names() -> list[str]:
 
 __all__ = [
     "FORMAT",
+    "MAX_MODEL_BYTES",
     "MODELS",
     "CheckpointError",
     "DenseNet121",
@@ -39,10 +43,12 @@ __all__ = [
     "ResNet",
     "SmallCNN",
     "WideResNet",
+    "check_described_model",
     "create",
     "load_checkpoint",
     "load_pretrained",
     "map_pretrained_keys",
+    "model_bytes",
     "names",
     "read_checkpoint",
     "save_checkpoint",

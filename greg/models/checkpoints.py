@@ -70,7 +70,7 @@ def _check_fit(
     if mismatched:
         items = [f"{k} (file {tuple(a)} vs model {tuple(b)})" for k, a, b in mismatched]
         lines.append(f"  {len(mismatched)} shape mismatches: {_fmt_keys(items)}")
-    raise CheckpointError("\n".join(lines))
+    raise CheckpointError("; ".join(lines))
 
 
 def _check_plain(obj: Any, where: str) -> None:
@@ -90,6 +90,23 @@ def _check_plain(obj: Any, where: str) -> None:
     raise TypeError(
         f"{where} must hold plain types (dict/list/tuple/str/int/float/bool/None), found {type(obj).__name__}"
     )
+
+
+# Largest model greg builds from a config (assumption: the paper's largest, DenseNet-121 for ImageNet at ~32 MB
+# of float32 weights, times ~300; a typo such as widths [16000, ...] is refused instead of exhausting memory).
+MAX_MODEL_BYTES = 10 * 10**9
+
+
+def model_bytes(arch: str, num_classes: int, kwargs: Mapping[str, Any]) -> int:
+    """Bytes of the parameters and buffers of ``create(arch, num_classes, **kwargs)``, counted on the meta
+    device (nothing allocated): sizes are checked before a model is built from a file's or config's kwargs."""
+    with torch.device("meta"):
+        ref = create(arch, num_classes, **kwargs)
+    return sum(t.numel() * t.element_size() for t in ref.state_dict().values())
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
 # ------------------------------------------------------------------------------------ external weights
@@ -231,6 +248,27 @@ def _short(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def check_described_model(ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """The model a run checkpoint's ``arch``/``num_classes``/``model_kwargs`` describe, built on the meta device
+    (nothing allocated), has the size and shapes of its ``state_dict``: kwargs describing a far larger model
+    (a tampered or mixed-up file) are refused before anything is built."""
+    arch, num_classes, kwargs = ckpt["arch"], ckpt["num_classes"], dict(ckpt["model_kwargs"])
+    try:
+        with torch.device("meta"):
+            ref = create(arch, num_classes, **kwargs)
+    except KeyError as e:  # unknown arch
+        raise CheckpointError(f"{path}: {e.args[0]}") from None
+    except (TypeError, ValueError) as e:  # model_kwargs the architecture does not take
+        raise CheckpointError(f"{path}: model_kwargs {_short(kwargs)} do not fit {arch!r}: {e}") from None
+    want = sum(t.numel() * t.element_size() for t in ref.state_dict().values())
+    have = sum(t.numel() * t.element_size() for t in ckpt["state_dict"].values())
+    if want > have:
+        raise CheckpointError(f"{path}: model_kwargs {_short(kwargs)} describe a model of {_gb(want)} but the "
+                              f"file's state_dict holds {_gb(have)}; not building it")
+    _check_fit(_shapes(ref.state_dict()), _shapes(ckpt["state_dict"]),
+               f"cannot load {path} (arch {arch!r}, {num_classes} classes, {_short(kwargs)})")
+
+
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu", *, model: nn.Module | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -239,12 +277,8 @@ def load_checkpoint(
     ckpt = read_checkpoint(path)
     arch, num_classes, kwargs = ckpt["arch"], ckpt["num_classes"], dict(ckpt["model_kwargs"])
     if model is None:
-        try:
-            model = create(arch, num_classes, **kwargs)
-        except KeyError as e:  # unknown arch
-            raise CheckpointError(f"{path}: {e.args[0]}") from None
-        except TypeError as e:  # model_kwargs the architecture does not take
-            raise CheckpointError(f"{path}: model_kwargs {kwargs} do not fit {arch!r}: {e}") from None
+        check_described_model(ckpt, path)
+        model = create(arch, num_classes, **kwargs)
     else:
         own = getattr(model, "arch", None)
         if own is not None and own != arch:
