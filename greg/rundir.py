@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -95,6 +96,29 @@ def check_model_state(sd: object, model: torch.nn.Module, path: Path) -> None:
     raise _bad_state(path, f"model state does not match the model: {'; '.join(parts)}")
 
 
+_ABSENT = object()
+
+
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _same_kind(v: object, like: object) -> bool:
+    """``v`` is a value of ``like``'s kind: numbers (finite), flags, strings, None, same-length sequences."""
+    if v is _ABSENT:  # a key of a newer torch: the optimizer fills in its default
+        return True
+    if like is None:  # foreach / fused: "choose for me" or a choice
+        return v is None or isinstance(v, bool)
+    if isinstance(like, (bool, str)):
+        return type(v) is type(like)
+    if isinstance(like, (int, float)):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(like, (list, tuple)):
+        return isinstance(v, (list, tuple)) and len(v) == len(like) and all(map(_same_kind, v, like))
+    return True  # a kind greg's optimizers do not use: left to the optimizer
+
+
 def check_optimizer_state(sd: object, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """The saved optimizer state has this optimizer's groups, parameter counts and per-parameter shapes."""
     if not isinstance(sd, dict) or "param_groups" not in sd or "state" not in sd:
@@ -112,6 +136,11 @@ def check_optimizer_state(sd: object, optimizer: torch.optim.Optimizer, path: Pa
     counts, want = [len(g["params"]) for g in groups], [len(g["params"]) for g in own]
     if counts != want:
         raise mismatch(f"parameters per group {counts[:5]}, expected {want[:5]}")
+    for n, (g, o) in enumerate(zip(groups, own, strict=True)):
+        for key, want_v in o.items():  # hyperparameters of the kind this optimizer keeps (a number stays a number)
+            if key != "params" and not _same_kind(g.get(key, _ABSENT), want_v):
+                raise mismatch(f"group {n} {key} is {_short(g[key])}, expected one like "
+                               f"{_short(want_v)}")
     if not isinstance(per_param, dict):
         raise mismatch("state must be a dict")
     params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -347,6 +347,8 @@ def _bad_buffer(opt):
     (lambda s: {**s, "optimizer": {"state": {}}}, "optimizer state has no 'param_groups'"),
     (lambda s: {**s, "optimizer": _short_groups(s["optimizer"])}, "optimizer state does not match"),
     (lambda s: {**s, "optimizer": _bad_buffer(s["optimizer"])}, "optimizer state does not match"),
+    (lambda s: {**s, "optimizer": {**s["optimizer"], "param_groups": [
+        {**s["optimizer"]["param_groups"][0], "momentum": "abc"}]}}, "group 0 momentum is 'abc'"),
     (lambda s: {**s, "model": {k: v for k, v in s["model"].items() if k != "head.weight"}},
      "model state does not match"),
     (lambda s: {**s, "model": {**s["model"], "head.weight": torch.zeros(3, 3)}}, "model state does not match"),
