@@ -26,7 +26,7 @@ import yaml
 
 from greg import io, models
 from greg.config import ConfigError, config_diff, config_hash, config_text
-from greg.errors import cap
+from greg.errors import cap, error_text
 
 # state.pt: key -> type; "rng" -> the keys set_rng_state reads.
 _STATE_TYPES = {"step": int, "model": dict, "optimizer": dict, "method": dict, "rng": dict, "config": str}
@@ -281,15 +281,16 @@ class RunDir:
             raise _bad_state(self.state_path, f"step {state['step']} is beyond this run's {total_steps} steps")
         check_model_state(state["model"], model, self.state_path)
         check_optimizer_state(state["optimizer"], optimizer, self.state_path)
+        # the method checks its own state as it loads it: first, so that a failure leaves model and optimizer as built
+        try:
+            method.load_state_dict(state["method"])
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            raise _bad_state(self.state_path, f"method state does not fit: {error_text(e)}") from None
         model.load_state_dict(state["model"])
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise _bad_state(self.state_path, f"optimizer state does not match the optimizer ({e})") from None
-        try:
-            method.load_state_dict(state["method"])
-        except ValueError as e:
-            raise models.CheckpointError(f"{self.state_path}: {e}; rerun with --force to start over") from None
         set_rng_state(state["rng"])
         return state["step"]
 

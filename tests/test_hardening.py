@@ -370,6 +370,20 @@ def test_a_resume_state_that_does_not_fit_is_refused_before_use(mutate, expect, 
     assert (out / "metrics.jsonl").read_bytes() == log
 
 
+def test_a_method_state_that_does_not_fit_is_one_line_naming_state_pt(tmp_path, capsys):
+    over = {"method": {"name": "openmix"}, "data.aux": "tiny_aux", "data.aux_batch_size": 16}
+    out = tmp_path / "run"
+    assert train(tmp_path, out, capsys, "--device", "cpu", **over)[0] == 0
+    (out / "final.pt").unlink()
+    state = gio.safe_torch_load(out / "state.pt")
+    state["method"]["generator"] = state["method"]["generator"][:10]
+    torch.save(state, out / "state.pt")
+    rc, err = train(tmp_path, out, capsys, "--device", "cpu", **over)
+    line = errline(err)
+    assert rc == 2 and str(out / "state.pt") in line and "method state" in line, err
+    assert not (out / "final.pt").exists()
+
+
 @pytest.mark.parametrize("lines,expect", [
     (['[1, 2]'], "line 2: expected a JSON object, found list"),
     (['not json'], "line 2: not valid JSON"),
