@@ -71,7 +71,7 @@ def test_smoke_part_through_the_slurm_executor(tmp_path):
     cmd = [
         sys.executable, "-m", "snakemake", str(target), "--profile", "tests/slurm/profile",
         "--configfile", "config/smoke.yaml", "--config", f"results={results}", f"data_root={data}",
-        "--groups", "pretrain=ci", "evaluate=ci",
+        "--groups", "pretrain=ci", "evaluate=ci", "evaluate_posthoc=ci",
     ]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1200, check=False)
     log = r.stdout + r.stderr
