@@ -280,6 +280,7 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
             raise InputError("--arch needs --num-classes for an external checkpoint")
         kwargs = json_object(args.model_kwargs, "--model-kwargs")
         _check_kwargs(kwargs, gm.MODELS.get(args.arch), f"--model-kwargs: model {args.arch!r}", ("num_classes",))
+        gm.check_model_size(args.arch, args.num_classes, kwargs, "--model-kwargs and --num-classes")
         model = gm.create(args.arch, args.num_classes, **kwargs)
         gm.load_pretrained(model, args.checkpoint)
         meta = {"external": True, "arch": args.arch, "num_classes": args.num_classes, "model_kwargs": kwargs}

@@ -81,12 +81,8 @@ class Trainer:
         spec = data.spec(c_data["id"])
         self.num_classes = spec.num_classes + self.method.extra_classes
 
-        size = models.model_bytes(cfg["model"]["name"], self.num_classes, cfg["model"]["kwargs"])
-        if size > models.MAX_MODEL_BYTES:  # counted on the meta device: refused before any allocation
-            raise ConfigError(
-                f"config key 'model.kwargs' describes a {cfg['model']['name']} of {size / 1e9:,.1f} GB of weights "
-                f"(at most {models.MAX_MODEL_BYTES / 1e9:,.0f} GB): check its sizes"
-            )
+        models.check_model_size(cfg["model"]["name"], self.num_classes, cfg["model"]["kwargs"],
+                                "config key 'model.kwargs' and the class count")
         torch.manual_seed(mix(cfg["seed"], SALT_MODEL_INIT))
         self.model = models.create(cfg["model"]["name"], self.num_classes, **cfg["model"]["kwargs"])
         if cfg["init"]["checkpoint"]:

@@ -768,5 +768,14 @@ def test_a_checkpoint_describing_a_huge_model_is_refused_before_building(tmp_pat
 def test_a_run_config_describing_a_huge_model_is_refused_before_building(tmp_path, capsys):
     rc, err = train(tmp_path, tmp_path / "run", capsys, "--device", "cpu", **{"model.kwargs": HUGE})
     line = errline(err)
-    assert rc == 2 and "model.kwargs" in line and "GB" in line, err
+    assert rc == 2 and "model.kwargs" in line and "describe a small_cnn of 72,000.2 GB" in line, err
     assert not (tmp_path / "run" / "state.pt").exists()
+    # external weights: the sizes come from --model-kwargs / --num-classes
+    ck = tmp_path / "ext.pt"
+    torch.save(gm.create("small_cnn", 10).state_dict(), ck)
+    for kwargs, classes in ((HUGE, 10), ({}, 10**10)):  # a 10**10-class head: 32 x 10**10 float32 = 1,280 GB
+        rc, err = cli(["evaluate", "--checkpoint", ck, "--arch", "small_cnn", "--num-classes", classes,
+                       "--model-kwargs", json.dumps(kwargs), "--id", "tiny", "--ood", "tiny_uniform", "--detector",
+                       "energy", "--out", tmp_path / "ev", "--device", "cpu", "--root", tmp_path / "data"], capsys)
+        line = errline(err)
+        assert rc == 2 and "--model-kwargs and --num-classes describe a small_cnn of" in line, err

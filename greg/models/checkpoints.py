@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from greg.errors import InputError
 from greg.io import atomic_torch_save, safe_torch_load
 from greg.models._registry import MODELS
 
@@ -103,6 +104,15 @@ def model_bytes(arch: str, num_classes: int, kwargs: Mapping[str, Any]) -> int:
     with torch.device("meta"):
         ref = create(arch, num_classes, **kwargs)
     return sum(t.numel() * t.element_size() for t in ref.state_dict().values())
+
+
+def check_model_size(arch: str, num_classes: int, kwargs: Mapping[str, Any], what: str) -> None:
+    """Refuse (one line starting with ``what``: the flag or key that gave the sizes) a model above
+    :data:`MAX_MODEL_BYTES`, counted before it is built."""
+    size = model_bytes(arch, num_classes, kwargs)
+    if size > MAX_MODEL_BYTES:
+        raise InputError(f"{what} describe a {arch} of {_gb(size)} of weights (at most {_gb(MAX_MODEL_BYTES)}): "
+                         "check the sizes")
 
 
 def _gb(n: int) -> str:
