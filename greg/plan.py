@@ -61,6 +61,13 @@ def check_workflow_config(config: dict, schema_path: str | Path, config_files: I
             raise ReportError(str(e)) from None
 
 
+def catalog_files(name: str) -> str:
+    """The catalog's files of dataset ``name`` as ``file=checksum`` pairs: the download rule's param, so that a
+    catalog change (a new or replaced file, a new checksum) reruns the download and what reads the dataset,
+    instead of leaving a stale ready-stamp whose data every evaluation then refuses."""
+    return ";".join(f"{r.filename}={r.checksum}" for r in data.spec(name).resources)
+
+
 def run_dir(results: str, dataset: str, arch: str, run: str, seed: int) -> str:
     """``results/<dataset>/<arch>/<run>/seed<seed>``: the readable id of one training run."""
     return f"{results}/{dataset}/{arch}/{run}/seed{seed}"

@@ -901,3 +901,21 @@ def test_places365_is_the_published_10k_of_test_256(tmp_path):
         gd.CorruptDataError, match=r"1 of the 2 images named in .* are missing \(e.g. Places365_test_00000007"
     ):
         gd.load("places365", "test", tmp_path)
+
+
+def test_download_rule_param_names_every_catalog_file_and_checksum(monkeypatch):
+    """The download rule's param (workflow/rules/data.smk) is the dataset's catalog files with their checksums,
+    so a catalog change reruns the download (rerun-triggers: params) instead of leaving a stale ready-stamp."""
+    from types import SimpleNamespace
+
+    from greg import plan as P
+
+    assert P.catalog_files("places365") == (
+        "test_256.tar=md5:f532f6ad7b582262a2ec8009075e186b;"
+        "places365_test_list.txt=sha256:e992c94b23b7416e8f71c0cab87b777b0e7022ee1b4aeed19d5b16ddf1b90578"
+    )
+    assert P.catalog_files("tiny") == ""  # generated on the fly: nothing to download
+    old = P.data.spec("svhn")
+    new = SimpleNamespace(resources=[dataclasses.replace(r, checksum="md5:" + "0" * 32) for r in old.resources])
+    monkeypatch.setattr(P.data, "spec", lambda name: new)
+    assert P.catalog_files("svhn") == "test_32x32.mat=md5:" + "0" * 32

@@ -11,6 +11,9 @@ rule download:
         touch(data_stamp("{name}")),
     log:
         f"{RESULTS}/logs/download/{{name}}.log",
+    params:
+        # not used by the command: a changed catalog entry reruns the download (rerun-triggers: params)
+        files=lambda wc: P.catalog_files(wc.name),
     conda:
         ENV_CPU
     shell:
