@@ -63,8 +63,8 @@ def check_workflow_config(config: dict, schema_path: str | Path, config_files: I
 
 def catalog_files(name: str) -> str:
     """The catalog's files of dataset ``name`` as ``file=checksum`` pairs: the download rule's param, so that a
-    catalog change (a new or replaced file, a new checksum) reruns the download and what reads the dataset,
-    instead of leaving a stale ready-stamp whose data every evaluation then refuses."""
+    catalog change (a new or replaced file, a new checksum) reruns the download, instead of leaving a stale
+    ready-stamp whose data every later evaluation refuses."""
     return ";".join(f"{r.filename}={r.checksum}" for r in data.spec(name).resources)
 
 
