@@ -399,7 +399,7 @@ def test_job_keeps_every_attempt_and_never_reruns_exit_2(tmp_path):
     cmd = _script(tmp_path, f"""
         import sys
         open({str(runs)!r}, "a").write("ran\\n")
-        print("bad config key"); sys.exit(2)
+        print("greg train: bad config key"); sys.exit(2)
     """)
     assert J.run(log, 1, cmd) == 2
     assert J.marker(log).read_text() == "2\n"
@@ -413,6 +413,24 @@ def test_job_keeps_every_attempt_and_never_reruns_exit_2(tmp_path):
     assert "bad config key" in hist  # attempt 1's output survives attempt 2's truncation of run.log
     # a new snakemake invocation (attempt 1 again) removes the marker and runs
     assert J.run(log, 1, cmd) == 2 and runs.read_text() == "ran\nran\n"
+
+
+def test_job_retries_an_exit_2_that_is_not_a_greg_error(tmp_path):
+    # Intel MKL that cannot be loaded under memory pressure exits the interpreter with 2 before greg runs: an
+    # environment failure, which a retry on another node may cure
+    log = tmp_path / "run.log"
+    cmd = _script(tmp_path, """
+        import sys
+        print("greg train: step 1/4"); print("INTEL MKL ERROR: cannot allocate memory."); sys.exit(2)
+    """)
+    assert J.run(log, 1, cmd) == 2
+    assert not J.marker(log).exists()
+    assert "exit 2 without a greg error line: an environment failure, a retry may run" in log.read_text()
+    assert J.run(log, 2, cmd) == 2 and "not retrying" not in log.read_text()  # the retry runs it
+    # NaN (exit 3) reported by greg is final; argparse's usage error is greg's too
+    for line, code in (("greg train: stopped: loss is nan", 3), ("greg train: error: unrecognized arguments", 2)):
+        cmd = _script(tmp_path, f"import sys; print({line!r}); sys.exit({code})")
+        assert J.run(log, 1, cmd) == code and J.marker(log).read_text() == f"{code}\n"
 
 
 def test_job_retries_other_failures_and_forwards_usr1(tmp_path):

@@ -8,7 +8,9 @@ Snakemake deletes a job's declared log before each attempt and retries every fai
 * writes the command's stdout+stderr to LOG (the declared log, this attempt) and appends it, after a header
   line naming the attempt, host and SLURM job, to LOG's sibling ``<stem>.attempts.log`` (never truncated);
 * turns the CLIs' "retrying cannot help" exits (2 bad input/config, 3 NaN/inf) into a marker
-  ``<log>.noretry``; a retry (attempt > 1) that finds the marker exits at once with the same code, without
+  ``<log>.noretry``, but only when the command's last output line is greg's own one-line error (``greg
+  <command>: ...``): a 2 or 3 from anything else (a math library that failed to load under memory pressure,
+  the interpreter) is an environment failure that a retry may cure; a retry (attempt > 1) that finds the marker exits at once with the same code, without
   running anything (Snakemake has no per-exit-code retry policy, so the retry is still submitted, but it
   costs seconds, not a GPU for hours). Attempt 1 (a new ``snakemake`` invocation, e.g. after fixing the
   config) removes the marker and runs;
@@ -29,6 +31,8 @@ import sys
 from pathlib import Path
 
 NO_RETRY = {2: "bad input or config", 3: "the loss or the weights became NaN/inf"}
+#: How every greg CLI error line starts ("greg train: ...", argparse's "greg train: error: ...").
+GREG_ERROR_PREFIX = "greg "
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 #: Set only by the rehearsal (workflow/rules/rehearsal.smk): the command then runs under rehearse.py, which
 #: records its peak RSS and seconds per step there and preempts + resumes each training once.
@@ -41,6 +45,12 @@ def attempts_log(log: Path) -> Path:
 
 def marker(log: Path) -> Path:
     return log.with_name(f"{log.name}.noretry")
+
+
+def from_greg(output: str) -> bool:
+    """Whether ``output``'s last non-blank line is a greg CLI's own error line."""
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    return bool(lines) and lines[-1].startswith(GREG_ERROR_PREFIX)
 
 
 def header(attempt: int, cmd: list[str]) -> str:
@@ -80,14 +90,19 @@ def run(log: Path, attempt: int, cmd: list[str]) -> int:
         old = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum)) for s in FORWARDED}
         try:
             assert proc.stdout is not None
+            tail = ""
             for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-                write(chunk.decode("utf-8", errors="replace"))
+                text = chunk.decode("utf-8", errors="replace")
+                write(text)
+                tail = (tail + text)[-4096:]
             code = proc.wait()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
         code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
-        if code in NO_RETRY:
+        if code in NO_RETRY and not from_greg(tail):
+            write(f"job.py: exit {code} without a greg error line: an environment failure, a retry may run\n")
+        elif code in NO_RETRY:
             mark.write_text(f"{code}\n", encoding="utf-8")
             write(f"job.py: exit {code} ({NO_RETRY[code]}): a retry of this job will not run it again\n")
         return code
