@@ -55,7 +55,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU of the saving process; a requeue may land on a node that shows fewer
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 def _bad_state(path: Path, what: str) -> models.CheckpointError:
@@ -78,6 +80,16 @@ def check_rng(state: dict, path: Path) -> None:
             raise _bad_state(path, f"{name} is not a valid generator state ({e})") from None
     if not 0 <= state["numpy_pos"] <= _MT_N:  # numpy takes any position, then reads past its key
         raise _bad_state(path, f"rng.numpy_pos is {state['numpy_pos']}, expected 0..{_MT_N}")
+    # checked without a GPU (the CPU job that reads a GPU run's state, a CPU node): a list of equally long
+    # byte tensors, one per GPU, as torch.cuda.get_rng_state_all() returns
+    cuda = state.get("cuda")
+    if cuda is not None and not (
+        isinstance(cuda, (list, tuple))
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and t.numel() > 0
+                for t in cuda)
+        and len({t.numel() for t in cuda}) <= 1
+    ):
+        raise _bad_state(path, "rng.cuda is not a list of CUDA generator states (equally long uint8 tensors)")
 
 
 def check_model_state(sd: object, model: torch.nn.Module, path: Path) -> None:

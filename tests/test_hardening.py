@@ -344,6 +344,10 @@ def _bad_buffer(opt):
     (lambda s: {**s, "rng": {**s["rng"], "numpy": s["rng"]["numpy"][:3]}}, "rng.numpy"),
     (lambda s: {**s, "rng": {**s["rng"], "numpy_pos": 5000}}, "rng.numpy"),
     (lambda s: {**s, "rng": {**s["rng"], "torch": s["rng"]["torch"][:10]}}, "rng.torch"),
+    (lambda s: {**s, "rng": {**s["rng"], "cuda": "garbage"}}, "rng.cuda"),
+    (lambda s: {**s, "rng": {**s["rng"], "cuda": [torch.zeros(16, dtype=torch.float32)]}}, "rng.cuda"),
+    (lambda s: {**s, "rng": {**s["rng"], "cuda": [torch.zeros(16, dtype=torch.uint8),
+                                                  torch.zeros(8, dtype=torch.uint8)]}}, "rng.cuda"),
     (lambda s: {**s, "optimizer": {"state": {}}}, "optimizer state has no 'param_groups'"),
     (lambda s: {**s, "optimizer": _short_groups(s["optimizer"])}, "optimizer state does not match"),
     (lambda s: {**s, "optimizer": _bad_buffer(s["optimizer"])}, "optimizer state does not match"),
@@ -368,6 +372,19 @@ def test_a_resume_state_that_does_not_fit_is_refused_before_use(mutate, expect, 
     # nothing trained on, nothing taken as done
     assert (out / "state.pt").read_bytes() == before and not (out / "final.pt").exists()
     assert (out / "metrics.jsonl").read_bytes() == log
+
+
+def test_a_gpu_runs_resume_state_resumes_on_the_cpu(tmp_path, capsys):
+    # a state saved on a 2-GPU node (CUDA generator states: one 16-byte tensor per GPU) passes the check and a
+    # CPU resume ignores it
+    out = tmp_path / "run"
+    assert train(tmp_path, out, capsys, "--device", "cpu")[0] == 0
+    (out / "final.pt").unlink()
+    state = gio.safe_torch_load(out / "state.pt")
+    state["rng"]["cuda"] = [torch.arange(16, dtype=torch.uint8), torch.arange(16, dtype=torch.uint8)]
+    torch.save(state, out / "state.pt")
+    rc, err = train(tmp_path, out, capsys, "--device", "cpu")
+    assert rc == 0 and (out / "final.pt").exists(), err
 
 
 def test_a_method_state_that_does_not_fit_is_one_line_naming_state_pt(tmp_path, capsys):
