@@ -98,6 +98,12 @@ def exit_code(e: BaseException) -> int:
     return EXIT_INPUT
 
 
+GPU_OOM_HINT = (
+    "the GPU is too small for this job at the configured batch (the batch is part of the paper's recipe: do not "
+    "shrink it to fit); docs/WORKFLOW.md 'Rehearsal' lists each method's measured memory: use a larger GPU"
+)
+
+
 def error_text(e: BaseException) -> str:
     """The message of ``e``: OSErrors keep ``[Errno N]`` and get their file name; a foreign error (numpy,
     torch, a bare ``KeyError('x')``) is prefixed with its type, whose name is part of the information."""
@@ -109,6 +115,8 @@ def error_text(e: BaseException) -> str:
             if name is not None and str(name) not in text:
                 text += f": {name}"
         return text
+    if type(e).__name__ == "OutOfMemoryError":  # torch's CUDA OOM: a long allocator report, then what to do
+        return f"{type(e).__name__}: {cap(text, 600)} -- {GPU_OOM_HINT}"
     own = type(e).__module__.startswith("greg.") or isinstance(e, InputError)
     if not text:
         return type(e).__name__

@@ -433,6 +433,15 @@ def test_job_retries_an_exit_2_that_is_not_a_greg_error(tmp_path):
         assert J.run(log, 1, cmd) == code and J.marker(log).read_text() == f"{code}\n"
 
 
+def test_job_says_what_a_sigkill_most_likely_was(tmp_path):
+    log = tmp_path / "run.log"
+    cmd = _script(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert J.run(log, 1, cmd) == 137
+    text = log.read_text()
+    assert "exit 137, killed by SIGKILL: most likely the kernel's out-of-memory killer" in text
+    assert "sacct -j <jobid>" in text and not J.marker(log).exists()  # retried: the next node may have room
+
+
 def test_job_retries_other_failures_and_forwards_usr1(tmp_path):
     log = tmp_path / "run.log"
     ready = tmp_path / "ready"

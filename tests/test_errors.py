@@ -274,3 +274,21 @@ def test_verify_rechecks_files_extracted_from_a_deleted_archive(tmp_path, monkey
     (d / ".complete").write_text('{"dataset": "_test_extracted", "files": {}}')
     (d / "set/a.bin").write_bytes(b"alpha")
     assert any("no digests recorded" in line for line in gd.verify(s.name, tmp_path))
+
+
+def test_a_cuda_out_of_memory_is_one_short_line_saying_what_to_do():
+    import torch
+
+    report = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 39.39 GiB " + "x" * 3000
+    e = torch.OutOfMemoryError(report)
+    out = io.StringIO()
+    with cli_errors("greg train") as ce:
+        raise e
+    assert ce.code == EXIT_IO  # retried: the next node's GPU may be larger
+    from greg.errors import report_error
+
+    report_error("greg train", e, file=out)
+    line = out.getvalue().strip()
+    assert line.startswith("greg train: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert line.endswith("docs/WORKFLOW.md 'Rehearsal' lists each method's measured memory: use a larger GPU")
+    assert "\n" not in line and len(line) < 1100

@@ -31,6 +31,13 @@ import sys
 from pathlib import Path
 
 NO_RETRY = {2: "bad input or config", 3: "the loss or the weights became NaN/inf"}
+KILLED = 128 + int(signal.SIGKILL)  # 137
+# SIGKILL leaves the command no time to print anything: say what sends it
+KILLED_HINT = (
+    "job.py: exit 137, killed by SIGKILL: most likely the kernel's out-of-memory killer or the scheduler's memory "
+    "limit (on SLURM: sacct -j {slurm} -o JobID,State,MaxRSS,ReqMem). Training resumes from its last state.pt; "
+    "give the rule more mem_mb (docs/WORKFLOW.md, 'Rehearsal', lists the measured peaks)\n"
+)
 #: How every greg CLI error line starts ("greg train: ...", argparse's "greg train: error: ...").
 GREG_ERROR_PREFIX = "greg "
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
@@ -100,6 +107,8 @@ def run(log: Path, attempt: int, cmd: list[str]) -> int:
             for s, h in old.items():
                 signal.signal(s, h)
         code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+        if code == KILLED:
+            write(KILLED_HINT.format(slurm=os.environ.get("SLURM_JOB_ID", "<jobid>")))
         if code in NO_RETRY and not from_greg(tail):
             write(f"job.py: exit {code} without a greg error line: an environment failure, a retry may run\n")
         elif code in NO_RETRY:
