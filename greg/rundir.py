@@ -242,7 +242,8 @@ class RunDir:
             more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
             raise ConfigError(
                 f"{path} {verb} a different config (differs in {', '.join(diff[:3])}{more}); rerun with "
-                "--force to start over in this directory, or use a new --out"
+                "--force to start over in this directory, or use a new --out (a workflow run after a recipe "
+                f"change: delete {self.out} and rerun snakemake)"
             )
 
     def check_final(self, num_classes: int) -> None:

@@ -174,8 +174,10 @@ def test_resume_with_a_different_config_is_refused(tmp_path, monkeypatch):
     t = Trainer(_cfg(tmp_path), out, "cpu")
     t._stop_signal = signal.SIGTERM
     assert t.run() == EXIT_PREEMPTED
-    with pytest.raises(config.ConfigError, match="different config"):
+    with pytest.raises(config.ConfigError, match="different config") as e:
         Trainer(_cfg(tmp_path, **{"optim.lr": 0.01}), out, "cpu").run()
+    # the workflow cannot pass --force: the message says what to do there
+    assert "differs in optim.lr" in str(e.value) and f"delete {out} and rerun snakemake" in str(e.value)
 
 
 def test_finetune_from_run_checkpoint(tmp_path):
