@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import pickle
 import signal
 import subprocess
@@ -274,11 +275,20 @@ def test_rehearse_preempts_a_training_once_and_resumes_it(tmp_path):
     rec = json.loads(rec_file.read_text())
     assert rec["preempted_and_resumed"] is True and rec["exit"] == 0 and rec["kind"] == "train"
     assert rec["steps"] == 4 and rec["s_per_step"] == pytest.approx(0.1)
-    assert rec["peak_rss_mb"] > 1
+    assert rec["peak_rss_mb"] > 1 and rec["peak_mem_mb"] >= rec["peak_rss_mb"]
     out = tmp_path / "resources.csv"
     assert R.main(["--jobs", str(jobs), "--summarize", str(out)]) == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(rows) == 1 and rows[0]["steps"] == "4" and rows[0]["preempted_and_resumed"] == "True"
+
+
+def test_resident_plus_swap_is_read_from_proc(tmp_path):
+    status = Path(f"/proc/{os.getpid()}/status").read_text()
+    rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
+    swap = int(re.search(r"^VmSwap:\s+(\d+) kB", status, re.M).group(1)) / 1024
+    got = R.resident_plus_swap_mb(os.getpid())
+    assert got == pytest.approx(rss + swap, rel=0.2) and got > 10  # this test process: tens of MB, moving
+    assert R.resident_plus_swap_mb(2**22 + 12345) == 0.0  # no such process (beyond pid_max's default)
 
 
 def test_job_py_runs_commands_under_rehearse_only_when_the_rehearsal_env_is_set(tmp_path):

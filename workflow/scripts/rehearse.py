@@ -8,7 +8,8 @@ writes its first resume checkpoint (``RUN_DIR/state.pt``) it receives SIGTERM, a
 send; the trainer checkpoints and exits, and the same command is run again, which must resume and finish. Every
 job then writes ``DIR/<job>.json``: wall and CPU seconds (user + system: less sensitive than wall time to other
 load on the machine), the command's peak RSS (the largest of its processes, from
-``wait4``; data-loader worker processes are separate processes), and for training the optimizer steps and the
+``wait4``; data-loader worker processes are separate processes) and its peak resident + swapped memory
+(sampled; what a job larger than RAM needs on a machine with swap), and for training the optimizer steps and the
 median seconds per step (from the run's ``metrics.jsonl``; the first step of each session, which includes
 start-up, is left out) with the batch sizes of its config. Standard library only (it runs in any job env).
 """
@@ -45,19 +46,32 @@ def kind_of(cmd: list[str]) -> str:
     return Path(cmd[0]).name if cmd else "?"
 
 
-def run_once(cmd: list[str], interrupt: Path | None) -> tuple[int, float, float, bool]:
+def resident_plus_swap_mb(pid: int) -> float:
+    """VmRSS + VmSwap of ``pid`` in MB (0 where /proc is not readable): on a machine with swap the peak RSS
+    of a job larger than RAM stops at RAM, while what it needs is both."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return 0.0
+    kib = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(VmRSS|VmSwap):\s+(\d+) kB", text, re.M)}
+    return (kib.get("VmRSS", 0) + kib.get("VmSwap", 0)) / 1024.0
+
+
+def run_once(cmd: list[str], interrupt: Path | None) -> tuple[int, float, float, bool, float]:
     """Run ``cmd``; return (exit code, peak RSS in MB, CPU seconds (user + system), whether it was sent
-    SIGTERM). With ``interrupt``, the command gets SIGTERM once that file appears (or changes) after the
-    start."""
+    SIGTERM, peak resident + swapped MB sampled every :data:`POLL_S`). With ``interrupt``, the command gets
+    SIGTERM once that file appears (or changes) after the start."""
     before = interrupt.stat().st_mtime_ns if interrupt is not None and interrupt.exists() else None
     proc = subprocess.Popen(cmd)
     old = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum)) for s in FORWARDED}
     sent = False
+    mem = 0.0
     try:
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
+            mem = max(mem, resident_plus_swap_mb(proc.pid))
             if (
                 interrupt is not None and not sent and interrupt.exists()
                 and interrupt.stat().st_mtime_ns != before
@@ -70,7 +84,8 @@ def run_once(cmd: list[str], interrupt: Path | None) -> tuple[int, float, float,
             signal.signal(s, h)
     proc.returncode = os.waitstatus_to_exitcode(status)
     code = 128 - proc.returncode if proc.returncode < 0 else proc.returncode
-    return code, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime, sent  # ru_maxrss: KiB on Linux
+    rss = usage.ru_maxrss / 1024.0  # ru_maxrss: KiB on Linux
+    return code, rss, usage.ru_utime + usage.ru_stime, sent, max(mem, rss)
 
 
 def step_times(metrics: Path) -> tuple[int, float | None]:
@@ -118,7 +133,7 @@ def job_name(cmd: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{kind_of(cmd)}__{out}").strip("_")
 
 
-FIELDS = ["job", "kind", "exit", "wall_s", "cpu_s", "peak_rss_mb", "steps", "s_per_step", "batch_size", "aux_batch_size",
+FIELDS = ["job", "kind", "exit", "wall_s", "cpu_s", "peak_rss_mb", "peak_mem_mb", "steps", "s_per_step", "batch_size", "aux_batch_size",
           "preempted_and_resumed"]
 
 
@@ -159,14 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(out) if kind == "train" and out else None
     t0 = time.monotonic()
     interrupt = run_dir / "state.pt" if run_dir is not None and not (run_dir / "final.pt").exists() else None
-    code, rss, cpu, sent = run_once(cmd, interrupt)
+    code, rss, cpu, sent, mem = run_once(cmd, interrupt)
     resumed = False
     if sent and code != 0:
         print(f"rehearse: preempted with SIGTERM after the first checkpoint (exit {code}); resuming", flush=True)
-        code, rss2, cpu2, _ = run_once(cmd, None)
-        rss, cpu, resumed = max(rss, rss2), cpu + cpu2, True
+        code, rss2, cpu2, _, mem2 = run_once(cmd, None)
+        rss, cpu, mem, resumed = max(rss, rss2), cpu + cpu2, max(mem, mem2), True
     record = {"job": job_name(cmd), "kind": kind, "exit": code, "wall_s": round(time.monotonic() - t0, 3),
-              "cpu_s": round(cpu, 3), "peak_rss_mb": round(rss, 1), "preempted_and_resumed": resumed,
+              "cpu_s": round(cpu, 3), "peak_rss_mb": round(rss, 1), "peak_mem_mb": round(mem, 1),
+              "preempted_and_resumed": resumed,
               "steps": None, "s_per_step": None, "batch_size": None, "aux_batch_size": None, "cmd": cmd}
     if run_dir is not None:
         steps, sps = step_times(run_dir / "metrics.jsonl")
