@@ -325,6 +325,29 @@ def test_cluster_sampler_reproducible_and_chunked():
     assert torch.equal(first, a) and not torch.equal(first, second)
 
 
+def test_candidate_chunks_shrink_with_the_image_size():
+    s = ClusterSampler(k=4, n_total=8)  # forward_batch_size 1024
+    assert s.chunk_size(torch.empty(0, 3, 32, 32)) == 1024  # CIFAR: as before, 2^22 // 1024 = 4096 > 1024
+    assert s.chunk_size(torch.empty(0, 3, 64, 64)) == 1024  # 2^22 // 4096
+    assert s.chunk_size(torch.empty(0, 3, 224, 224)) == 83  # 4194304 // 50176
+    assert s.chunk_size(torch.empty(0, 3, 4096, 4096)) == 1
+    assert ClusterSampler(k=4, n_total=8, forward_batch_size=7).chunk_size(torch.empty(0, 3, 224, 224)) == 7
+    assert s.chunk_size(torch.empty(0, 16)) == 1024  # feature vectors: no pixel count
+    # the forward really goes in those chunks
+    seen = []
+
+    class Spy(FeatNet):
+        def features(self, x):
+            seen.append(x.shape[0])
+            return super().features(x)
+
+    torch.manual_seed(0)
+    model = Spy(torch.randn(10, 16))
+    s.chunk_size = lambda x: 7
+    s.score_and_features(model, torch.randn(20, 16))
+    assert seen == [7, 7, 6]
+
+
 def test_cluster_sampler_no_clustering_is_random_subset():
     model = FeatNet(torch.randn(10, 16))
     x = torch.randn(50, 16)
