@@ -29,24 +29,26 @@ from greg.device import eval_mode
 DIAGNOSTICS = ("head_grad_norm", "max_logit", "energy", "msp")
 
 
-#: Pixels per chunk of :func:`score_input_grad_rows` (2^19): 512 rows at 32 x 32 (a CIFAR GReg+ step's 384
-#: candidates in one go), 10 at 224 x 224, where the 1584 candidates of an ImageNet GReg+ step in one graph
-#: took over 50 GB.
+#: Pixels per chunk of :func:`score_input_grad_rows` (2^19): 512 rows at 32 x 32, 10 at 224 x 224, where
+#: the 1584 candidates of an ImageNet GReg+ step in one graph took over 50 GB.
 GRAD_PIXELS = 2**19
 
 
-def score_input_grad_rows(model: nn.Module, x: torch.Tensor, score: str = "energy") -> torch.Tensor:
+def score_input_grad_rows(
+    model: nn.Module, x: torch.Tensor, score: str = "energy", max_rows: int | None = None
+) -> torch.Tensor:
     """``||d S(x_i) / d x_i||_2`` per row of ``x``, in eval mode (what GReg's gradient term penalizes).
 
     Eval mode makes the rows independent, so one backward of ``sum_i S(x_i)`` over a chunk of rows gives each
-    row's gradient; chunks of at most :data:`GRAD_PIXELS` pixels bound the memory. Only the input gradient is
-    computed: no parameter ``.grad`` is touched. The model's modes are restored.
+    row's gradient; chunks of at most ``max_rows`` rows and :data:`GRAD_PIXELS` pixels bound the memory. Only
+    the input gradient is computed: no parameter ``.grad`` is touched. The model's modes are restored.
     """
     score_fn = scores.get(score)
     pixels = int(x.shape[-1]) * int(x.shape[-2]) if x.dim() >= 3 else 1
+    rows = max(1, min(GRAD_PIXELS // max(pixels, 1), max_rows or x.shape[0] or 1))
     norms = []
     with eval_mode(model), torch.enable_grad():
-        for chunk in torch.split(x, max(1, GRAD_PIXELS // max(pixels, 1))):
+        for chunk in torch.split(x, rows):
             xl = chunk.detach().clone().requires_grad_(True)
             s = score_fn(model(xl))
             (g,) = torch.autograd.grad(s.sum(), xl, allow_unused=True)
@@ -57,17 +59,22 @@ def score_input_grad_rows(model: nn.Module, x: torch.Tensor, score: str = "energ
     return torch.cat(norms) if norms else torch.zeros(0, device=x.device)
 
 
-def score_input_grad_norm(model: nn.Module, x: torch.Tensor, score: str = "energy") -> float:
+def score_input_grad_norm(
+    model: nn.Module, x: torch.Tensor, score: str = "energy", max_rows: int | None = None
+) -> float:
     """Mean over rows of :func:`score_input_grad_rows` (paper Fig. 3 diagnostic)."""
-    return score_input_grad_rows(model, x, score).mean().item()
+    return score_input_grad_rows(model, x, score, max_rows).mean().item()
 
 
 def score_grad_norms(model: nn.Module, batch: Mapping[str, torch.Tensor], score: str) -> dict[str, float]:
     """:func:`score_input_grad_norm` of a training step's ID batch and auxiliary batch (when there is one)
-    and ``score_grad_norm``, their mean (the trainer logs these every ``train.grad_norm_every`` steps)."""
-    rec = {"grad_norm_id": score_input_grad_norm(model, batch["x_id"], score)}
+    and ``score_grad_norm``, their mean (the trainer logs these every ``train.grad_norm_every`` steps). At
+    most an ID batch of rows goes through one graph: the auxiliary batch may hold GReg+'s / POEM's candidates
+    (384-1584), and this diagnostic must not need more memory than the training step."""
+    rows = int(batch["x_id"].shape[0])
+    rec = {"grad_norm_id": score_input_grad_norm(model, batch["x_id"], score, rows)}
     if "x_aux" in batch:
-        rec["grad_norm_aux"] = score_input_grad_norm(model, batch["x_aux"], score)
+        rec["grad_norm_aux"] = score_input_grad_norm(model, batch["x_aux"], score, rows)
         rec["score_grad_norm"] = 0.5 * (rec["grad_norm_id"] + rec["grad_norm_aux"])
     else:
         rec["score_grad_norm"] = rec["grad_norm_id"]

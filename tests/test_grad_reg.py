@@ -219,6 +219,14 @@ def test_score_input_grad_rows_go_in_chunks_with_the_same_norms(setup, monkeypat
     hook.remove()
     assert seen == [3] * (len(x) // 3) + ([len(x) % 3] if len(x) % 3 else [])
     assert torch.allclose(chunked, whole, rtol=1e-6, atol=1e-9)
+    # the trainer's diagnostic: at most an ID batch of rows per graph (here 2 ID rows, 5 candidates)
+    monkeypatch.setattr(diagnostics, "GRAD_PIXELS", 2**19)
+    seen.clear()
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    rec = diagnostics.score_grad_norms(model, {"x_id": x[:2], "x_aux": x[2:7]}, "energy")
+    hook.remove()
+    assert seen == [2, 2, 2, 1]
+    assert rec["grad_norm_aux"] == pytest.approx(whole[2:7].mean().item(), rel=1e-6)
 
 
 def test_margin_resolution_and_errors():
