@@ -63,3 +63,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def rows_per_chunk(x: torch.Tensor, pixel_budget: int, max_rows: int | None = None) -> int:
+    """Rows of ``x`` per chunk so that a chunk holds at most ``pixel_budget`` pixels (``x``'s last two dims;
+    rows of feature vectors count one each) and at most ``max_rows`` rows; at least 1. Bounds the activation
+    memory of an eval-mode pass over many images (candidate scoring, gradient-norm diagnostics)."""
+    pixels = int(x.shape[-1]) * int(x.shape[-2]) if x.dim() >= 3 else 1
+    cap = int(x.shape[0]) if max_rows is None else int(max_rows)
+    return max(1, min(pixel_budget // max(pixels, 1), cap))

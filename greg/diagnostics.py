@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from greg import data, io, models, scores
-from greg.device import eval_mode
+from greg.device import eval_mode, rows_per_chunk
 
 DIAGNOSTICS = ("head_grad_norm", "max_logit", "energy", "msp")
 
@@ -44,11 +44,9 @@ def score_input_grad_rows(
     the input gradient is computed: no parameter ``.grad`` is touched. The model's modes are restored.
     """
     score_fn = scores.get(score)
-    pixels = int(x.shape[-1]) * int(x.shape[-2]) if x.dim() >= 3 else 1
-    rows = max(1, min(GRAD_PIXELS // max(pixels, 1), max_rows or x.shape[0] or 1))
     norms = []
     with eval_mode(model), torch.enable_grad():
-        for chunk in torch.split(x, rows):
+        for chunk in torch.split(x, rows_per_chunk(x, GRAD_PIXELS, max_rows)):
             xl = chunk.detach().clone().requires_grad_(True)
             s = score_fn(model(xl))
             (g,) = torch.autograd.grad(s.sum(), xl, allow_unused=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from greg import scores as score_fns
-from greg.device import eval_mode
+from greg.device import eval_mode, rows_per_chunk
 from greg.sampling.clustering import kmeans
 from greg.sampling.select import rank_window, select_from_clusters
 
@@ -99,8 +99,7 @@ class ClusterSampler:
         """Candidates per forward: ``forward_batch_size``, fewer for large images so that one chunk holds at
         most :data:`FORWARD_PIXELS` pixels (1024 at 32 x 32; 83 at 224 x 224, where 1024 images would keep
         ~20 GB of DenseNet-121 activations alive). Eval mode: the chunking does not change the scores."""
-        pixels = int(x.shape[-1]) * int(x.shape[-2]) if x.dim() >= 3 else 1
-        return max(1, min(self.forward_batch_size, FORWARD_PIXELS // max(pixels, 1)))
+        return rows_per_chunk(x, FORWARD_PIXELS, self.forward_batch_size)
 
     def score_and_features(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (n,) and L2-normalized penultimate features (n x d) of ``x`` in eval mode, no grad.

@@ -10,9 +10,9 @@ Snakemake deletes a job's declared log before each attempt and retries every fai
 * turns the CLIs' "retrying cannot help" exits (2 bad input/config, 3 NaN/inf) into a marker
   ``<log>.noretry``, but only when the command's last output line is greg's own one-line error (``greg
   <command>: ...``): a 2 or 3 from anything else (a math library that failed to load under memory pressure,
-  the interpreter) is an environment failure that a retry may cure; a retry (attempt > 1) that finds the marker exits at once with the same code, without
-  running anything (Snakemake has no per-exit-code retry policy, so the retry is still submitted, but it
-  costs seconds, not a GPU for hours). Attempt 1 (a new ``snakemake`` invocation, e.g. after fixing the
+  the interpreter) is an environment failure that a retry may cure. A retry (attempt > 1) that finds the
+  marker exits at once with the same code, without running anything (Snakemake has no per-exit-code retry
+  policy, so the retry is still submitted, but it costs seconds, not a GPU for hours). Attempt 1 (a new ``snakemake`` invocation, e.g. after fixing the
   config) removes the marker and runs;
 * forwards SIGTERM / SIGUSR1 / SIGINT / SIGHUP to the command, whose CLI checkpoints and exits on them
   (SLURM's ``--signal=USR1@300`` reaches this process as well as the command; without the handler it would

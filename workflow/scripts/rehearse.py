@@ -133,8 +133,8 @@ def job_name(cmd: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{kind_of(cmd)}__{out}").strip("_")
 
 
-FIELDS = ["job", "kind", "exit", "wall_s", "cpu_s", "peak_rss_mb", "peak_mem_mb", "steps", "s_per_step", "batch_size", "aux_batch_size",
-          "preempted_and_resumed"]
+FIELDS = ["job", "kind", "exit", "wall_s", "cpu_s", "peak_rss_mb", "peak_mem_mb", "steps", "s_per_step", "batch_size",
+          "aux_batch_size", "preempted_and_resumed"]
 
 
 def summarize(jobs: Path) -> str:
