@@ -89,8 +89,10 @@ def attach_paper(resolved: dict, doc: dict, aliases: dict | None = None) -> dict
                 for metric in group_metrics(resolved, g):
                     values.append(cells.get((row.get("section"), row["label"], g["label"], ood, metric)))
         rows.append(values)
-    return {**resolved, "paper": {"source": doc.get("source", ""), "aliased": is_aliased(aliases),
-                                  "found": bool(cells), "rows": rows}}
+    # substitutes: the table resolved under aliases or in the rehearsal (greg.plan.resolve_table)
+    aliased = is_aliased(aliases) or bool(resolved.get("substitutes"))
+    return {**resolved, "paper": {"source": doc.get("source", ""), "aliased": aliased, "found": bool(cells),
+                                  "rows": rows}}
 
 
 def render_tex_vs_paper(table: Table, template: str | Path | Traversable = DEFAULT_TEMPLATE) -> str:

@@ -26,7 +26,7 @@ from greg.dg.cli import ORDER as DG_ORDER
 from greg.dg.datasets import DG_DATASETS
 from greg.errors import ReportError, cap
 from greg.latex import check_name
-from greg.paper_compare import load_paper_results
+from greg.paper_compare import is_aliased, load_paper_results
 from greg.tables import metric_column
 
 
@@ -115,6 +115,16 @@ class _StandIns:
         """"<used> for <original>" of each alias in the table (empty unless the config has ``aliases``)."""
         return [f"{self.name(u)} for {', '.join(self.name(o) for _, u2, o in self.seen if u2 == u)}"
                 for u in dict.fromkeys(u for _, u, _ in self.seen)]
+
+
+#: The caption's substitute of a rehearsal config (``rehearsal:`` set): its numbers test the pipeline only.
+REHEARSAL_SUBSTITUTE = "the rehearsal: fake data (greg data fake), a few optimizer steps per run"
+
+
+def substitute_data(config: dict) -> bool:
+    """True when ``config`` runs something other than the paper's data -- a smoke config's ``aliases`` or the
+    rehearsal's fakes: its tables and reproduction.md then say that the deltas to the paper mean nothing."""
+    return is_aliased(config.get("aliases")) or bool(config.get("rehearsal"))
 
 
 def _group_columns(name: str, g: dict, config: dict, dataset: str, stand_in: _StandIns) -> list[dict]:
@@ -248,7 +258,7 @@ def resolve_table(name: str, spec: dict, config: dict,
         "groups": groups,
         "rows": rows,
         "assumptions": {k: a["note"] for k, a in assumptions.items() if k in used},
-        "substitutes": stand_in.substitutes(),
+        "substitutes": stand_in.substitutes() + ([REHEARSAL_SUBSTITUTE] if config.get("rehearsal") else []),
     }
 
 

@@ -83,8 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rp.add_argument("csvs", nargs="+", metavar="TABLE.csv", help="tables' CSVs; the table name is the file stem")
     rp.add_argument("--md", required=True, help="Markdown output")
     rp.add_argument("--csv", required=True, help="CSV output (one line per table)")
-    rp.add_argument("--aliased", action="store_true", help="the config substitutes datasets (smoke run): say "
-                                                           "that deltas are meaningless")
+    rp.add_argument("--aliased", action="store_true", help="the config substitutes datasets (smoke run, "
+                    "rehearsal): say that deltas are meaningless")
     f3 = sub.add_parser("fig3", help="energy loss and input-gradient norm during training")
     f3.add_argument("--run", action="append", required=True, metavar="LABEL=JSONL[,JSONL...]",
                     help="a curve: its label and the metrics.jsonl of each seed")

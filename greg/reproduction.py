@@ -72,8 +72,8 @@ def _intro(tol: dict[str, float], aliased: bool) -> list[str]:
           ""]
     if aliased:
         md += [("**Smoke / substitute run**: the config maps the paper's datasets, networks or OOD sets to "
-                "others (`aliases`), so these deltas are meaningless; this file only shows that the comparison "
-                "runs."), ""]
+                "others (`aliases`), or is the rehearsal (fake data, a few optimizer steps per run), so these "
+                "deltas are meaningless; this file only shows that the comparison runs."), ""]
     header = ("| table | paper cells | compared | reproduced | off | off, assumption-based | worst cell (delta) "
               "| missing runs |")
     return md + [header, "|---|---|---|---|---|---|---|---|"]

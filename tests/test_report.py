@@ -200,6 +200,29 @@ def test_resolve_table_aliases_and_na():
     assert plain["substitutes"] == [] and plain["groups"][0]["header"] == plain["groups"][0]["label"] == "cifar10"
 
 
+def test_a_rehearsal_table_says_it_is_no_paper_result():
+    """The rehearsal (``rehearsal:`` set, no aliases) runs the paper's names on fakes for a few steps: its
+    caption, its table-vs-paper note and reproduction.md's banner say the deltas mean nothing; the paper config
+    says nothing of the kind."""
+    spec = {"caption": "c", "groups": [{"dataset": "cifar10", "arch": "densenet100", "ood": "mean"}],
+            "rows": [{"label": "MSP", "run": "pretrain", "detector": "msp"}]}
+    paper_cfg = {**_config(), "aliases": {}}
+    rehearsal_cfg = {**paper_cfg, "rehearsal": {"fakes": "results/rehearsal/fakes"}}
+    assert not P.substitute_data(paper_cfg) and P.substitute_data(rehearsal_cfg) and P.substitute_data(_config())
+    plain, reh = (P.resolve_table("t", spec, c) for c in (paper_cfg, rehearsal_cfg))
+    assert plain["substitutes"] == [] and reh["substitutes"] == [P.REHEARSAL_SUBSTITUTE]
+    assert reh["groups"] == plain["groups"]  # the paper's data names, unchanged
+    assert "Smoke run on substitute data, not a paper result (the rehearsal: fake data" in _tex_of(reh)
+    assert "not a paper result" not in _tex_of(plain)
+    assert PC.attach_paper(reh, {"tables": {}}, {})["paper"]["aliased"] is True
+    assert PC.attach_paper(plain, {"tables": {}}, {})["paper"]["aliased"] is False
+
+
+def _tex_of(resolved: dict) -> str:
+    metrics = {"mean": {"fpr95_idpos": 40.0, "auroc": 90.0}}
+    return T.render_tex(T.build_table(resolved, reader=lambda path: metrics))
+
+
 def test_resolve_table_errors():
     cfg = _config()
     base = {"caption": "c", "groups": [{"dataset": "cifar10", "arch": "densenet100", "ood": "mean"}]}

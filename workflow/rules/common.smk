@@ -64,6 +64,8 @@ def cell_ok(dataset, arch, run, detector):
     return UNAVAILABLE({"dataset": dataset, "arch": arch, "run": run, "detector": detector}) is None
 
 
+# A smoke config's aliases or the rehearsal's fakes: its tables and reproduction.md say they are no paper result
+NOT_PAPER_DATA = "--aliased" if P.substitute_data(config) else ""
 ASSUMPTIONS = P.load_assumptions(config["tables"])  # marked recipes (config/tables.yaml `assumptions`)
 # with_sweeps: cells of a detector in detector_sweep list every setting's files (the table keeps the best)
 RESOLVED = {

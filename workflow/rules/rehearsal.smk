@@ -61,7 +61,7 @@ rule repro_quick:
     log:
         f"{RESULTS}/logs/repro_quick/reproduction.log",
     params:
-        aliased="--aliased" if any((config.get("aliases") or {}).values()) else "",
+        aliased=NOT_PAPER_DATA,
     conda:
         ENV_CPU
     shell:

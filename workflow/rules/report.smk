@@ -66,7 +66,7 @@ rule reproduction:
         f"{RESULTS}/logs/report/reproduction.log",
     params:
         # a config that substitutes datasets/archs/OOD sets (smoke) compares other experiments: say so
-        aliased="--aliased" if any((config.get("aliases") or {}).values()) else "",
+        aliased=NOT_PAPER_DATA,
     conda:
         ENV_CPU
     shell:
