@@ -61,6 +61,7 @@ rule repro_quick:
     log:
         f"{RESULTS}/logs/repro_quick/reproduction.log",
     params:
+        # '--aliased' or '' (common.smk), a fixed flag with no config text, so it needs no quoting
         aliased=NOT_PAPER_DATA,
     conda:
         ENV_CPU

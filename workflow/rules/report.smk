@@ -65,7 +65,7 @@ rule reproduction:
     log:
         f"{RESULTS}/logs/report/reproduction.log",
     params:
-        # a config that substitutes datasets/archs/OOD sets (smoke) compares other experiments: say so
+        # '--aliased' or '' (common.smk), a fixed flag with no config text, so it needs no quoting
         aliased=NOT_PAPER_DATA,
     conda:
         ENV_CPU
